@@ -1,0 +1,646 @@
+"""The TrainingRun resource: the single source of truth.
+
+The CRD's OpenAPI schema (``kubetrain.crd``), the README's field reference
+(``kubetrain.docs``) and the validation messages of ``kubetrain validate`` and the
+operator all come from the models in this module. Each field carries its
+documentation and its default where it is declared.
+
+Cross-field rules are declared twice on purpose, side by side: once as a Python
+validator (so ``kubetrain validate`` and the operator give the same message offline)
+and once as a CEL expression (``CEL_RULES`` on the model class) that the API server
+enforces. Both live on the same class so they cannot drift apart unnoticed; the unit
+tests feed the same bad manifests to both.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetrain.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainingRun"
+PLURAL = "trainingruns"
+SINGULAR = "trainingrun"
+SHORT_NAMES = ["tr"]
+CATEGORIES = ["kubetrain", "all"]
+
+# The built-in tokenizer is byte-level: 256 byte values plus special tokens (see
+# kubetrain_trainer.tokenizer). A smaller vocabulary could not encode arbitrary text.
+BYTE_VOCAB_MIN = 260
+
+# Stage names become part of Job, Service and Pod host names (`<run>-<stage>-<index>`),
+# which must be DNS-1123 labels of at most 63 characters.
+STAGE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+STAGE_NAME_MAX = 20
+URI_PATTERN = r"^(s3|file)://.+$"
+DATA_SOURCE_PATTERN = r"^(synthetic:[a-z][a-z0-9-]*|s3://.+|file://.+)$"
+# Kubernetes resource.Quantity, as the API server's own regular expression has it.
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+
+def wire_name(field: str) -> str:
+    """snake_case -> the camelCase the manifest uses; units stay upper case (costUSD,
+    energyKWh) as in the Kubernetes API conventions for acronyms."""
+    return to_camel(field).replace("Usd", "USD").replace("Kwh", "KWh")
+
+
+class _Model(BaseModel):
+    """Base: camelCase names on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=wire_name,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+    # CEL rules (x-kubernetes-validations) attached to this object in the CRD.
+    CEL_RULES: ClassVar[list[dict[str, str]]] = []
+
+
+class StageType(StrEnum):
+    pretrain = "pretrain"
+    sft = "sft"
+    dpo = "dpo"
+
+
+class ModelSpec(_Model):
+    """The built-in decoder-only transformer (nanoGPT-style, tied embeddings)."""
+
+    layers: int = Field(2, ge=1, le=256, description="Number of transformer blocks.")
+    heads: int = Field(2, ge=1, le=256, description="Attention heads per block; must divide `dim`.")
+    dim: int = Field(64, ge=8, le=65536, description="Model width (embedding size).")
+    context_length: int = Field(
+        64, ge=8, le=1048576, description="Longest sequence the model attends over, in tokens."
+    )
+    vocab_size: int = Field(
+        BYTE_VOCAB_MIN,
+        ge=BYTE_VOCAB_MIN,
+        le=1048576,
+        description=f"Vocabulary size; at least {BYTE_VOCAB_MIN} for the byte-level tokenizer.",
+    )
+    from_: str | None = Field(
+        None,
+        alias="from",
+        pattern=URI_PATTERN,
+        description=(
+            "Start from an existing checkpoint (`s3://...` or `file://...`: a checkpoint folder "
+            "or a stage folder with a FINAL pointer) instead of random weights: fine-tuning "
+            "an existing model. Its architecture must match the fields above."
+        ),
+    )
+
+    CEL_RULES: ClassVar[list[dict[str, str]]] = [
+        {"rule": "self.dim % self.heads == 0",
+         "message": "model.dim must be a multiple of model.heads", "fieldPath": ".heads"},
+    ]
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> ModelSpec:
+        if self.dim % self.heads:
+            raise ValueError(
+                f"model.heads={self.heads} must divide model.dim={self.dim} "
+                f"(accepted: a divisor of {self.dim}, e.g. {_divisors_hint(self.dim)})"
+            )
+        return self
+
+
+class S3Storage(_Model):
+    bucket: str = Field(
+        ..., min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$",
+        description="Bucket that holds checkpoints and progress records.",
+    )
+    prefix: str = Field(
+        "kubetrain", max_length=512, pattern=r"^[A-Za-z0-9._/-]*$",
+        description="Key prefix; objects live under `<prefix>/<namespace>/<run>/<stage>/`.",
+    )
+    endpoint: str | None = Field(
+        None, pattern=r"^https?://.+$",
+        description="Endpoint URL of an S3-compatible store (MinIO, Ceph ...); AWS when unset.",
+    )
+    region: str = Field("us-east-1", max_length=64, description="Region of the bucket.")
+    credentials_secret: str | None = Field(
+        None, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description=(
+            "Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, passed to pods by secretKeyRef (never copied). When "
+            "unset, pods use their ambient credentials (IRSA, instance profile)."
+        ),
+    )
+
+    def uri(self) -> str:
+        """The store root as an ``s3://bucket/prefix`` URI."""
+        prefix = self.prefix.strip("/")
+        return f"s3://{self.bucket}/{prefix}" if prefix else f"s3://{self.bucket}"
+
+
+class Storage(_Model):
+    s3: S3Storage | None = Field(
+        None,
+        description=(
+            "S3 (or compatible) store for checkpoints. Required on a cluster; a local run "
+            "without it uses `file://.kubetrain/store`."
+        ),
+    )
+
+
+class DataSpec(_Model):
+    source: str = Field(
+        "synthetic:arithmetic",
+        pattern=DATA_SOURCE_PATTERN,
+        description=(
+            "Where examples come from: `synthetic:<task>` (generated in code, reproducible; "
+            "task `arithmetic`), or a `s3://`/`file://` URI: a text file for pretrain, JSONL "
+            "`{prompt, response}` for sft, JSONL `{prompt, chosen, rejected}` for dpo."
+        ),
+    )
+    eval_examples: int = Field(
+        200, ge=0, le=100000, description="Held-out examples used for evaluation (0: none)."
+    )
+    seed: int = Field(0, ge=0, description="Seed for generating and shuffling the data.")
+
+
+class Hyperparameters(_Model):
+    max_steps: int | None = Field(
+        None, ge=1, le=10_000_000,
+        description="Optimizer steps to train. Exactly one of `maxSteps` and `tokens` is set; "
+        "when neither is, 100 steps.",
+    )
+    tokens: int | None = Field(
+        None, ge=1, le=10**15,
+        description="Train until this many tokens were seen (converted to steps from the "
+        "global batch and `seqLen`).",
+    )
+    batch_size: int = Field(
+        16, ge=1, le=65536, description="Sequences per process per micro-batch."
+    )
+    gradient_accumulation: int = Field(
+        1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step."
+    )
+    learning_rate: float = Field(
+        1e-3, gt=0, le=1, description="Peak learning rate (AdamW)."
+    )
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW decoupled weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0: off).")
+    seq_len: int | None = Field(
+        None, ge=8, description="Training sequence length; at most `model.contextLength` "
+        "(its default).",
+    )
+    beta: float = Field(
+        0.1, gt=0, le=10, description="DPO: strength of the KL penalty to the reference model."
+    )
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate every N steps (0: only when the stage ends)."
+    )
+    log_every: int = Field(10, ge=1, description="Write the progress record every N steps.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: bf16 autocast on CUDA, fp32 on CPU."
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    seed: int = Field(0, ge=0, description="Seed for initialisation and data order.")
+
+    CEL_RULES: ClassVar[list[dict[str, str]]] = [
+        {"rule": "!(has(self.maxSteps) && has(self.tokens))",
+         "message": "set at most one of hyperparameters.maxSteps and hyperparameters.tokens"},
+    ]
+
+    @model_validator(mode="after")
+    def _one_length(self) -> Hyperparameters:
+        if self.max_steps is not None and self.tokens is not None:
+            raise ValueError(
+                "set at most one of hyperparameters.maxSteps and hyperparameters.tokens "
+                f"(got maxSteps={self.max_steps}, tokens={self.tokens})"
+            )
+        return self
+
+
+class Toleration(_Model):
+    key: str | None = Field(None, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; all effects when unset."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="For NoExecute: how long the pod stays bound after the taint."
+    )
+
+
+class Resources(_Model):
+    nodes: int = Field(1, ge=1, le=1024, description="Pods (one per node) in the stage's Job.")
+    gpus_per_node: int = Field(
+        0, ge=0, le=16, description="`nvidia.com/gpu` per pod; 0 trains on CPU."
+    )
+    processes_per_node: int | None = Field(
+        None, ge=1, le=256,
+        description="torchrun processes per pod; defaults to `gpusPerNode` (1 on CPU).",
+    )
+    gpu_type: str | None = Field(
+        None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="GPU model (e.g. `h100`, `a100`): prices the run, estimates power, and "
+        "selects nodes labelled `kubetrain.dev/gpu-type=<gpuType>`.",
+    )
+    cpu: str | None = Field(
+        None, pattern=QUANTITY_PATTERN, description="CPU request and limit per pod (quantity)."
+    )
+    memory: str | None = Field(
+        None, pattern=QUANTITY_PATTERN, description="Memory request and limit per pod (quantity)."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Extra node labels the pods require."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations for GPU node taints."
+    )
+
+    @property
+    def processes(self) -> int:
+        """torchrun processes per pod."""
+        return self.processes_per_node or max(self.gpus_per_node, 1)
+
+
+class Stage(_Model):
+    name: str = Field(
+        ..., min_length=1, max_length=STAGE_NAME_MAX, pattern=STAGE_NAME_PATTERN,
+        description="Stage name, unique in the run (lowercase letters, digits, '-').",
+    )
+    type: StageType = Field(
+        ..., description="Objective: `pretrain` (next token), `sft` (response tokens only), "
+        "`dpo` (preference pairs against the frozen previous stage)."
+    )
+    data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Optimisation settings."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Pods and GPUs.")
+    checkpoint_every: int = Field(
+        50, ge=1, description="Save a checkpoint every N steps (and always at the end)."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=100, description="Complete checkpoints kept; older ones are deleted."
+    )
+    max_restarts: int = Field(
+        3, ge=0, le=100,
+        description="Pod failures retried (resuming from the last checkpoint) before the "
+        "run fails.",
+    )
+
+
+class Pricing(_Model):
+    gpu_hour_usd: float | None = Field(
+        None, ge=0,
+        description="Price of one GPU-hour; when unset, the operator's price table by "
+        "`gpuType` (chart values).",
+    )
+    energy_usd_per_kwh: float = Field(
+        0.0, ge=0, description="Price of energy, added on top of GPU-hours (0: included)."
+    )
+    pue: float = Field(
+        1.2, ge=1, le=5, description="Power usage effectiveness of the data centre."
+    )
+    carbon_grams_per_kwh: float = Field(
+        400.0, ge=0, le=2000, description="Grid carbon intensity, grams CO2 per kWh."
+    )
+
+
+class BudgetAction(StrEnum):
+    Suspend = "Suspend"
+    Fail = "Fail"
+
+
+class Budget(_Model):
+    max_cost_usd: float | None = Field(None, gt=0, description="Stop at this cost.")
+    max_gpu_hours: float | None = Field(
+        None, gt=0, alias="maxGPUHours", description="Stop at this many GPU-hours."
+    )
+    max_energy_kwh: float | None = Field(None, gt=0, description="Stop at this energy.")
+    projected: bool = Field(
+        False,
+        description="Also stop when the projection to the end of the curriculum exceeds a "
+        "limit, instead of waiting until it is reached.",
+    )
+    action: BudgetAction = Field(
+        BudgetAction.Suspend,
+        description="`Suspend` (checkpoint, phase Suspended; raise the budget and unsuspend "
+        "to go on) or `Fail`.",
+    )
+
+
+class TrainingRunSpec(_Model):
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The model to train.")
+    image: str | None = Field(
+        None, max_length=512, description="Trainer image; the operator's default when unset."
+    )
+    storage: Storage = Field(default_factory=Storage, description="Where checkpoints live.")
+    stages: list[Stage] = Field(
+        ..., min_length=1, max_length=16, description="Stages, run strictly in order."
+    )
+    pricing: Pricing = Field(default_factory=Pricing, description="Prices and carbon.")
+    budget: Budget = Field(default_factory=Budget, description="Limits that stop the run.")
+    suspend: bool = Field(
+        False, description="Stop the active stage after a checkpoint; `false` continues."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0,
+        description="Delete the run's Jobs and Services this long after it finished.",
+    )
+
+    CEL_RULES: ClassVar[list[dict[str, str]]] = [
+        {
+            "rule": "self.stages.all(s, self.stages.exists_one(t, t.name == s.name))",
+            "message": "spec.stages[].name must be unique",
+            "fieldPath": ".stages",
+        },
+        {
+            "rule": (
+                "has(self.model.from) || !self.stages.exists(s, s.type == 'dpo') || "
+                "(self.stages.exists(s, s.type == 'sft') && "
+                "self.stages.map(s, s.type).indexOf('sft') < "
+                "self.stages.map(s, s.type).indexOf('dpo'))"
+            ),
+            "message": "a dpo stage needs an sft stage before it or model.from",
+            "fieldPath": ".stages",
+        },
+        {
+            "rule": (
+                "self.stages.all(s, !has(s.hyperparameters) || !has(s.hyperparameters.seqLen) "
+                "|| s.hyperparameters.seqLen <= self.model.contextLength)"
+            ),
+            "message": "stages[].hyperparameters.seqLen must be at most model.contextLength",
+            "fieldPath": ".stages",
+        },
+    ]
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainingRunSpec:
+        seen: dict[str, int] = {}
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(
+                    f"spec.stages[{i}].name={stage.name!r} repeats spec.stages[{seen[stage.name]}]"
+                    ".name (accepted: a name unique in the run)"
+                )
+            seen[stage.name] = i
+        types = [s.type for s in self.stages]
+        if StageType.dpo in types and self.model.from_ is None:
+            first_dpo = types.index(StageType.dpo)
+            if StageType.sft not in types[:first_dpo]:
+                raise ValueError(
+                    f"spec.stages[{first_dpo}] ({self.stages[first_dpo].name!r}) is a dpo stage "
+                    "with no sft stage before it and no model.from (accepted: put an sft stage "
+                    "first, or set model.from to a fine-tuned checkpoint)"
+                )
+        for i, stage in enumerate(self.stages):
+            seq = stage.hyperparameters.seq_len
+            if seq is not None and seq > self.model.context_length:
+                raise ValueError(
+                    f"spec.stages[{i}].hyperparameters.seqLen={seq} exceeds "
+                    f"model.contextLength={self.model.context_length} (accepted: 8.."
+                    f"{self.model.context_length})"
+                )
+        return self
+
+    def stage(self, name: str) -> Stage:
+        """The stage called ``name``."""
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+class Metadata(_Model):
+    """The parts of ObjectMeta kubetrain reads (others are allowed and ignored)."""
+
+    model_config = ConfigDict(extra="allow", alias_generator=wire_name, populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str = Field("default")
+
+
+# --------------------------------------------------------------------------- status
+
+
+class RunPhase(StrEnum):
+    Pending = "Pending"
+    Running = "Running"
+    Suspended = "Suspended"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+
+
+class StagePhase(StrEnum):
+    Pending = "Pending"
+    Running = "Running"
+    Suspended = "Suspended"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+
+
+class Condition(_Model):
+    """The standard Kubernetes condition shape (metav1.Condition)."""
+
+    type: str = Field(..., description="CamelCase condition type, e.g. `Complete`.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False, Unknown.")
+    reason: str = Field("", description="CamelCase machine-readable reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str | None = Field(None, description="When status last changed.")
+    observed_generation: int | None = Field(None, description="Generation this was based on.")
+
+
+class StageStatus(_Model):
+    name: str = Field(..., description="Stage name.")
+    phase: StagePhase = Field(StagePhase.Pending, description="Where the stage is.")
+    step: int = Field(0, description="Last optimizer step reported.")
+    total_steps: int | None = Field(None, description="Steps the stage will take.")
+    progress: float = Field(0.0, description="step / totalSteps, 0..1.")
+    tokens: int = Field(0, description="Tokens trained on.")
+    loss: float | None = Field(None, description="Last training loss.")
+    eval: dict[str, float] = Field(
+        default_factory=dict, description="Last evaluation metrics (e.g. `accuracy`, `loss`)."
+    )
+    tokens_per_second: float | None = Field(None, description="Recent training throughput.")
+    eta_seconds: float | None = Field(None, description="Estimated seconds to finish the stage.")
+    checkpoint: str | None = Field(None, description="URI of the newest complete checkpoint.")
+    restarts: int = Field(0, description="Pod failures retried so far.")
+    start_time: str | None = Field(None, description="When the stage's Job was created.")
+    completion_time: str | None = Field(None, description="When the stage finished.")
+    gpu_seconds: float = Field(0.0, description="Pods × GPUs × wall seconds.")
+    energy_joules: float = Field(0.0, description="Energy measured or estimated (IT load).")
+    energy_source: str | None = Field(None, description="`nvml`, `rapl` or `estimate`.")
+    cost_usd: float = Field(0.0, description="GPU-hours × price (+ energy × price × PUE).")
+    co2_grams: float = Field(0.0, description="Energy × PUE × carbon intensity.")
+    message: str | None = Field(None, description="Why the stage is in its phase.")
+
+
+class Totals(_Model):
+    progress: float = Field(0.0, description="Curriculum progress 0..1, weighted by steps.")
+    tokens: int = Field(0, description="Tokens over all stages.")
+    gpu_seconds: float = Field(0.0, description="GPU-seconds over all stages.")
+    energy_joules: float = Field(0.0, description="Joules over all stages.")
+    cost_usd: float = Field(0.0, description="USD over all stages.")
+    co2_grams: float = Field(0.0, description="Grams CO2 over all stages.")
+
+
+class Estimate(_Model):
+    parameters: int = Field(0, description="Model parameters.")
+    flops: float = Field(0.0, description="Training FLOPs of the curriculum.")
+    gpu_hours: float = Field(0.0, description="GPU-hours at the assumed MFU.")
+    cost_usd: float = Field(0.0, description="Cost before running.")
+    energy_kwh: float = Field(0.0, description="Facility energy (× PUE).")
+    co2_grams: float = Field(0.0, description="Grams CO2.")
+
+
+class TrainingRunStatus(_Model):
+    phase: RunPhase = Field(RunPhase.Pending, description="Where the run is.")
+    current_stage: str | None = Field(None, description="The active (or last) stage.")
+    progress: str | None = Field(
+        None, description="Human summary for `kubectl get`, e.g. `2/3 41%`."
+    )
+    stages: list[StageStatus] = Field(default_factory=list, description="Per stage, in order.")
+    totals: Totals = Field(default_factory=Totals, description="Sums over the stages.")
+    estimate: Estimate | None = Field(None, description="What the run should take, up front.")
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
+    observed_generation: int | None = Field(None, description="Generation last reconciled.")
+
+    model_config = ConfigDict(
+        alias_generator=wire_name, populate_by_name=True, extra="ignore", validate_default=True
+    )
+
+
+class TrainingRun(_Model):
+    api_version: Literal["kubetrain.dev/v1alpha1"] = Field(
+        API_VERSION, description="`kubetrain.dev/v1alpha1`."
+    )
+    kind: Literal["TrainingRun"] = Field(KIND, description="`TrainingRun`.")
+    metadata: Metadata
+    spec: TrainingRunSpec
+    status: TrainingRunStatus | None = None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class ManifestError(ValueError):
+    """A manifest that does not validate; ``errors`` are one line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+def _divisors_hint(n: int) -> str:
+    divs = [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+    return ", ".join(str(d) for d in divs[-4:])
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or "[" in str(part):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _accepted(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind == "enum" or kind == "literal_error":
+        return f"accepted: {ctx.get('expected')}"
+    if kind == "string_pattern_mismatch":
+        return f"accepted: a string matching {ctx.get('pattern')}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        sym = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+               "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        return f"accepted: a number {sym} {bound}"
+    unit = "characters" if kind.startswith("string") else "items"
+    if kind in ("string_too_long", "too_long"):
+        return f"accepted: at most {ctx.get('max_length')} {unit}"
+    if kind in ("string_too_short", "too_short"):
+        return f"accepted: at least {ctx.get('min_length')} {unit}"
+    if kind == "extra_forbidden":
+        return "accepted: the fields listed in the manifest reference (README)"
+    if kind == "missing":
+        return "required"
+    if kind.startswith("int"):
+        return "accepted: an integer"
+    if kind.startswith("float"):
+        return "accepted: a number"
+    if kind.startswith("bool"):
+        return "accepted: true or false"
+    if kind in ("model_type", "dict_type"):
+        return "accepted: a mapping"
+    if kind == "list_type":
+        return "accepted: a list"
+    if kind == "string_type":
+        return "accepted: a string"
+    return ""
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One actionable line per error: field path, bad value, what is accepted."""
+    lines = []
+    for err in exc.errors():
+        path = _path(err["loc"]) or "(manifest)"
+        if err["type"] == "value_error":
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"{path}: {msg}" if not msg.startswith("spec.") else msg)
+            continue
+        value = err.get("input")
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        accepted = _accepted(err)
+        if err["type"] == "missing":
+            lines.append(f"{path}: is required but missing")
+        else:
+            lines.append(f"{path}: {shown} is invalid: {err['msg']}"
+                         + (f" ({accepted})" if accepted else ""))
+    return lines
+
+
+def parse_run(obj: dict[str, Any]) -> TrainingRun:
+    """Validate a TrainingRun manifest (a dict) or raise ManifestError."""
+    if not isinstance(obj, dict):
+        raise ManifestError([f"(manifest): expected a mapping, got {type(obj).__name__}"])
+    try:
+        return TrainingRun.model_validate(obj)
+    except ValidationError as exc:
+        errors = format_errors(exc)
+        # Prefix paths with the spec where pydantic located the error in the root object.
+        raise ManifestError(errors) from None
+
+
+def parse_spec(spec: dict[str, Any]) -> TrainingRunSpec:
+    """Validate just a spec (what the operator receives) or raise ManifestError."""
+    try:
+        return TrainingRunSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise ManifestError([
+            line if line.startswith("spec") else f"spec.{line}" for line in format_errors(exc)
+        ]) from None
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """A model as it appears on the wire (camelCase, no unset optionals)."""
+    return model.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+__all__ = [
+    "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "Budget", "BudgetAction", "Condition",
+    "DataSpec", "Estimate", "Hyperparameters", "ManifestError", "ModelSpec", "Pricing",
+    "Resources", "RunPhase", "S3Storage", "Stage", "StagePhase", "StageStatus", "StageType",
+    "Storage", "Toleration", "Totals", "TrainingRun", "TrainingRunSpec", "TrainingRunStatus",
+    "dump", "parse_run", "parse_spec",
+]
