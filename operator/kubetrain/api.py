@@ -110,6 +110,8 @@ class ModelSpec(_Model):
 
 
 class S3Storage(_Model):
+    """An S3 bucket (or S3-compatible store) for checkpoints and progress."""
+
     bucket: str = Field(
         ..., min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$",
         description="Bucket that holds checkpoints and progress records.",
@@ -139,6 +141,8 @@ class S3Storage(_Model):
 
 
 class Storage(_Model):
+    """Where the run keeps checkpoints and progress records."""
+
     s3: S3Storage | None = Field(
         None,
         description=(
@@ -149,6 +153,8 @@ class Storage(_Model):
 
 
 class DataSpec(_Model):
+    """Training and evaluation data of a stage."""
+
     source: str = Field(
         "synthetic:arithmetic",
         pattern=DATA_SOURCE_PATTERN,
@@ -165,10 +171,12 @@ class DataSpec(_Model):
 
 
 class Hyperparameters(_Model):
+    """Optimisation settings of a stage."""
+
     max_steps: int | None = Field(
         None, ge=1, le=10_000_000,
-        description="Optimizer steps to train. Exactly one of `maxSteps` and `tokens` is set; "
-        "when neither is, 100 steps.",
+        description="Optimizer steps to train. Set at most one of `maxSteps` and `tokens`; "
+        "with neither, 100 steps.",
     )
     tokens: int | None = Field(
         None, ge=1, le=10**15,
@@ -223,6 +231,8 @@ class Hyperparameters(_Model):
 
 
 class Toleration(_Model):
+    """A pod toleration (as in the Pod API)."""
+
     key: str | None = Field(None, description="Taint key the toleration applies to.")
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
     value: str | None = Field(None, description="Taint value for operator Equal.")
@@ -235,6 +245,8 @@ class Toleration(_Model):
 
 
 class Resources(_Model):
+    """Pods, GPUs and placement of a stage."""
+
     nodes: int = Field(1, ge=1, le=1024, description="Pods (one per node) in the stage's Job.")
     gpus_per_node: int = Field(
         0, ge=0, le=16, description="`nvidia.com/gpu` per pod; 0 trains on CPU."
@@ -268,6 +280,8 @@ class Resources(_Model):
 
 
 class Stage(_Model):
+    """One step of the curriculum, run as an Indexed Job."""
+
     name: str = Field(
         ..., min_length=1, max_length=STAGE_NAME_MAX, pattern=STAGE_NAME_PATTERN,
         description="Stage name, unique in the run (lowercase letters, digits, '-').",
@@ -295,6 +309,8 @@ class Stage(_Model):
 
 
 class Pricing(_Model):
+    """Prices and carbon intensity used for cost and CO2."""
+
     gpu_hour_usd: float | None = Field(
         None, ge=0,
         description="Price of one GPU-hour; when unset, the operator's price table by "
@@ -317,6 +333,8 @@ class BudgetAction(StrEnum):
 
 
 class Budget(_Model):
+    """Limits that stop the run when reached."""
+
     max_cost_usd: float | None = Field(None, gt=0, description="Stop at this cost.")
     max_gpu_hours: float | None = Field(
         None, gt=0, alias="maxGPUHours", description="Stop at this many GPU-hours."
@@ -335,6 +353,8 @@ class Budget(_Model):
 
 
 class TrainingRunSpec(_Model):
+    """What to train, how, where, and within which budget."""
+
     model: ModelSpec = Field(default_factory=ModelSpec, description="The model to train.")
     image: str | None = Field(
         None, max_length=512, description="Trainer image; the operator's default when unset."
@@ -420,7 +440,8 @@ class Metadata(_Model):
     """The parts of ObjectMeta kubetrain reads (others are allowed and ignored)."""
 
     model_config = ConfigDict(extra="allow", alias_generator=wire_name, populate_by_name=True)
-    name: str = Field(..., min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    # 40: the name prefixes the run's Job, Service and Pod host names (DNS labels, 63).
+    name: str = Field(..., min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     namespace: str = Field("default")
 
 
@@ -552,39 +573,46 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out
 
 
+_PATTERN_HINTS = {
+    STAGE_NAME_PATTERN: "lowercase letters, digits and '-', starting with a letter",
+    QUANTITY_PATTERN: "a Kubernetes quantity such as 8, 500m or 64Gi",
+    DATA_SOURCE_PATTERN: "synthetic:<task> (e.g. synthetic:arithmetic), s3://bucket/key "
+                         "or file:///path",
+    URI_PATTERN: "an s3://bucket/key or file:///path URI",
+}
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
+    """Wire names of the fields of the model that holds the unknown key at ``loc``."""
+    import typing
+
+    model: Any = TrainingRun
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if field is None:
+            return []
+        tp = field.annotation
+        while typing.get_args(tp) and not (isinstance(tp, type) and issubclass(tp, BaseModel)):
+            tp = next((a for a in typing.get_args(tp)
+                       if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if tp is None:
+            return []
+        model = tp
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
 def _accepted(err: dict[str, Any]) -> str:
+    """What would be accepted, where pydantic's own message does not already say it."""
     ctx = err.get("ctx") or {}
     kind = err["type"]
-    if kind == "enum" or kind == "literal_error":
-        return f"accepted: {ctx.get('expected')}"
     if kind == "string_pattern_mismatch":
-        return f"accepted: a string matching {ctx.get('pattern')}"
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        sym = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
-               "less_than": "<"}[kind]
-        bound = next(iter(ctx.values()))
-        return f"accepted: a number {sym} {bound}"
-    unit = "characters" if kind.startswith("string") else "items"
-    if kind in ("string_too_long", "too_long"):
-        return f"accepted: at most {ctx.get('max_length')} {unit}"
-    if kind in ("string_too_short", "too_short"):
-        return f"accepted: at least {ctx.get('min_length')} {unit}"
+        pattern = ctx.get("pattern", "")
+        return f"accepted: {_PATTERN_HINTS.get(pattern, f'a string matching {pattern}')}"
     if kind == "extra_forbidden":
-        return "accepted: the fields listed in the manifest reference (README)"
-    if kind == "missing":
-        return "required"
-    if kind.startswith("int"):
-        return "accepted: an integer"
-    if kind.startswith("float"):
-        return "accepted: a number"
-    if kind.startswith("bool"):
-        return "accepted: true or false"
-    if kind in ("model_type", "dict_type"):
-        return "accepted: a mapping"
-    if kind == "list_type":
-        return "accepted: a list"
-    if kind == "string_type":
-        return "accepted: a string"
+        allowed = _allowed_fields(tuple(err["loc"]))
+        return f"accepted fields here: {', '.join(allowed)}" if allowed else ""
     return ""
 
 
@@ -605,7 +633,8 @@ def format_errors(exc: ValidationError) -> list[str]:
         if err["type"] == "missing":
             lines.append(f"{path}: is required but missing")
         else:
-            lines.append(f"{path}: {shown} is invalid: {err['msg']}"
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{path}: {shown} is invalid: {msg}"
                          + (f" ({accepted})" if accepted else ""))
     return lines
 

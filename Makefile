@@ -1,0 +1,95 @@
+# kubetrain: every command bootstraps what it needs on a fresh machine.
+#   make demo   train the whole curriculum locally on the CPU (examples/tiny-run.yaml)
+#   make test   install everything the tests need and run every tier
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+KUBETRAIN := $(VENV)/bin/kubetrain
+STAMP := $(VENV)/.installed
+CACHE := .cache
+BIN := $(CACHE)/bin
+PYTEST_ARGS ?=
+
+.PHONY: help
+help:
+	@echo "make demo         train examples/tiny-run.yaml locally (pretrain -> sft -> dpo on CPU)"
+	@echo "make test         install what the tests need and run unit, integration and e2e tiers"
+	@echo "make test-unit    only the fast unit tier"
+	@echo "make crd          regenerate crds/ and the chart's copy from kubetrain.api"
+	@echo "make docs         regenerate the README's field reference"
+	@echo "make cluster-bin  build kube-apiserver, controller-manager, scheduler, etcd, kwok, helm"
+	@echo "make bench        run the benchmarks (numbers in bench/results/)"
+	@echo "make lint         ruff"
+
+# ---------------------------------------------------------------- python environment
+# pip is upgraded first: the old resolver can backtrack for many minutes.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[dev]'
+	touch $@
+
+.PHONY: venv
+venv: $(STAMP)
+
+.PHONY: constraints
+constraints: $(STAMP)
+	{ sed -n '1,2p' requirements/constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^kubetrain'; } > requirements/constraints.txt.new
+	mv requirements/constraints.txt.new requirements/constraints.txt
+
+# ---------------------------------------------------------------- system packages
+# A real Prometheus (and promtool) from Debian's packages for the metrics tests.
+.PHONY: prometheus
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus package"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  systemctl disable --now prometheus >/dev/null 2>&1 || true; \
+	  pkill -x prometheus >/dev/null 2>&1 || true; }
+
+# ---------------------------------------------------------------- control plane (Go)
+.PHONY: cluster-bin
+cluster-bin:
+	bash tests/cluster/build.sh
+
+# ---------------------------------------------------------------- generated files
+.PHONY: crd
+crd: $(STAMP)
+	$(KUBETRAIN) crd -o crds/trainingrun.yaml
+	cp crds/trainingrun.yaml charts/kubetrain/crds/trainingrun.yaml
+
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -m kubetrain.docs README.md
+
+# ---------------------------------------------------------------- the two commands
+.PHONY: demo
+demo: $(STAMP)
+	$(KUBETRAIN) run examples/tiny-run.yaml --local
+
+# pytest exits 5 when it collected nothing: treat that as a failure, never as green.
+.PHONY: test
+test: $(STAMP) prometheus cluster-bin
+	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+.PHONY: test-unit
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || exit 1; exit $$rc
+
+.PHONY: lint
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+.PHONY: bench
+bench: $(STAMP)
+	mkdir -p bench/results
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+.PHONY: clean
+clean:
+	rm -rf .kubetrain bench/results .pytest_cache
