@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--local", action="store_true", required=True,
                    help="run locally (to run on a cluster: kubectl apply -f FILE)")
-    p.add_argument("--store", help="checkpoint store URI (default: the manifest's S3, "
-                   "else file://.kubetrain/store)")
+    p.add_argument("--store", help="checkpoint store: s3://BUCKET/PREFIX or a folder "
+                   "(default file://.kubetrain/store; the manifest's S3 is for clusters)")
     p.add_argument("--metrics-port", type=int, default=9400,
                    help="Prometheus endpoint on localhost (0: off; default 9400)")
     p.add_argument("--plain", action="store_true", help="plain lines instead of live display")

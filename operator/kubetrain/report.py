@@ -1,0 +1,222 @@
+"""`kubetrain report RUN`: the curves of a run as one self-contained HTML file.
+
+Everything comes from the trainer's ``metrics.jsonl`` history in the store (the same
+records the live display showed), so a report can be made for a run that finished
+long ago, on another machine, or on a cluster (``--store s3://...``). The PNGs are
+embedded in the HTML as base64 (the file can be mailed or attached to an issue) and
+also written beside it; ``loss.png`` is the picture the README shows.
+
+The x axis is the curriculum step (steps of earlier stages added), so the stages read
+left to right as they ran, each in its own colour with its boundary marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kubetrain import contract
+from kubetrain.api import TrainingRunSpec
+from kubetrain.display import SUMMARY_COLUMNS, stage_line, summary_rows
+from kubetrain.local import record_cost
+from kubetrain.store import ObjectStore, StoreError, open_store
+
+METRICS = "metrics.jsonl"
+# (title, y label, function of a record -> value or None)
+PANELS: list[tuple[str, str, str]] = [
+    ("loss", "training loss", "loss"),
+    ("eval", "evaluation accuracy", "eval.accuracy"),
+    ("throughput", "tokens / second", "tokensPerSecond"),
+    ("energy", "energy (kJ, cumulative per stage)", "energyJoules"),
+]
+
+
+def _value(record: Mapping[str, Any], path: str) -> float | None:
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    if not isinstance(value, int | float):
+        return None
+    return float(value) / 1000.0 if path == "energyJoules" else float(value)
+
+
+def parse_history(text: str) -> list[dict[str, Any]]:
+    """Records of one ``metrics.jsonl``, one per step, sorted by step.
+
+    A resumed stage repeats the steps after its last checkpoint; the later record of a
+    step wins, because that is the attempt whose weights the stage kept. A torn last
+    line (the trainer killed mid-write) is skipped.
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def discover_stages(store: ObjectStore, namespace: str, run: str) -> list[str]:
+    """Stage folders of a run that have a history, in the order they started."""
+    prefix = f"{namespace}/{run}/"
+    names = {key[len(prefix):].split("/", 1)[0] for key in store.list(prefix)
+             if key.endswith(f"/{METRICS}") and key.count("/") == prefix.count("/") + 1}
+
+    def started(name: str) -> str:
+        record = store.get_json(f"{prefix}{name}/{contract.PROGRESS}") or {}
+        return str(record.get("startedAt") or "")
+
+    return sorted(names, key=lambda n: (started(n), n))
+
+
+def load_histories(store: ObjectStore, namespace: str, run: str,
+                   stages: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for name in stages:
+        text = store.get_text(f"{namespace}/{run}/{name}/{METRICS}")
+        if text:
+            out[name] = parse_history(text)
+    return out
+
+
+def _figure(histories: Mapping[str, list[dict[str, Any]]], panels: Sequence[tuple[str, str, str]],
+            title: str) -> bytes:
+    """One PNG: a panel per metric, the stages side by side on the curriculum step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels) + 0.6),
+                             sharex=True, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    offsets, offset = {}, 0
+    for name, records in histories.items():
+        offsets[name] = offset
+        offset += max((r["step"] for r in records), default=0)
+    for ax, (_, label, path) in zip(axes[:, 0], panels, strict=True):
+        for i, (name, records) in enumerate(histories.items()):
+            points = [(offsets[name] + r["step"], v) for r in records
+                      if (v := _value(r, path)) is not None]
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            sparse = len(points) < 8  # evaluations are few: show them as points
+            ax.plot(xs, ys, marker="o" if sparse else None, color=colours[i % len(colours)],
+                    label=name)
+            if offsets[name]:
+                ax.axvline(offsets[name], color="grey", linewidth=0.8, linestyle=":")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(loc="best", fontsize="small")
+    axes[-1, 0].set_xlabel("step (over the whole curriculum)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _summary_html(spec: TrainingRunSpec | None, store: ObjectStore, namespace: str, run: str,
+                  stages: Sequence[str]) -> str:
+    """The same table the runner prints, from the stored progress records."""
+    lines = []
+    for name in stages:
+        record = store.get_json(f"{namespace}/{run}/{name}/{contract.PROGRESS}")
+        cost = co2 = 0.0
+        if spec is not None and name in {s.name for s in spec.stages}:
+            cost, co2 = record_cost(spec, spec.stage(name), record)
+        lines.append(stage_line(name, record, cost_usd=cost, co2_grams=co2))
+    columns = [c for c in SUMMARY_COLUMNS if spec is not None or c not in ("cost", "CO2")]
+    rows = [[cell for col, cell in zip(SUMMARY_COLUMNS, row, strict=True) if col in columns]
+            for row in summary_rows(lines)]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(store: ObjectStore, namespace: str, run: str, out_dir: Path,
+                 spec: TrainingRunSpec | None = None) -> Path:
+    """Write ``report.html``, ``loss.png`` and ``curves.png`` to ``out_dir``; returns the
+    HTML's path. Raises FileNotFoundError when the run has no history in the store."""
+    stages = [s.name for s in spec.stages] if spec is not None else \
+        discover_stages(store, namespace, run)
+    histories = load_histories(store, namespace, run, stages)
+    if not histories:
+        raise FileNotFoundError(f"no metrics for run {run!r} in namespace {namespace!r} "
+                                f"under {store.uri()}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = {
+        "loss.png": _figure(histories, PANELS[:1], f"{run}: training loss per stage"),
+        "curves.png": _figure(histories, PANELS, f"{run}: loss, evaluation accuracy, "
+                              "throughput and energy"),
+    }
+    for name, data in images.items():
+        (out_dir / name).write_bytes(data)
+    imgs = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,'
+        f'{base64.b64encode(data).decode()}"><figcaption>{name}</figcaption></figure>'
+        for name, data in images.items())
+    table = _summary_html(spec, store, namespace, run, list(histories))
+    title = html.escape(f"kubetrain report: {namespace}/{run}")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 64em; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th:first-child, td:first-child, td:last-child {{ text-align: left; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{title}</h1>
+<p>Store: <code>{html.escape(store.uri())}</code>. Numbers are the trainer's stored
+progress records; curves are its metrics history.</p>
+{table}
+{imgs}
+</body></html>
+"""
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def cli_report(args: argparse.Namespace) -> int:
+    """``kubetrain report RUN``; RUN is a run name or the manifest file."""
+    from kubetrain.cli import UserError, load_manifest
+    from kubetrain.local import resolve_store_root
+
+    spec = None
+    name, namespace = args.run, args.namespace
+    if args.run.endswith((".yaml", ".yml")) or Path(args.run).is_file():
+        manifest = load_manifest(args.run)
+        spec, name, namespace = (manifest.spec, manifest.metadata.name,
+                                 manifest.metadata.namespace)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("reports need matplotlib: pip install 'kubetrain[local]'") from None
+    root = resolve_store_root(args.store)
+    out_dir = Path(args.output) if args.output else Path(".kubetrain") / "reports" / name
+    try:
+        path = write_report(open_store(root), namespace, name, out_dir, spec=spec)
+    except FileNotFoundError as exc:
+        raise UserError(f"{exc} (run it first: kubetrain run FILE --local, or pass --store "
+                        "and --namespace)") from None
+    except (StoreError, ValueError) as exc:
+        raise UserError(f"--store {root}: {exc}") from None
+    print(f"report: {path}")
+    print(f"loss curves: {out_dir / 'loss.png'}")
+    return 0
