@@ -1,0 +1,107 @@
+"""The operator's own configuration: one YAML file, rendered by the Helm chart from its
+values and passed as ``kubetrain operator --config FILE``.
+
+Every field has a default, so the operator also runs without a file (development,
+tests). Manifest fields win over these defaults: ``spec.image`` over ``image``,
+``spec.pricing.gpuHourUSD`` over ``gpuPrices``, and so on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from kubetrain.api import Pricing, format_errors
+
+
+class ConfigError(ValueError):
+    """The configuration file is unreadable or invalid; the message names the field."""
+
+
+class OperatorConfig(BaseModel):
+    """Operator-wide defaults (camelCase in the YAML, like the chart's values)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    image: str = Field(
+        "ghcr.io/kubetrain/trainer:0.1.0",
+        description="Trainer image for runs that do not set spec.image.",
+    )
+    image_pull_policy: str = Field(
+        "IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$",
+        description="imagePullPolicy of trainer containers.",
+    )
+    gpu_prices: dict[str, float] = Field(
+        default_factory=dict,
+        description="USD per GPU-hour by gpuType (e.g. {h100: 2.1}); overrides the "
+        "built-in list prices, overridden by spec.pricing.gpuHourUSD.",
+    )
+    energy_usd_per_kwh: float | None = Field(
+        None, ge=0, description="Energy price for runs that leave pricing.energyUSDPerKWh at 0.",
+    )
+    pue: float | None = Field(
+        None, ge=1, le=5, description="PUE for runs that leave pricing.pue at its default.",
+    )
+    carbon_grams_per_kwh: float | None = Field(
+        None, ge=0, le=2000,
+        description="Grid carbon intensity for runs that leave pricing at its default.",
+    )
+    mfu: float = Field(0.4, gt=0, le=1, description="MFU assumed by the up-front estimate.")
+    poll_interval_seconds: float = Field(
+        15.0, gt=0, le=3600,
+        description="How often each run's progress is read from the store and its status "
+        "refreshed (Job and Pod events trigger extra reconciles in between).",
+    )
+    stall_timeout_seconds: float = Field(
+        1800.0, ge=0,
+        description="A running stage whose progress record has not changed for this long "
+        "gets the condition Stalled (0: never).",
+    )
+    termination_grace_seconds: int = Field(
+        300, ge=1, le=86400,
+        description="Pod terminationGracePeriodSeconds: time the trainer has to write a "
+        "checkpoint after SIGTERM (suspend, budget, node drain).",
+    )
+    shm_size: str = Field("8Gi", description="Size limit of the /dev/shm emptyDir (NCCL).")
+    service_account: str | None = Field(
+        None, description="ServiceAccount of trainer pods (the namespace default when unset).",
+    )
+    server_timeout_seconds: int = Field(
+        300, ge=10, description="Watch requests are renewed after this long (kopf setting).",
+    )
+
+
+def load_config(path: str | None) -> OperatorConfig:
+    """The configuration in ``path``, or the defaults when ``path`` is None."""
+    if path is None:
+        return OperatorConfig()
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return OperatorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: " + "; ".join(format_errors(exc))) from None
+
+
+def effective_pricing(pricing: Pricing, config: OperatorConfig) -> Pricing:
+    """The run's pricing with the operator's defaults for the fields the manifest left
+    out (a field the manifest sets always wins)."""
+    updates: dict[str, float] = {}
+    given = pricing.model_fields_set
+    if "energy_usd_per_kwh" not in given and config.energy_usd_per_kwh is not None:
+        updates["energy_usd_per_kwh"] = config.energy_usd_per_kwh
+    if "pue" not in given and config.pue is not None:
+        updates["pue"] = config.pue
+    if "carbon_grams_per_kwh" not in given and config.carbon_grams_per_kwh is not None:
+        updates["carbon_grams_per_kwh"] = config.carbon_grams_per_kwh
+    return pricing.model_copy(update=updates) if updates else pricing

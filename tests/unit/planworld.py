@@ -1,0 +1,144 @@
+"""A tiny in-memory stand-in for the cluster and the store, for driving ``plan`` through
+several reconciles (the Job controller's and the trainer's part is played by the test)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubetrain import plan as planner
+from kubetrain.config import OperatorConfig
+from kubetrain.progress import StageRecords, format_time
+
+T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
+_uids = itertools.count(1)
+
+
+def manifest(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "storage": {"s3": {"bucket": "ckpt", "prefix": "runs",
+                           "endpoint": "http://s3.local:9000",
+                           "credentialsSecret": "s3-creds"}},
+        "stages": [
+            {"name": "pretrain", "type": "pretrain", "hyperparameters": {"maxSteps": 100},
+             "resources": {"nodes": 2, "gpusPerNode": 8, "gpuType": "h100"},
+             "maxRestarts": 2},
+            {"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 50},
+             "resources": {"gpusPerNode": 8, "gpuType": "h100"}},
+        ],
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "kubetrain.dev/v1alpha1", "kind": "TrainingRun",
+        "metadata": {"name": "demo", "namespace": "ml", "uid": "run-uid", "generation": 1,
+                     "annotations": {}},
+        "spec": base,
+    }
+
+
+@dataclass
+class World:
+    run: dict[str, Any]
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # by name
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    services: set[str] = field(default_factory=set)
+    records: dict[str, StageRecords] = field(default_factory=dict)
+    now: datetime = T0
+    config: OperatorConfig = field(default_factory=OperatorConfig)
+    events: list[planner.Event] = field(default_factory=list)
+    created: list[dict[str, Any]] = field(default_factory=list)
+    deleted: list[planner.Delete] = field(default_factory=list)
+
+    # ---- the operator's part
+    def reconcile(self) -> planner.Plan:
+        p = planner.plan(copy.deepcopy(self.run), list(self.jobs.values()), self.pods,
+                         self.records, self.now, self.config,
+                         observed_services=sorted(self.services))
+        meta = self.run["metadata"]
+        meta.setdefault("annotations", {}).update(p.annotations)
+        if p.status is not None:
+            self.run["status"] = p.status
+        for d in p.delete:
+            self.deleted.append(d)
+            if d.kind == "Job" and d.name in self.jobs:
+                # Foreground deletion: the Job stays until the test lets its pods go.
+                self.jobs[d.name]["metadata"]["deletionTimestamp"] = format_time(self.now)
+            elif d.kind == "Service":
+                self.services.discard(d.name)
+        for obj in p.create:
+            self.created.append(obj)
+            name = obj["metadata"]["name"]
+            if obj["kind"] == "Service":
+                self.services.add(name)
+            elif name not in self.jobs:  # 409 AlreadyExists is success
+                job = copy.deepcopy(obj)
+                job["metadata"]["uid"] = f"job-{next(_uids)}"
+                job["status"] = {}
+                self.jobs[name] = job
+        self.events += p.events
+        return p
+
+    # ---- the cluster's and the trainer's part
+    def job(self, stage: str) -> dict[str, Any]:
+        return next(j for j in self.jobs.values()
+                    if j["metadata"]["labels"]["kubetrain.dev/stage"] == stage)
+
+    def pods_running(self, stage: str, since: datetime | None = None) -> None:
+        job = self.job(stage)
+        uid = job["metadata"]["uid"]
+        self.pods = [p for p in self.pods
+                     if p["metadata"]["ownerReferences"][0]["uid"] != uid]
+        for i in range(job["spec"]["parallelism"]):
+            self.pods.append({
+                "metadata": {"name": f"{job['metadata']['name']}-{i}",
+                             "ownerReferences": [{"uid": uid}]},
+                "status": {"phase": "Running", "startTime": format_time(since or self.now)},
+            })
+        job["status"] = {"active": job["spec"]["parallelism"]}
+
+    def job_finished(self, stage: str, *, ok: bool, message: str = "") -> None:
+        job = self.job(stage)
+        kind = "Complete" if ok else "Failed"
+        job["status"] = {"active": 0, "succeeded" if ok else "failed": 1,
+                         "completionTime": format_time(self.now),
+                         "conditions": [{"type": kind, "status": "True",
+                                         "reason": "BackoffLimitExceeded" if not ok else "",
+                                         "message": message}]}
+        uid = job["metadata"]["uid"]
+        for p in self.pods:
+            if p["metadata"]["ownerReferences"][0]["uid"] == uid:
+                p["status"]["phase"] = "Succeeded" if ok else "Failed"
+                p["status"]["containerStatuses"] = [{"state": {"terminated": {
+                    "finishedAt": format_time(self.now)}}}]
+
+    def job_gone(self, stage: str) -> None:
+        job = self.job(stage)
+        uid = job["metadata"]["uid"]
+        del self.jobs[job["metadata"]["name"]]
+        self.pods = [p for p in self.pods if p["metadata"]["ownerReferences"][0]["uid"] != uid]
+
+    def progress(self, stage: str, *, step: int, total: int, final: bool = False,
+                 energy: float = 0.0, **extra: Any) -> None:
+        record = {"step": step, "totalSteps": total, "tokens": step * 1000, "loss": 2.5,
+                  "tokensPerSecond": 1000.0, "energyJoules": energy, "energySource": "nvml",
+                  "checkpoint": f"s3://ckpt/runs/ml/demo/{stage}/checkpoints/step-{step:06d}",
+                  "phase": "completed" if final else "running",
+                  "updatedAt": format_time(self.now), **extra}
+        self.records[stage] = StageRecords(progress=record, final=final)
+
+    def tick(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.run.get("status") or {}
+
+    def condition(self, type_: str) -> dict[str, Any] | None:
+        return next((c for c in self.status.get("conditions", []) if c["type"] == type_),
+                    None)
+
+    def stage_status(self, name: str) -> dict[str, Any]:
+        return next(s for s in self.status["stages"] if s["name"] == name)
