@@ -8,6 +8,7 @@ trainer's stored progress record, so the live view, the summary and the report a
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -101,8 +102,11 @@ def fmt_cost(usd: float) -> str:
     """Enough digits that a cent-fraction CPU run does not read as $0.00."""
     if usd == 0:
         return "$0"
+    if usd < 1e-6:
+        return "<$0.000001"
     if usd < 0.01:
-        return f"${usd:.2g}" if usd >= 1e-6 else "<$0.000001"
+        # Two significant digits in decimal notation: $0.000017, not $1.7e-05.
+        return f"${usd:.{1 - math.floor(math.log10(usd))}f}"
     return f"${usd:,.2f}"
 
 
