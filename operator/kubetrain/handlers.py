@@ -1,0 +1,241 @@
+"""Thin Kopf handlers: every event about a TrainingRun, its Jobs or its Pods, and a
+timer per run, ends in ``Reconciler.reconcile(namespace, name)``, which gathers what
+exists, asks ``kubetrain.plan`` what to do, and applies it.
+
+No state lives in this process that is not also in the cluster or the store (status,
+annotations, children, progress records), so the operator can restart at any moment.
+Children are owned through ownerReferences, so deletion needs no finalizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import kopf
+
+from kubetrain import api, resources
+from kubetrain import plan as planner
+from kubetrain.config import OperatorConfig
+from kubetrain.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
+from kubetrain.metrics import OperatorMetrics
+from kubetrain.progress import StageRecords, read_stage_records
+from kubetrain.store import ObjectStore, S3Store, StoreError, open_store
+
+log = logging.getLogger("kubetrain.operator")
+
+# At DEBUG these libraries log request headers (botocore: the access key id) and
+# response bodies (kubernetes: a Secret's data), so they stay at WARNING even when the
+# operator runs with --verbose.
+CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "kubernetes.client.rest")
+
+
+def silence_credential_loggers() -> None:
+    """Keep libraries that would log credentials at WARNING."""
+    for name in CREDENTIAL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Api(Protocol):
+    """What the reconciler needs from the cluster (``kubetrain.kube.KubeApi``; tests
+    pass an in-memory fake)."""
+
+    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def list_jobs(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
+    def list_pods(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
+    def list_services(self, namespace: str, run: str) -> list[str]: ...
+    def create(self, obj: dict[str, Any]) -> bool: ...
+    def delete(self, kind: str, namespace: str, name: str, propagation: str) -> bool: ...
+    def patch_run_annotations(self, namespace: str, name: str,
+                              annotations: dict[str, str]) -> None: ...
+    def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+    def read_secret(self, namespace: str, name: str) -> dict[str, str]: ...
+    def emit_event(self, run: dict[str, Any], type_: str, reason: str,
+                   message: str) -> None: ...
+
+
+StoreFactory = Callable[[api.S3Storage, dict[str, str] | None], ObjectStore]
+
+
+def open_run_store(s3: api.S3Storage, credentials: dict[str, str] | None) -> ObjectStore:
+    """The run's store, read with the run's own credentials when it names a Secret
+    (held in the boto3 client only, never logged), else the operator's."""
+    store = open_store(s3.uri(), endpoint=s3.endpoint, region=s3.region)
+    if credentials and isinstance(store, S3Store):
+        import boto3
+        from botocore.config import Config
+
+        store.client = boto3.client(
+            "s3", endpoint_url=s3.endpoint, region_name=s3.region,
+            aws_access_key_id=credentials.get(ENV_AWS_ACCESS_KEY_ID),
+            aws_secret_access_key=credentials.get(ENV_AWS_SECRET_ACCESS_KEY),
+            config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                          connect_timeout=5, read_timeout=20),
+        )
+    return store
+
+
+def stages_to_read(run: dict[str, Any]) -> list[str]:
+    """The stage whose records matter now: the first one not Succeeded (its progress
+    record and FINAL decide what happens next)."""
+    spec = run.get("spec") or {}
+    names = [s.get("name") for s in spec.get("stages") or [] if s.get("name")]
+    done = {s.get("name") for s in (run.get("status") or {}).get("stages") or []
+            if s.get("phase") == "Succeeded"}
+    return [n for n in names if n not in done][:1]
+
+
+class Reconciler:
+    """Gathers the observed state of a run, plans, applies. One lock per run: Kopf runs
+    sync handlers in threads, and a Job event may arrive while the timer reconciles."""
+
+    def __init__(self, kube: Api, config: OperatorConfig, metrics: OperatorMetrics,
+                 store_factory: StoreFactory = open_run_store,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self.kube = kube
+        self.config = config
+        self.metrics = metrics
+        self.store_factory = store_factory
+        self.clock = clock
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The run is gone: drop its metric series and its lock."""
+        self.metrics.forget_run(namespace, name)
+        with self._locks_guard:
+            self._locks.pop((namespace, name), None)
+
+    def read_records(self, run: dict[str, Any]) -> dict[str, StageRecords]:
+        meta = run["metadata"]
+        try:
+            spec = api.parse_spec(run.get("spec") or {})
+        except api.ManifestError:
+            return {}
+        s3 = spec.storage.s3
+        if s3 is None:
+            return {}
+        credentials = None
+        if s3.credentials_secret:
+            try:
+                credentials = self.kube.read_secret(meta["namespace"], s3.credentials_secret)
+            except Exception as exc:  # the run still reconciles; progress waits
+                log.warning("%s/%s: cannot read Secret %s: %s", meta["namespace"],
+                            meta["name"], s3.credentials_secret, type(exc).__name__)
+                return {}
+        try:
+            store = self.store_factory(s3, credentials)
+            return read_stage_records(store, meta["namespace"], meta["name"],
+                                      stages_to_read(run))
+        except (StoreError, OSError, ValueError) as exc:
+            log.warning("%s/%s: cannot read progress from the store: %s",
+                        meta["namespace"], meta["name"], exc)
+            return {}
+
+    def reconcile(self, namespace: str, name: str) -> planner.Plan | None:
+        """Close the gap between the run's spec and what exists; None when the run is
+        gone."""
+        started = time.monotonic()
+        try:
+            with self._lock(namespace, name):
+                return self._reconcile(namespace, name)
+        except Exception:
+            self.metrics.reconcile_errors.inc()
+            raise
+        finally:
+            self.metrics.reconcile_duration.observe(time.monotonic() - started)
+
+    def _reconcile(self, namespace: str, name: str) -> planner.Plan | None:
+        run = self.kube.get_run(namespace, name)
+        if run is None:
+            self.forget(namespace, name)
+            return None
+        if run["metadata"].get("deletionTimestamp"):
+            return None
+        jobs = self.kube.list_jobs(namespace, name)
+        pods = self.kube.list_pods(namespace, name)
+        services = self.kube.list_services(namespace, name)
+        records = self.read_records(run)
+        p = planner.plan(run, jobs, pods, records, self.clock(), self.config,
+                         observed_services=services)
+        # Order matters: annotations and status first, so that what a delete is about
+        # to make unobservable (a failed Job's attempt) is already recorded.
+        if p.annotations:
+            self.kube.patch_run_annotations(namespace, name, p.annotations)
+        if p.status is not None:
+            self.kube.patch_run_status(namespace, name, p.status)
+        for d in p.delete:
+            self.kube.delete(d.kind, namespace, d.name, d.propagation)
+        for obj in p.create:
+            self.kube.create(obj)
+        for ev in p.events:
+            try:
+                self.kube.emit_event(run, ev.type, ev.reason, ev.message)
+            except Exception as exc:  # an event lost is not worth a failed reconcile
+                log.warning("%s/%s: event %s not posted: %s", namespace, name, ev.reason,
+                            type(exc).__name__)
+            log.info("%s/%s: %s: %s", namespace, name, ev.reason, ev.message)
+        status = p.status if p.status is not None else (run.get("status") or {})
+        stage_types = {s.get("name"): s.get("type")
+                       for s in (run.get("spec") or {}).get("stages") or []}
+        self.metrics.observe_run(namespace, name, run.get("status") or {}, status,
+                                 p.budget_used, stage_types)
+        return p
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
+             config: OperatorConfig) -> None:
+    """Attach the handlers to ``registry``."""
+    runs = (api.GROUP, api.VERSION, api.PLURAL)
+    owned = {resources.LABEL_RUN: kopf.PRESENT}
+
+    def on_run(namespace: str, name: str, **_: Any) -> None:
+        reconciler.reconcile(namespace, name)
+
+    kopf.on.resume(*runs, registry=registry, id="reconcile")(on_run)
+    kopf.on.create(*runs, registry=registry, id="reconcile")(on_run)
+    # Only spec changes: the operator's own annotation and status patches must not
+    # wake it up again.
+    kopf.on.update(*runs, registry=registry, id="reconcile", field="spec")(on_run)
+    kopf.timer(*runs, registry=registry, id="poll", interval=config.poll_interval_seconds,
+               initial_delay=config.poll_interval_seconds)(on_run)
+
+    def on_run_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            reconciler.forget(namespace, name)
+
+    kopf.on.event(*runs, registry=registry, id="forget")(on_run_event)
+
+    def on_child(namespace: str, labels: dict[str, str], **_: Any) -> None:
+        run = labels.get(resources.LABEL_RUN)
+        if run:
+            reconciler.reconcile(namespace, run)
+
+    kopf.on.event("batch", "v1", "jobs", registry=registry, labels=owned,
+                  id="job")(on_child)
+
+    seen: dict[str, str] = {}  # pod uid -> last phase that triggered a reconcile
+    seen_guard = threading.Lock()
+
+    def on_pod(namespace: str, labels: dict[str, str], event: dict[str, Any],
+               status: dict[str, Any], uid: str, **_: Any) -> None:
+        # Pods change often (conditions, IPs); only phase changes and deletions matter.
+        phase = "Deleted" if event.get("type") == "DELETED" else str(status.get("phase"))
+        with seen_guard:
+            if seen.get(uid) == phase:
+                return
+            if phase == "Deleted":
+                seen.pop(uid, None)
+            else:
+                seen[uid] = phase
+        on_child(namespace=namespace, labels=labels)
+
+    kopf.on.event("", "v1", "pods", registry=registry, labels=owned, id="pod")(on_pod)

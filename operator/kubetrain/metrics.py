@@ -1,0 +1,172 @@
+"""The operator's Prometheus metrics, on their own registry (served on --metrics-port).
+
+Per-run values (progress, GPU-seconds, energy, cost, CO2, budget use, restarts) are not
+counted by the operator: they are read from each run's status after a reconcile and
+exported by a custom collector. That keeps them exact across operator restarts (the
+status is the source of truth), lets the accumulating ones be real counters with the
+``_total`` suffix although their value is *set*, and removing a run's snapshot removes
+all its series at once. Event-like metrics (transitions, durations, errors, reconcile
+latency) are ordinary prometheus_client counters and histograms.
+
+Labels are bounded: namespace, run, stage, phase, stage type, energy source, budget
+kind. Nothing from a spec's free-form fields or a Secret is ever used as a label.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kubetrain.api import RunPhase
+from kubetrain.progress import parse_time
+
+PREFIX = "kubetrain_operator"
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """The numbers of one run, as its status has them."""
+
+    phase: str
+    progress: float
+    gpu_seconds: float
+    energy_joules: float
+    energy_source: str
+    cost_usd: float
+    co2_grams: float
+    restarts: dict[str, int] = field(default_factory=dict)  # stage -> restarts
+    budget_used: dict[str, float] = field(default_factory=dict)  # kind -> used / limit
+
+
+def snapshot_from_status(status: dict[str, Any], budget_used: dict[str, float]) -> RunSnapshot:
+    """A RunSnapshot of a run's status (wire form)."""
+    totals = status.get("totals") or {}
+    stages = status.get("stages") or []
+    sources = {s.get("energySource") for s in stages if s.get("energySource")}
+    # One source label per run: a run mixing measured and estimated stages is reported
+    # as "estimate" (the weakest source), so that the label set stays bounded.
+    source = sources.pop() if len(sources) == 1 else ("estimate" if sources else "none")
+    return RunSnapshot(
+        phase=status.get("phase") or RunPhase.Pending.value,
+        progress=float(totals.get("progress") or 0.0),
+        gpu_seconds=float(totals.get("gpuSeconds") or 0.0),
+        energy_joules=float(totals.get("energyJoules") or 0.0),
+        energy_source=source,
+        cost_usd=float(totals.get("costUSD") or 0.0),
+        co2_grams=float(totals.get("co2Grams") or 0.0),
+        restarts={s["name"]: int(s.get("restarts") or 0) for s in stages if "name" in s},
+        budget_used=dict(budget_used),
+    )
+
+
+class _RunCollector(Collector):
+    def __init__(self, metrics: OperatorMetrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        runs = self.metrics.snapshots()
+        by_phase = GaugeMetricFamily(f"{PREFIX}_runs", "TrainingRuns by phase.",
+                                     labels=["phase"])
+        for phase in RunPhase:
+            by_phase.add_metric([phase.value],
+                                sum(1 for s in runs.values() if s.phase == phase.value))
+        yield by_phase
+        nr = ["namespace", "run"]
+        progress = GaugeMetricFamily(f"{PREFIX}_run_progress_ratio",
+                                     "Curriculum progress 0..1, weighted by steps.", labels=nr)
+        gpu = CounterMetricFamily(f"{PREFIX}_gpu_seconds", "GPU-seconds allocated to the run.",
+                                  labels=nr)
+        energy = CounterMetricFamily(f"{PREFIX}_energy_joules",
+                                     "IT energy of the run, by how it was obtained.",
+                                     labels=[*nr, "source"])
+        cost = CounterMetricFamily(f"{PREFIX}_cost_usd", "Cost of the run so far.", labels=nr)
+        co2 = CounterMetricFamily(f"{PREFIX}_co2_grams", "CO2 of the run so far (× PUE).",
+                                  labels=nr)
+        budget = GaugeMetricFamily(f"{PREFIX}_budget_used_ratio",
+                                   "Share of each budget limit used (1: reached).",
+                                   labels=[*nr, "kind"])
+        restarts = CounterMetricFamily(f"{PREFIX}_stage_restarts",
+                                       "Pod failures retried, per stage.",
+                                       labels=[*nr, "stage"])
+        for (ns, run), s in sorted(runs.items()):
+            progress.add_metric([ns, run], s.progress)
+            gpu.add_metric([ns, run], s.gpu_seconds)
+            energy.add_metric([ns, run, s.energy_source], s.energy_joules)
+            cost.add_metric([ns, run], s.cost_usd)
+            co2.add_metric([ns, run], s.co2_grams)
+            for kind, ratio in sorted(s.budget_used.items()):
+                budget.add_metric([ns, run, kind], ratio)
+            for stage, n in sorted(s.restarts.items()):
+                restarts.add_metric([ns, run, stage], n)
+        yield from (progress, gpu, energy, cost, co2, budget, restarts)
+
+
+class OperatorMetrics:
+    """All operator metrics on one registry; thread-safe (handlers run in threads)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[str, str], RunSnapshot] = {}
+        self._transition_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        self.transitions = Counter(
+            f"{PREFIX}_stage_transitions", "Stage phase changes observed by this process.",
+            ["namespace", "run", "stage", "phase"], registry=self.registry)
+        self.stage_duration = Histogram(
+            f"{PREFIX}_stage_duration_seconds", "Wall time of succeeded stages, by type.",
+            ["stage_type"], registry=self.registry,
+            buckets=(60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600,
+                     3 * 86400, 7 * 86400, float("inf")))
+        self.reconcile_errors = Counter(
+            f"{PREFIX}_reconcile_errors", "Reconciles that raised.", registry=self.registry)
+        self.reconcile_duration = Histogram(
+            f"{PREFIX}_reconcile_duration_seconds", "Time to reconcile one run.",
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf")))
+        self.registry.register(_RunCollector(self))
+
+    def snapshots(self) -> dict[tuple[str, str], RunSnapshot]:
+        with self._lock:
+            return dict(self._runs)
+
+    def observe_run(self, namespace: str, run: str, old_status: dict[str, Any],
+                    new_status: dict[str, Any], budget_used: dict[str, float],
+                    stage_types: dict[str, str]) -> None:
+        """Record a reconcile's outcome: the run's numbers and its stage transitions."""
+        old_phases = {s.get("name"): s.get("phase") for s in old_status.get("stages") or []}
+        with self._lock:
+            self._runs[(namespace, run)] = snapshot_from_status(new_status, budget_used)
+            for st in new_status.get("stages") or []:
+                name, phase = st.get("name"), st.get("phase")
+                if not name or not phase or old_phases.get(name, "Pending") == phase:
+                    continue
+                self.transitions.labels(namespace, run, name, phase).inc()
+                self._transition_labels.setdefault((namespace, run), set()).add((name, phase))
+                if phase == "Succeeded" and name in stage_types:
+                    duration = _seconds_between(st.get("startTime"), st.get("completionTime"))
+                    if duration is not None:
+                        self.stage_duration.labels(stage_types[name]).observe(duration)
+
+    def forget_run(self, namespace: str, run: str) -> None:
+        """Remove every series of a deleted run."""
+        with self._lock:
+            self._runs.pop((namespace, run), None)
+            for stage, phase in self._transition_labels.pop((namespace, run), set()):
+                self.transitions.remove(namespace, run, stage, phase)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serve /metrics on ``port`` in a background thread."""
+        start_http_server(port, addr=addr, registry=self.registry)
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    a, b = parse_time(start), parse_time(end)
+    if a is None or b is None:
+        return None
+    return max(0.0, (b - a).total_seconds())

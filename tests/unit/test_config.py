@@ -1,0 +1,50 @@
+"""The operator configuration file the Helm chart renders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetrain.api import Pricing
+from kubetrain.config import ConfigError, OperatorConfig, effective_pricing, load_config
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = load_config(None)
+    assert cfg.poll_interval_seconds > 0 and cfg.termination_grace_seconds == 300
+
+
+def test_camel_case_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("image: my/trainer:2\ngpuPrices: {h100: 1.9}\npollIntervalSeconds: 5\n"
+                    "stallTimeoutSeconds: 0\npue: 1.1\n")
+    cfg = load_config(str(path))
+    assert cfg.image == "my/trainer:2" and cfg.gpu_prices == {"h100": 1.9}
+    assert cfg.poll_interval_seconds == 5 and cfg.stall_timeout_seconds == 0
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("pollIntervalSeconds: -1\n", "pollIntervalSeconds"),
+    ("imagePullPolicy: Sometimes\n", "imagePullPolicy"),
+    ("surprise: 1\n", "surprise"),
+    ("- a list\n", "mapping"),
+])
+def test_invalid_file_names_the_field(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(str(path))
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("/nonexistent/kubetrain.yaml")
+
+
+def test_manifest_pricing_wins_over_operator_defaults() -> None:
+    cfg = OperatorConfig(pue=1.5, carbon_grams_per_kwh=100, energy_usd_per_kwh=0.2)
+    assert effective_pricing(Pricing(), cfg).pue == 1.5
+    given = Pricing.model_validate({"pue": 1.1, "carbonGramsPerKWh": 50})
+    out = effective_pricing(given, cfg)
+    assert (out.pue, out.carbon_grams_per_kwh, out.energy_usd_per_kwh) == (1.1, 50, 0.2)
