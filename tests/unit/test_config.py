@@ -48,3 +48,27 @@ def test_manifest_pricing_wins_over_operator_defaults() -> None:
     given = Pricing.model_validate({"pue": 1.1, "carbonGramsPerKWh": 50})
     out = effective_pricing(given, cfg)
     assert (out.pue, out.carbon_grams_per_kwh, out.energy_usd_per_kwh) == (1.1, 50, 0.2)
+
+
+def test_operator_and_status_without_cluster_fail_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetrain.cli import main
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    assert main(["operator", "--kubeconfig", str(tmp_path / "missing-kubeconfig")]) == 2
+    assert main(["status"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert all(line.startswith("kubetrain: no Kubernetes cluster configured") for line in err)
+
+
+def test_operator_with_bad_config_fails_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kubetrain.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("pollIntervalSeconds: 0\n")
+    assert main(["operator", "--config", str(path)]) == 2
+    assert "pollIntervalSeconds" in capsys.readouterr().err
