@@ -1,0 +1,90 @@
+"""The Helm chart as tests see it: rendered by the pinned Helm client (`make cluster-bin`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kubetrain"
+HELM = REPO / ".cache" / "bin" / "helm"
+ALERTS = CHART / "files" / "alerts.yaml"
+DASHBOARD = CHART / "files" / "dashboard.json"
+# The Kubernetes version of the test control plane (tests/cluster/k8s/go.mod); helm
+# template has no server to ask, and kubernetes-validate checks against its schemas.
+KUBE_VERSION = "1.36.0"
+
+
+def helm() -> Path:
+    if not HELM.exists():
+        pytest.fail(f"{HELM.relative_to(REPO)} is missing: run `make cluster-bin`")
+    return HELM
+
+
+def run_helm(*args: str, values: dict[str, Any] | None = None,
+             check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``helm ARGS [-f values.yaml]``; the values go through a file, as users pass them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        extra: list[str] = []
+        if values is not None:
+            path = Path(tmp) / "values.yaml"
+            path.write_text(yaml.safe_dump(values))
+            extra = ["-f", str(path)]
+        proc = subprocess.run([str(helm()), *args, *extra], capture_output=True, text=True,
+                              timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def render(values: dict[str, Any] | None = None, release: str = "kubetrain",
+           namespace: str = "kubetrain") -> list[dict[str, Any]]:
+    """The objects ``helm template`` renders (CRDs included), in order."""
+    out = run_helm("template", release, str(CHART), "-n", namespace, "--include-crds",
+                   "--kube-version", KUBE_VERSION, values=values).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in by_kind(objects, kind) if name is None or o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query in the dashboard, variables included."""
+    out = []
+    for panel in dashboard()["panels"]:
+        out += [(panel["title"], t["expr"]) for t in panel.get("targets", [])]
+    for var in dashboard()["templating"]["list"]:
+        if var["type"] == "query":
+            out.append((f"variable {var['name']}", var["query"]["query"]))
+    return out
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+
+
+def concrete(expr: str, namespace: str, run: str) -> str:
+    """A dashboard query with Grafana's variables replaced the way Grafana would for one
+    selected namespace and run; ``label_values(m, l)`` becomes the series query ``m``."""
+    expr = (expr.replace("$namespace", re.escape(namespace)).replace("$run", re.escape(run))
+            .replace("$__rate_interval", "1m").replace("$__interval", "15s"))
+    m = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr)
+    return m.group(1) if m else expr
