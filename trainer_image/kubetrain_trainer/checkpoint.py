@@ -1,0 +1,211 @@
+"""Checkpoints in a stage folder, through kubetrain.store (same code for s3:// and file://).
+
+Protocol (DESIGN.md "Storage layout"):
+1. the files of ``checkpoints/step-000100/`` are uploaded (torch.save to a temporary
+   file, then ``put_file``, so large files go multipart on S3);
+2. ``MANIFEST.json`` — every file's size and sha256 — is written LAST: a folder without
+   it is an interrupted save and does not exist for any reader;
+3. the ``LATEST`` pointer (text: ``checkpoints/step-000100``) is updated; ``FINAL``
+   likewise when the stage completes;
+4. complete checkpoints beyond ``keepCheckpoints`` are deleted, oldest first.
+
+Loading verifies sizes and hashes; a checkpoint that does not match its manifest is
+skipped (with a warning) in favour of the previous complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetrain import contract
+from kubetrain.store import ObjectStore, open_store, resolve_checkpoint
+
+log = logging.getLogger("kubetrain_trainer.checkpoint")
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one is required (message says where and why)."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint's files do not match its manifest."""
+
+
+def checkpoint_key(step: int) -> str:
+    """``checkpoints/step-000100``: zero-padded so keys sort by step."""
+    return f"{contract.CHECKPOINTS}/step-{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Loaded:
+    key: str  # relative to the store it came from, e.g. checkpoints/step-000100
+    uri: str
+    step: int
+    state: dict[str, Any]  # file name (without .pt) -> the object saved
+
+
+def save_files(store: ObjectStore, key: str, payloads: dict[str, Any],
+               meta: dict[str, Any] | None = None) -> int:
+    """Write ``payloads`` (name -> object for torch.save) as ``<key>/<name>.pt`` and then
+    the manifest. Returns the bytes written."""
+    # A previous, abandoned attempt at the same step (e.g. a corrupt checkpoint that was
+    # skipped) must not mix its files with this one.
+    store.delete_prefix(key + "/")
+    with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as tmp:
+        entries: dict[str, dict[str, Any]] = {}
+        paths = {}
+        for name, obj in payloads.items():
+            path = Path(tmp) / f"{name}.pt"
+            torch.save(obj, path)
+            paths[path.name] = path
+            entries[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        # Files upload concurrently: boto3 clients are thread-safe and one stream per
+        # file rarely fills the link.
+        with ThreadPoolExecutor(max_workers=max(1, len(paths))) as pool:
+            list(pool.map(lambda item: store.put_file(f"{key}/{item[0]}", item[1]),
+                          paths.items()))
+    manifest = {"format": FORMAT, "files": entries,
+                "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {})}
+    store.put_bytes(f"{key}/{contract.MANIFEST}", json.dumps(manifest, indent=1).encode())
+    return sum(e["bytes"] for e in entries.values())
+
+
+def load_files(store: ObjectStore, key: str, names: tuple[str, ...] | None = None,
+               map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify and load the files of the checkpoint at ``key`` ('' = the store root).
+
+    ``names`` limits loading to some files (e.g. only ``model`` to initialise a stage).
+    Raises CheckpointError when there is no manifest, CorruptCheckpoint on a mismatch.
+    """
+    prefix = f"{key}/" if key else ""
+    manifest = store.get_json(f"{prefix}{contract.MANIFEST}")
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        raise CheckpointError(f"{store.uri(key)} has no complete {contract.MANIFEST}")
+    files = {f: e for f, e in manifest["files"].items()
+             if names is None or f.removesuffix(".pt") in names}
+    if names is not None and len(files) < len(names):
+        raise CheckpointError(f"{store.uri(key)} lacks {', '.join(names)}")
+    with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as tmp:
+        def fetch(item: tuple[str, dict[str, Any]]) -> tuple[str, Path]:
+            fname, entry = item
+            path = Path(tmp) / fname
+            try:
+                store.get_file(f"{prefix}{fname}", path)
+            except FileNotFoundError:
+                raise CorruptCheckpoint(f"{store.uri(prefix + fname)} is missing") from None
+            size = path.stat().st_size
+            if size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+                raise CorruptCheckpoint(f"{store.uri(prefix + fname)} does not match "
+                                        f"{contract.MANIFEST} (size {size}, "
+                                        f"expected {entry['bytes']}; or sha256 differs)")
+            return fname, path
+
+        with ThreadPoolExecutor(max_workers=max(1, len(files))) as pool:
+            fetched = list(pool.map(fetch, files.items()))
+        return {fname.removesuffix(".pt"): torch.load(path, map_location=map_location,
+                                                      weights_only=True)
+                for fname, path in fetched}
+
+
+class Checkpointer:
+    """Saves and finds the checkpoints of one stage folder."""
+
+    def __init__(self, store: ObjectStore, keep: int = 2):
+        self.store = store
+        self.keep = keep
+
+    def steps(self) -> tuple[list[int], list[int]]:
+        """(complete, incomplete) checkpoint steps, newest first."""
+        has_manifest: dict[int, bool] = {}
+        for k in self.store.list(contract.CHECKPOINTS + "/"):
+            parts = k.split("/")
+            if len(parts) < 3 or not (m := _STEP_DIR.match(parts[1])):
+                continue
+            step = int(m.group(1))
+            has_manifest[step] = has_manifest.get(step, False) or parts[2] == contract.MANIFEST
+        complete = sorted((s for s, ok in has_manifest.items() if ok), reverse=True)
+        incomplete = sorted((s for s, ok in has_manifest.items() if not ok), reverse=True)
+        return complete, incomplete
+
+    def save(self, step: int, payloads: dict[str, Any],
+             meta: dict[str, Any] | None = None) -> str:
+        """Write a complete checkpoint, move LATEST to it, prune old ones; its URI."""
+        key = checkpoint_key(step)
+        save_files(self.store, key, payloads, {"step": step, **(meta or {})})
+        self.store.put_bytes(contract.LATEST, key.encode())
+        self.prune(keep_step=step)
+        return self.store.uri(key)
+
+    def mark_final(self, step: int) -> None:
+        """Point FINAL at the (complete) checkpoint of ``step``: the stage's result."""
+        self.store.put_bytes(contract.FINAL, checkpoint_key(step).encode())
+
+    def prune(self, keep_step: int) -> None:
+        """Keep the newest ``keep`` complete checkpoints; drop older partial saves."""
+        complete, incomplete = self.steps()
+        for step in complete[self.keep:]:
+            if step != keep_step:
+                self.store.delete_prefix(checkpoint_key(step) + "/")
+        for step in incomplete:
+            if step < keep_step:
+                self.store.delete_prefix(checkpoint_key(step) + "/")
+
+    def discard_after(self, step: int) -> None:
+        """Delete checkpoints newer than ``step`` (found unusable when resuming), so the
+        pointers and the retention count never consider them again."""
+        complete, incomplete = self.steps()
+        for s in complete + incomplete:
+            if s > step:
+                self.store.delete_prefix(checkpoint_key(s) + "/")
+        if step > 0:
+            self.store.put_bytes(contract.LATEST, checkpoint_key(step).encode())
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> Loaded | None:
+        """The newest checkpoint that verifies, or None when there is none."""
+        complete, _ = self.steps()
+        for step in complete:
+            key = checkpoint_key(step)
+            try:
+                state = load_files(self.store, key, map_location=map_location)
+            except CheckpointError as exc:
+                log.warning("skipping checkpoint %s: %s", self.store.uri(key), exc)
+                continue
+            return Loaded(key, self.store.uri(key), step, state)
+        return None
+
+
+def load_model_weights(uri: str, map_location: str | torch.device = "cpu"
+                       ) -> tuple[dict[str, torch.Tensor], str]:
+    """Model weights from a checkpoint folder or a stage folder (its FINAL, else LATEST
+    pointer), and the URI of the checkpoint they came from."""
+    store = open_store(uri)
+    key = resolve_checkpoint(store)
+    if key is None:
+        raise CheckpointError(f"{uri} holds no complete checkpoint (no {contract.MANIFEST}, "
+                              f"{contract.FINAL} or {contract.LATEST}); expected a stage "
+                              "folder that finished or a checkpoint folder")
+    state = load_files(store, key, names=("model",), map_location=map_location)
+    return state["model"], store.uri(key)
+
