@@ -1,0 +1,25 @@
+"""Fixtures for end-to-end tests against a real local control plane."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# tests/ is not a package, so make the control-plane helper importable
+# without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster"))
+
+from controlplane import ControlPlane
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    """One control plane (etcd, apiserver, controllers, scheduler, kwok) per session.
+
+    Fails with a pointer to `make cluster-bin` when the binaries are missing.
+    """
+    with ControlPlane() as cp:
+        yield cp
