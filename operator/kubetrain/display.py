@@ -9,6 +9,7 @@ trainer's stored progress record, so the live view, the summary and the report a
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -299,6 +300,9 @@ class RichDisplay:
                              overflow="fold")
         rows = summary_rows(lines)
         for row in rows[:-1]:
+            # On a terminal, a local checkpoint as a path from here fits on one line.
+            if row[-1].startswith("file://"):
+                row[-1] = os.path.relpath(row[-1].removeprefix("file://"))
             table.add_row(*row)
         table.add_section()
         table.add_row(*rows[-1], style="bold")

@@ -579,6 +579,12 @@ def _conclude(runner: LocalRunner, display: Display, outcomes: list[StageOutcome
     display.summary(f"TrainingRun {run.metadata.name!r}: all "
                     f"{len(run.spec.stages)} stages complete", runner.summary_lines())
     display.close()
+    if outcomes and all(o.result == "skipped" for o in outcomes):
+        folder = f"{runner.store_root}/{run.metadata.namespace}/{run.metadata.name}"
+        if folder.startswith("file://"):
+            folder = os.path.relpath(folder.removeprefix("file://"))
+        print(f"(nothing to train: every stage was already complete; to train again from "
+              f"scratch, delete {folder})", file=out)
     try:
         from kubetrain.report import write_report
 

@@ -104,7 +104,8 @@ def _figure(histories: Mapping[str, list[dict[str, Any]]], panels: Sequence[tupl
     for name, records in histories.items():
         offsets[name] = offset
         offset += max((r["step"] for r in records), default=0)
-    for ax, (_, label, path) in zip(axes[:, 0], panels, strict=True):
+    for ax, (key, label, path) in zip(axes[:, 0], panels, strict=True):
+        stage_ends = []
         for i, (name, records) in enumerate(histories.items()):
             points = [(offsets[name] + r["step"], v) for r in records
                       if (v := _value(r, path)) is not None]
@@ -114,8 +115,16 @@ def _figure(histories: Mapping[str, list[dict[str, Any]]], panels: Sequence[tupl
             sparse = len(points) < 8  # evaluations are few: show them as points
             ax.plot(xs, ys, marker="o" if sparse else None, color=colours[i % len(colours)],
                     label=name)
+            stage_ends.append(points[-1])
             if offsets[name]:
                 ax.axvline(offsets[name], color="grey", linewidth=0.8, linestyle=":")
+        if key == "eval":
+            # Accuracy is a ratio: a fixed 0..1 axis, and a line through each stage's last
+            # evaluation so the gain from stage to stage is the picture.
+            ax.set_ylim(-0.02, 1.02)
+            if len(stage_ends) > 1:
+                xs, ys = zip(*stage_ends, strict=True)
+                ax.plot(xs, ys, color="grey", linestyle="--", linewidth=1, zorder=0)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.has_data():
