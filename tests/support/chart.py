@@ -82,9 +82,10 @@ def alert_rules() -> list[dict[str, Any]]:
 
 
 def concrete(expr: str, namespace: str, run: str) -> str:
-    """A dashboard query with Grafana's variables replaced the way Grafana would for one
-    selected namespace and run; ``label_values(m, l)`` becomes the series query ``m``."""
-    expr = (expr.replace("$namespace", re.escape(namespace)).replace("$run", re.escape(run))
+    """A dashboard query with Grafana's variables replaced as Grafana does for one selected
+    namespace and run (Kubernetes names need no regex escaping); ``label_values(m, l)``
+    becomes the series query ``m``."""
+    expr = (expr.replace("$namespace", namespace).replace("$run", run)
             .replace("$__rate_interval", "1m").replace("$__interval", "15s"))
     m = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr)
     return m.group(1) if m else expr
