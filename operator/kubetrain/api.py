@@ -157,6 +157,7 @@ class DataSpec(_Model):
 
     source: str = Field(
         "synthetic:arithmetic",
+        max_length=1024,
         pattern=DATA_SOURCE_PATTERN,
         description=(
             "Where examples come from: `synthetic:<task>` (generated in code, reproducible; "
@@ -286,8 +287,9 @@ class Stage(_Model):
         ..., min_length=1, max_length=STAGE_NAME_MAX, pattern=STAGE_NAME_PATTERN,
         description="Stage name, unique in the run (lowercase letters, digits, '-').",
     )
+    # maxLength bounds the cost the API server estimates for the CEL rules over types.
     type: StageType = Field(
-        ..., description="Objective: `pretrain` (next token), `sft` (response tokens only), "
+        ..., json_schema_extra={"maxLength": 16}, description="Objective: `pretrain` (next token), `sft` (response tokens only), "
         "`dpo` (preference pairs against the frozen previous stage)."
     )
     data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
@@ -380,11 +382,13 @@ class TrainingRunSpec(_Model):
             "fieldPath": ".stages",
         },
         {
+            # The API server's cost estimator rejects list-index functions over a
+            # mapped list (indexOf, join), so CEL checks "an sft stage exists and dpo is
+            # not first"; the Python validator below (kubetrain validate, the operator)
+            # also checks the order exactly.
             "rule": (
                 "has(self.model.from) || !self.stages.exists(s, s.type == 'dpo') || "
-                "(self.stages.exists(s, s.type == 'sft') && "
-                "self.stages.map(s, s.type).indexOf('sft') < "
-                "self.stages.map(s, s.type).indexOf('dpo'))"
+                "(self.stages.exists(s, s.type == 'sft') && self.stages[0].type != 'dpo')"
             ),
             "message": "a dpo stage needs an sft stage before it or model.from",
             "fieldPath": ".stages",

@@ -33,19 +33,21 @@ def _cel_rules_by_title() -> dict[str, list[dict[str, str]]]:
     return out
 
 
-def _factory_defaults() -> dict[str, set[str]]:
-    """Per model class, the wire names of fields whose default is an object built by a
-    factory (``default_factory=DataSpec``). JSON Schema cannot show those defaults, but
-    the API server must still default ``hyperparameters: {}`` so nested defaults apply
-    and CEL rules can rely on the object being there."""
-    out: dict[str, set[str]] = {}
+def _factory_defaults() -> dict[str, dict[str, Any]]:
+    """Per model class, the defaults of fields whose default is an object built by a
+    factory (``default_factory=Hyperparameters``), as wire dicts. JSON Schema cannot
+    show those, but the API server must default an omitted ``hyperparameters`` so CEL
+    rules can rely on it. The default is written out whole because the API server
+    validates a default against the schema and its CEL rules as it stands, without
+    defaulting inside it."""
+    out: dict[str, dict[str, Any]] = {}
     for obj in vars(api).values():
         if isinstance(obj, type) and issubclass(obj, BaseModel):
             for name, field in obj.model_fields.items():
                 if field.default_factory is not None:
                     produced = field.default_factory()  # type: ignore[call-arg]
                     if isinstance(produced, BaseModel):
-                        out.setdefault(obj.__name__, set()).add(field.alias or name)
+                        out.setdefault(obj.__name__, {})[field.alias or name] = api.dump(produced)
     return out
 
 
@@ -87,8 +89,8 @@ def _convert(node: Any, defs: dict[str, Any], rules: dict[str, list[dict[str, st
             continue
         if key == "properties":
             out[key] = {k: _convert(v, defs, rules) for k, v in value.items()}
-            for k in _FACTORY_DEFAULTS.get(model_name or "", ()):
-                out[key][k].setdefault("default", {})
+            for k, default in _FACTORY_DEFAULTS.get(model_name or "", {}).items():
+                out[key][k].setdefault("default", default)
         elif key in ("items", "additionalProperties"):
             out[key] = _convert(value, defs, rules)
         elif key == "default":

@@ -171,7 +171,12 @@ class S3Store(ObjectStore):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _wrap(self, exc: Exception, key: str) -> Exception:
-        from botocore.exceptions import ClientError, EndpointConnectionError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
 
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "")
@@ -184,6 +189,11 @@ class S3Store(ObjectStore):
         if isinstance(exc, EndpointConnectionError):
             return StoreError(f"cannot reach the S3 endpoint {self.endpoint or 'AWS'} "
                               "(check storage.s3.endpoint and the network)")
+        if isinstance(exc, NoCredentialsError):
+            return StoreError("no S3 credentials found (set storage.s3.credentialsSecret, or "
+                              "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment)")
+        if isinstance(exc, BotoCoreError):
+            return StoreError(f"S3 request for {self.uri(key)} failed: {exc}")
         return exc
 
     def put_bytes(self, key: str, data: bytes) -> None:

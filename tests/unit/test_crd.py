@@ -105,6 +105,6 @@ def test_schema_rejects_bad_manifests(case: str, manifest: dict[str, Any]) -> No
 def test_defaults_match_the_model() -> None:
     hp = schema()["properties"]["spec"]["properties"]["stages"]["items"]["properties"][
         "hyperparameters"]
-    assert hp["default"] == {}
+    assert hp["default"]["beta"] == 0.1 and hp["default"]["batchSize"] == 16
     assert hp["properties"]["beta"]["default"] == 0.1
     assert hp["properties"]["schedule"]["default"] == "cosine"

@@ -1,0 +1,260 @@
+"""A test-only kubelet for KWOK nodes: it really runs the trainer container of pods
+bound to designated fake nodes, as local processes.
+
+KWOK makes fake nodes Ready and pods Running, but runs nothing. For end-to-end tests
+that must really train, :class:`PodRunner` watches for Running pods on its nodes,
+resolves the container's environment the way the kubelet would (literal values,
+``secretKeyRef``, ``fieldRef`` of labels/annotations — the completion index among
+them), starts the container's command as a local process, and when the process exits
+reports the exit code through the annotation that the KWOK stages turn into pod phase
+Succeeded or Failed (see ``kwok/stages.yaml``). The Job controller then sees real pod
+outcomes. A pod that is deleted (suspend, run deletion, Job deletion) gets SIGTERM and,
+after its grace period, SIGKILL — as on a real node.
+
+What differs from a real node, on purpose:
+- There is no image: ``python``/``python3`` in the command means this interpreter, the
+  one with kubetrain installed.
+- There is no cluster DNS on this host: ``PET_MASTER_ADDR`` becomes 127.0.0.1.
+- Pods share one host: ``KUBETRAIN_METRICS_PORT`` gets a free port per pod
+  (``metrics_port(pod)`` tells which).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubernetes import client
+
+from tests.cluster.controlplane import EXIT_CODE_ANNOTATION
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningPod:
+    namespace: str
+    name: str
+    uid: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    grace_seconds: int
+    metrics_port: int
+    started: float = field(default_factory=time.monotonic)
+    terminating_since: float | None = None
+
+
+_FIELD_RE = re.compile(r"^metadata\.(annotations|labels)\['(.+)'\]$")
+
+
+class PodRunner:
+    """Runs pods bound to ``nodes`` as local processes until :meth:`stop`."""
+
+    def __init__(self, api: client.ApiClient, nodes: set[str], *,
+                 extra_env: dict[str, str] | None = None, poll: float = 0.3):
+        self.core = client.CoreV1Api(api)
+        self.nodes = set(nodes)
+        self.extra_env = dict(extra_env or {})
+        self.poll = poll
+        self.logdir = Path(tempfile.mkdtemp(prefix="podrunner-"))
+        self.running: dict[str, RunningPod] = {}
+        self.finished: dict[str, int] = {}  # pod uid -> exit code
+        self.history: list[tuple[str, str, int]] = []  # (namespace/name, uid, exit code)
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="podrunner", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> PodRunner:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        with self._lock:
+            for pod in list(self.running.values()):
+                self._terminate(pod, hard=True)
+            self.running.clear()
+
+    def __enter__(self) -> PodRunner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ test controls
+    def kill(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> bool:
+        """Signal the process of a running pod (a crash, an OOM kill)."""
+        with self._lock:
+            for pod in self.running.values():
+                if pod.namespace == namespace and pod.name == name:
+                    pod.proc.send_signal(sig)
+                    return True
+        return False
+
+    def running_pods(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(p.namespace, p.name) for p in self.running.values()]
+
+    def metrics_port(self, namespace: str, name: str) -> int | None:
+        with self._lock:
+            for pod in self.running.values():
+                if pod.namespace == namespace and pod.name == name:
+                    return pod.metrics_port
+        return None
+
+    def log_of(self, name: str) -> str:
+        """The output of every process that ran for pods called ``name``."""
+        return "\n".join(p.read_text(errors="replace")
+                         for p in sorted(self.logdir.glob(f"*{name}*.log")))
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception as exc:  # keep running: a test reads self.errors on failure
+                self.errors.append(repr(exc))
+            self._stop.wait(self.poll)
+
+    def _tick(self) -> None:
+        pods = self.core.list_pod_for_all_namespaces().items
+        present = {}
+        for pod in pods:
+            if pod.spec.node_name not in self.nodes:
+                continue
+            present[pod.metadata.uid] = pod
+            uid = pod.metadata.uid
+            with self._lock:
+                known = uid in self.running or uid in self.finished
+            annotations = pod.metadata.annotations or {}
+            if (not known and pod.status.phase == "Running"
+                    and pod.metadata.deletion_timestamp is None
+                    and EXIT_CODE_ANNOTATION not in annotations):
+                self._launch(pod)
+        with self._lock:
+            items = list(self.running.items())
+        for uid, running in items:
+            pod = present.get(uid)
+            code = running.proc.poll()
+            if code is not None:
+                self._finish(uid, running, code, report=pod is not None
+                             and pod.metadata.deletion_timestamp is None)
+            elif pod is None or pod.metadata.deletion_timestamp is not None:
+                # Deleted (suspend, Job or run deleted): SIGTERM now, SIGKILL after grace.
+                if running.terminating_since is None:
+                    running.terminating_since = time.monotonic()
+                    running.proc.send_signal(signal.SIGTERM)
+                elif time.monotonic() - running.terminating_since > running.grace_seconds:
+                    running.proc.kill()
+
+    def _launch(self, pod: client.V1Pod) -> None:
+        container = pod.spec.containers[0]
+        env = {k: v for k, v in os.environ.items()
+               if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")}
+        env.update(self._resolve_env(pod, container))
+        env["PET_MASTER_ADDR"] = "127.0.0.1"
+        port = _free_port()
+        if "KUBETRAIN_METRICS_PORT" in env:
+            env["KUBETRAIN_METRICS_PORT"] = str(port)
+        env.update(self.extra_env)
+        argv = list(container.command or []) + list(container.args or [])
+        if not argv:
+            self.errors.append(f"{pod.metadata.name}: container has no command")
+            return
+        if argv[0] in ("python", "python3"):
+            argv[0] = sys.executable
+        meta = pod.metadata
+        log = self.logdir / f"{meta.namespace}_{meta.name}_{meta.uid[:8]}.log"
+        fh = open(log, "wb")  # noqa: SIM115 - closed when the process is reaped
+        proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                cwd=self.logdir, start_new_session=True)
+        fh.close()
+        grace = pod.spec.termination_grace_period_seconds or 30
+        with self._lock:
+            self.running[pod.metadata.uid] = RunningPod(
+                pod.metadata.namespace, pod.metadata.name, pod.metadata.uid, proc, log,
+                grace, port)
+
+    def _finish(self, uid: str, running: RunningPod, code: int, report: bool) -> None:
+        exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128 + N
+        with self._lock:
+            self.running.pop(uid, None)
+            self.finished[uid] = exit_code
+            self.history.append((f"{running.namespace}/{running.name}", uid, exit_code))
+        if report:
+            body = {"metadata": {"annotations": {EXIT_CODE_ANNOTATION: str(exit_code)}}}
+            try:
+                self.core.patch_namespaced_pod(running.name, running.namespace, body)
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+    def _terminate(self, pod: RunningPod, hard: bool = False) -> None:
+        if pod.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pod.proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
+            try:
+                pod.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(pod.proc.pid, signal.SIGKILL)
+
+    # ------------------------------------------------------------------ env
+    def _resolve_env(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for var in container.env or []:
+            if var.value_from is None:
+                out[var.name] = var.value or ""
+                continue
+            src = var.value_from
+            if src.secret_key_ref is not None:
+                ref = src.secret_key_ref
+                secret = self.core.read_namespaced_secret(ref.name, pod.metadata.namespace)
+                data = (secret.data or {}).get(ref.key)
+                if data is None:
+                    raise RuntimeError(f"secret {ref.name} has no key {ref.key}")
+                out[var.name] = base64.b64decode(data).decode()
+            elif src.field_ref is not None:
+                out[var.name] = self._field(pod, src.field_ref.field_path)
+            elif src.config_map_key_ref is not None:
+                ref = src.config_map_key_ref
+                cm = self.core.read_namespaced_config_map(ref.name, pod.metadata.namespace)
+                out[var.name] = (cm.data or {})[ref.key]
+        return out
+
+    @staticmethod
+    def _field(pod: client.V1Pod, path: str) -> str:
+        simple = {
+            "metadata.name": pod.metadata.name,
+            "metadata.namespace": pod.metadata.namespace,
+            "metadata.uid": pod.metadata.uid,
+            "spec.nodeName": pod.spec.node_name,
+            "spec.serviceAccountName": pod.spec.service_account_name,
+            "status.podIP": "127.0.0.1",
+            "status.hostIP": "127.0.0.1",
+        }
+        if path in simple:
+            return simple[path] or ""
+        m = _FIELD_RE.match(path)
+        if m:
+            meta = pod.metadata
+            source = meta.annotations if m.group(1) == "annotations" else meta.labels
+            return (source or {}).get(m.group(2), "")
+        raise RuntimeError(f"fieldRef {path!r} is not supported by the test pod runner")
