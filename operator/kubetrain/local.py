@@ -252,7 +252,6 @@ class LocalRunner:
     """Runs one TrainingRun's stages in order; see the module docstring."""
 
     run: TrainingRun
-    manifest_path: str
     store_root: str
     display: Display
     metrics_port: int = 0
@@ -509,7 +508,7 @@ def cli_run(args: argparse.Namespace) -> int:
     name = run.metadata.name
     display = make_display(args.plain)
     try:
-        runner = LocalRunner(run, args.file, store_root, display,
+        runner = LocalRunner(run, store_root, display,
                              log_dir=Path(STATE_DIR) / "logs" / name)
     except (StoreError, ValueError) as exc:
         display.close()
