@@ -283,9 +283,9 @@ class Trainer:
             per_token += 2.0 * self.matmul_params
         return per_token * batch.tokens
 
-    def run(self) -> int:
+    def run(self, stop: StopRequest | None = None) -> int:
         d, hp = self.d, self.hp
-        stop = StopRequest()
+        stop = stop or StopRequest()
         self.resume()
         prev = self.telemetry_prev if isinstance(self.telemetry_prev, dict) else {}
         telemetry = Telemetry(
@@ -317,6 +317,7 @@ class Trainer:
             return self.wall_base + time.monotonic() - started
 
         def publish(phase: str) -> None:
+            # Called on every rank at the same steps: the energy sum is a collective.
             nonlocal window_t, window_tokens, window_flops
             now = time.monotonic()
             dt = max(now - window_t, 1e-9)
@@ -343,7 +344,7 @@ class Trainer:
             log.info("stage %s (%s): %d parameters, steps %d/%d, %s on %s, world %d",
                      self.stage.name, self.kind, self.model.num_parameters(), self.step,
                      self.total, self.precision, d.device, d.world)
-            publish("running")
+        publish("running")
 
         ga, bsz = hp.gradient_accumulation, hp.batch_size
         while self.step < self.total and not self._should_stop(stop):
@@ -392,15 +393,16 @@ class Trainer:
             if self.step % self.stage.checkpoint_every == 0 and not last:
                 checkpoint()
                 saved = True
-            if d.is_main and (self.step % hp.log_every == 0 or evaluated or saved):
+            if self.step % hp.log_every == 0 or evaluated or saved:
                 publish("running")
+            if d.is_main and (self.step % hp.log_every == 0 or evaluated):
                 log.info("step %d/%d loss %.4f%s", self.step, self.total, loss_value,
                          f" eval {self.eval}" if evaluated else "")
 
         if self.step < self.total:
             checkpoint()
+            publish("interrupted")
             if d.is_main:
-                publish("interrupted")
                 log.warning("interrupted at step %d/%d; checkpoint %s", self.step,
                             self.total, self.checkpoint_uri)
             return 0
@@ -408,7 +410,8 @@ class Trainer:
         checkpoint()
         if d.is_main:
             self.checkpointer.mark_final(self.step)
-            publish("completed")
+        publish("completed")
+        if d.is_main:
             log.info("completed %d steps: eval %s, checkpoint %s", self.step, self.eval,
                      self.checkpoint_uri)
         if d.world > 1:
@@ -449,10 +452,13 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer: Trainer | None = None
+    # Handlers first: a preemption during start-up (loading a big init checkpoint)
+    # must still end in a clean, checkpointed exit.
+    stop = StopRequest()
     try:
         d = init_distributed(env)
         trainer = Trainer(env, d)
-        return trainer.run()
+        return trainer.run(stop)
     except Exception as exc:
         if not isinstance(exc, EXPECTED_ERRORS):
             traceback.print_exc()

@@ -1,0 +1,280 @@
+"""The trainer as the operator runs it: ``python -m kubetrain_trainer`` subprocesses with
+the environment from ``kubetrain.contract.stage_environment``, against a real S3
+endpoint (moto's server), tiny models on CPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kubetrain import contract
+from kubetrain.api import TrainingRunSpec
+from kubetrain.store import ObjectStore, open_store
+from tests.support.services import S3Server
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.integration
+
+RUN, NAMESPACE, SECRET = "tiny", "default", "s3-creds"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    # This process reads what the trainers wrote, from the same endpoint.
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+
+
+def spec_for(bucket: str, endpoint: str, stages: list[dict[str, Any]],
+             model: dict[str, Any] | None = None) -> TrainingRunSpec:
+    return TrainingRunSpec.model_validate({
+        "model": model or {"layers": 1, "heads": 2, "dim": 32, "contextLength": 32},
+        "storage": {"s3": {"bucket": bucket, "prefix": "runs", "endpoint": endpoint,
+                           "credentialsSecret": SECRET}},
+        "stages": stages,
+    })
+
+
+def stage_env(spec: TrainingRunSpec, index: int, s3: S3Server, **extra: str) -> dict[str, str]:
+    """The container environment, resolved the way the kubelet would: secret refs to
+    the test server's credentials, the completion index to "0"."""
+    secrets = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
+    assert spec.storage.s3 is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETRAIN_"))}
+    for var in contract.stage_environment(spec, index, run=RUN, namespace=NAMESPACE,
+                                          store_root=spec.storage.s3.uri(),
+                                          master_addr="127.0.0.1", metrics_port=0):
+        if var.secret is not None:
+            assert var.secret[0] == SECRET
+            env[var.name] = secrets[var.secret[1]]
+        elif var.field_path is not None:
+            env[var.name] = "0"
+        else:
+            env[var.name] = var.value or ""
+    # One thread per process: the tests share a small machine with other work.
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, **extra)
+    return env
+
+
+@dataclass
+class Stage:
+    proc: subprocess.Popen[str]
+    store: ObjectStore
+
+    def wait(self, timeout: float = 240) -> tuple[int, str]:
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            pytest.fail(f"trainer did not finish in {timeout}s:\n{err[-3000:]}")
+        return self.proc.returncode, err
+
+
+def start(spec: TrainingRunSpec, index: int, s3: S3Server, **extra: str) -> Stage:
+    env = stage_env(spec, index, s3, **extra)
+    proc = subprocess.Popen([sys.executable, "-m", "kubetrain_trainer"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    store = open_store(env[contract.ENV_CHECKPOINT_URI])
+    return Stage(proc, store)
+
+
+def run_stage(spec: TrainingRunSpec, index: int, s3: S3Server) -> ObjectStore:
+    st = start(spec, index, s3)
+    rc, err = st.wait()
+    assert rc == 0, err[-3000:]
+    return st.store
+
+
+def final_weights(store: ObjectStore) -> dict[str, torch.Tensor]:
+    key = store.get_text(contract.FINAL)
+    assert key, "no FINAL pointer"
+    return torch.load(io.BytesIO(store.get_bytes(f"{key.strip()}/model.pt")), weights_only=True)
+
+
+def history(store: ObjectStore) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (store.get_text("metrics.jsonl") or "").splitlines()]
+
+
+# --------------------------------------------------------------------------- curriculum
+
+def test_curriculum_pretrain_sft_dpo_on_s3(s3_server: S3Server) -> None:
+    bucket = s3_server.create_bucket("curriculum")
+    hp = {"batchSize": 16, "logEvery": 20}
+    spec = spec_for(bucket, s3_server.endpoint, [
+        {"name": "pretrain", "type": "pretrain", "checkpointEvery": 40,
+         "data": {"evalExamples": 100},
+         "hyperparameters": {**hp, "maxSteps": 80, "learningRate": 3e-3, "warmupSteps": 10}},
+        {"name": "sft", "type": "sft", "checkpointEvery": 100, "data": {"evalExamples": 100},
+         "hyperparameters": {**hp, "batchSize": 32, "maxSteps": 400, "learningRate": 3e-3}},
+        {"name": "dpo", "type": "dpo", "checkpointEvery": 20, "data": {"evalExamples": 100},
+         "hyperparameters": {**hp, "maxSteps": 20, "learningRate": 1e-4, "beta": 0.1}},
+    ], model={"layers": 2, "heads": 2, "dim": 48, "contextLength": 48})
+    results = {}
+    for i, stage in enumerate(spec.stages):
+        store = run_stage(spec, i, s3_server)
+        progress = store.get_json(contract.PROGRESS)
+        assert progress["phase"] == "completed" and progress["step"] == progress["totalSteps"]
+        assert store.get_text(contract.FINAL) == store.get_text(contract.LATEST)
+        assert progress["checkpoint"] == store.uri(store.get_text(contract.FINAL).strip())
+        assert progress["energySource"] in ("rapl", "estimate")
+        assert progress["energyJoules"] > 0 and progress["tokensPerSecond"] > 0
+        assert 0 < progress["mfu"] < 1
+        records = history(store)
+        assert [r["step"] for r in records] == sorted({r["step"] for r in records})
+        if i > 0:
+            prev = spec.stages[i - 1].name
+            assert f"/{prev}/checkpoints/" in progress["initFrom"]
+        results[stage.name] = progress["eval"]
+    pre, sft, dpo = results["pretrain"], results["sft"], results["dpo"]
+    # Pretraining never shows the question/answer format; SFT teaches it.
+    assert sft["accuracy"] > pre["accuracy"], results
+    assert sft["loss"] < pre["loss"] / 2, results
+    assert dpo["preferenceAccuracy"] >= sft["preferenceAccuracy"] - 0.05, results
+    # The progress record carries DPO's own diagnostics.
+    dpo_progress = open_store(f"s3://{bucket}/runs/{NAMESPACE}/{RUN}/dpo").get_json(
+        contract.PROGRESS)
+    assert set(dpo_progress["train"]) == {"rewards/chosen", "rewards/rejected",
+                                          "rewards/margins", "rewards/accuracies"}
+
+
+# --------------------------------------------------------------------------- resume
+
+RESUME_STAGE = {"name": "pre", "type": "pretrain", "checkpointEvery": 10, "keepCheckpoints": 3,
+                "hyperparameters": {"maxSteps": 300, "batchSize": 8, "logEvery": 10,
+                                    "learningRate": 3e-3, "warmupSteps": 5}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(s3_server: S3Server) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The reference: the resume stage trained in one go."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_server.env().items():
+            mp.setenv(key, value)
+        bucket = s3_server.create_bucket("uninterrupted")
+        store = run_stage(spec_for(bucket, s3_server.endpoint, [RESUME_STAGE]), 0, s3_server)
+        return final_weights(store), store.get_json(contract.PROGRESS)
+
+
+def _assert_same_result(store: ObjectStore, reference: tuple[dict[str, torch.Tensor],
+                                                             dict[str, Any]]) -> None:
+    weights, progress = reference
+    mine = final_weights(store)
+    assert mine.keys() == weights.keys()
+    for name in weights:
+        assert torch.equal(mine[name], weights[name]), f"{name} differs after resume"
+    got = store.get_json(contract.PROGRESS)
+    assert got["loss"] == progress["loss"] and got["tokens"] == progress["tokens"]
+    assert got["phase"] == "completed" and got["attempt"] == 2
+
+
+def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(
+        s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], dict[str, Any]]
+) -> None:
+    bucket = s3_server.create_bucket("sigterm")
+    spec = spec_for(bucket, s3_server.endpoint, [RESUME_STAGE])
+    st = start(spec, 0, s3_server)
+    wait_for(lambda: st.store.exists(contract.LATEST) or st.proc.poll() is not None,
+             timeout=120, what="a first checkpoint")
+    assert st.proc.poll() is None, "the stage ended before it could be interrupted"
+    signalled = time.monotonic()
+    st.proc.send_signal(signal.SIGTERM)
+    rc, err = st.wait(timeout=30)
+    elapsed = time.monotonic() - signalled
+    assert rc == 0, err[-3000:]
+    assert elapsed < 10, f"took {elapsed:.1f}s to stop after SIGTERM"
+    progress = st.store.get_json(contract.PROGRESS)
+    assert progress["phase"] == "interrupted" and 0 < progress["step"] < 300
+    latest = st.store.get_text(contract.LATEST)
+    assert latest == f"checkpoints/step-{progress['step']:06d}"
+    assert progress["checkpoint"] == st.store.uri(latest)
+    assert not st.store.exists(contract.FINAL)
+    energy_before = progress["energyJoules"]
+
+    rc, err = start(spec, 0, s3_server).wait()
+    assert rc == 0, err[-3000:]
+    assert f"resumed from {st.store.uri(latest)}" in err
+    _assert_same_result(st.store, uninterrupted)
+    final = st.store.get_json(contract.PROGRESS)
+    assert final["energyJoules"] > energy_before
+    # metrics.jsonl: one record per step, no duplicates from the replayed steps.
+    steps = [r["step"] for r in history(st.store)]
+    assert steps == sorted(set(steps)) and steps[-1] == 300
+
+
+def test_corrupt_newest_checkpoint_is_skipped_and_partial_never_loaded(
+        s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], dict[str, Any]]
+) -> None:
+    bucket = s3_server.create_bucket("corrupt")
+    spec = spec_for(bucket, s3_server.endpoint, [RESUME_STAGE])
+    st = start(spec, 0, s3_server)
+
+    def two_checkpoints() -> bool:
+        assert st.proc.poll() is None, "the stage ended before it could be killed"
+        return len([k for k in st.store.list("checkpoints/") if k.endswith("MANIFEST.json")]) >= 2
+
+    wait_for(two_checkpoints, timeout=120, what="two complete checkpoints")
+    st.proc.kill()  # SIGKILL: no chance to save anything more
+    st.proc.communicate()
+    complete = sorted(k.split("/")[1] for k in st.store.list("checkpoints/")
+                      if k.endswith("MANIFEST.json"))
+    newest, previous = complete[-1], complete[-2]
+    key = f"checkpoints/{newest}/model.pt"
+    data = bytearray(st.store.get_bytes(key))
+    data[len(data) // 2] ^= 0xFF
+    st.store.put_bytes(key, bytes(data))
+    # A newer save that died before its manifest: files, but never to be loaded.
+    st.store.put_bytes("checkpoints/step-000290/model.pt", b"not a checkpoint")
+
+    rc, err = start(spec, 0, s3_server).wait()
+    assert rc == 0, err[-3000:]
+    assert f"skipping checkpoint {st.store.uri('checkpoints/' + newest)}" in err
+    assert f"resumed from {st.store.uri('checkpoints/' + previous)}" in err
+    assert "step-000290" not in err
+    _assert_same_result(st.store, uninterrupted)
+
+
+# --------------------------------------------------------------------------- errors, DDP
+
+def test_missing_init_checkpoint_fails_with_one_line(s3_server: S3Server) -> None:
+    bucket = s3_server.create_bucket("noinit")
+    spec = spec_for(bucket, s3_server.endpoint, [
+        {"name": "a", "type": "pretrain", "hyperparameters": {"maxSteps": 2}},
+        {"name": "b", "type": "sft", "hyperparameters": {"maxSteps": 2}}])
+    rc, err = start(spec, 1, s3_server).wait()  # stage a never ran
+    assert rc == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("kubetrain-trainer: error: ") and "/a" in last
+    assert "no complete checkpoint" in last
+
+
+def test_two_process_torchrun_gloo(s3_server: S3Server) -> None:
+    bucket = s3_server.create_bucket("ddp")
+    stage = {"name": "ddp", "type": "pretrain", "checkpointEvery": 3,
+             "resources": {"processesPerNode": 2},
+             "hyperparameters": {"maxSteps": 6, "batchSize": 4, "logEvery": 2}}
+    spec = spec_for(bucket, s3_server.endpoint, [stage])
+    from tests.support.services import free_port
+
+    st = start(spec, 0, s3_server, PET_MASTER_PORT=str(free_port()))
+    rc, err = st.wait()
+    assert rc == 0, err[-3000:]
+    assert "world 2" in err
+    progress = st.store.get_json(contract.PROGRESS)
+    assert progress["phase"] == "completed" and progress["step"] == 6
+    # Both ranks' batches count: 6 steps × 2 processes × 4 sequences × 32 tokens.
+    assert progress["tokens"] == 6 * 2 * 4 * 32
+    assert st.store.get_text(contract.FINAL) == "checkpoints/step-000006"
