@@ -21,6 +21,19 @@ DASHBOARD = CHART / "files" / "dashboard.json"
 # template has no server to ask, and kubernetes-validate checks against its schemas.
 KUBE_VERSION = "1.36.0"
 
+# What the operator calls (kubetrain.kube.KubeApi, kopf's watches, events and
+# annotations), per namespace: no more, no less.
+OPERATOR_NAMESPACED = {
+    *(("kubetrain.dev", "trainingruns", v) for v in ("get", "list", "watch", "patch", "update")),
+    *(("kubetrain.dev", "trainingruns/status", v) for v in ("get", "patch", "update")),
+    *(("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete", "patch")),
+    *(("", "pods", v) for v in ("get", "list", "watch")),
+    *(("", "services", v) for v in ("get", "list", "watch", "create", "delete")),
+    ("", "secrets", "get"),
+    ("", "events", "create"), ("", "events", "patch"),
+    ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
+}
+
 
 def helm() -> Path:
     if not HELM.exists():
@@ -89,3 +102,21 @@ def concrete(expr: str, namespace: str, run: str) -> str:
             .replace("$__rate_interval", "1m").replace("$__interval", "15s"))
     m = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr)
     return m.group(1) if m else expr
+
+
+def helm_install(kubeconfig: Path, release: str = "kubetrain", namespace: str = "kubetrain",
+                 values: dict[str, Any] | None = None) -> str:
+    """``helm install RELEASE charts/kubetrain -n NAMESPACE --create-namespace`` onto the
+    cluster of ``kubeconfig``, as the README says; returns Helm's output (with NOTES).
+
+    The chart's ServiceAccount is ``NAMESPACE/RELEASE`` (``kubetrain/kubetrain`` by
+    default): a test can run the operator as it by impersonating
+    ``system:serviceaccount:NAMESPACE/RELEASE``."""
+    return run_helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
+                    "--kubeconfig", str(kubeconfig), values=values, timeout=300).stdout
+
+
+def helm_uninstall(kubeconfig: Path, release: str = "kubetrain",
+                   namespace: str = "kubetrain") -> None:
+    run_helm("uninstall", release, "-n", namespace, "--kubeconfig", str(kubeconfig),
+             "--wait", timeout=300)

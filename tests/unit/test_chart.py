@@ -18,6 +18,7 @@ from tests.support.chart import (
     CHART,
     DASHBOARD,
     KUBE_VERSION,
+    OPERATOR_NAMESPACED,
     REPO,
     alert_rules,
     by_kind,
@@ -98,18 +99,6 @@ def _rules(obj: dict[str, Any]) -> set[tuple[str, str, str]]:
             for r in rule["resources"] for v in rule["verbs"]}
 
 
-# What the operator calls (kubetrain.kube.KubeApi, kopf's watches, events and
-# annotations), per namespace: no more, no less.
-OPERATOR_NAMESPACED = {
-    *(("kubetrain.dev", "trainingruns", v) for v in ("get", "list", "watch", "patch", "update")),
-    *(("kubetrain.dev", "trainingruns/status", v) for v in ("get", "patch", "update")),
-    *(("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete", "patch")),
-    *(("", "pods", v) for v in ("get", "list", "watch")),
-    *(("", "services", v) for v in ("get", "list", "watch", "create", "delete")),
-    ("", "secrets", "get"),
-    ("", "events", "create"), ("", "events", "patch"),
-    ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
-}
 OPERATOR_CLUSTER = {("apiextensions.k8s.io", "customresourcedefinitions", v)
                     for v in ("get", "list", "watch")}
 
