@@ -184,3 +184,18 @@ def test_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
     assert f"port {port} is already in use" in out.stderr
     assert "--metrics-port" in out.stderr
     assert not (tmp_path / ".kubetrain" / "store").exists()
+
+
+def test_two_node_stage_runs_here_as_one_node_with_two_processes(tmp_path: Path) -> None:
+    manifest = tiny_manifest("tiny-ddp", steps=(6, 4, 2))
+    manifest["spec"]["stages"] = manifest["spec"]["stages"][:1]
+    manifest["spec"]["stages"][0]["resources"] = {"nodes": 2}
+    path = write_manifest(tmp_path, manifest)
+    out = run_cli("run", str(path), "--local", "--plain", "--metrics-port", "0", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    store = tmp_path / ".kubetrain" / "store"
+    record = progress(store, "tiny-ddp", "pretrain")
+    assert record["phase"] == "completed"
+    # The global batch is the manifest's (2 processes × batchSize 4 × 32 tokens a step),
+    # which only holds when both processes trained together.
+    assert record["tokens"] == 6 * 2 * 4 * 32
