@@ -131,3 +131,15 @@ def test_history_keeps_the_last_record_of_each_step_and_skips_torn_lines() -> No
     ])
     assert [(r["step"], r["loss"]) for r in parse_history(text)] == [
         (2, 3.0), (4, 2.5), (6, 2.0)]
+
+
+def test_missing_torch_is_one_line_saying_what_to_install(monkeypatch) -> None:
+    import importlib.util
+
+    from kubetrain import local
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(local.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(UserError, match=r"pip install 'kubetrain\[trainer\]'"):
+        local.check_trainer_installed()
