@@ -53,7 +53,7 @@ def example_operator_metrics() -> OperatorMetrics:
     """Operator metrics holding one example run (namespace ``ml``, run ``demo``) that
     has had a stage succeed and a stage start."""
     metrics = OperatorMetrics()
-    metrics.observe_run("ml", "demo", {}, EXAMPLE_STATUS, {"costUSD": 0.5},
+    metrics.observe_run("ml", "demo", {}, EXAMPLE_STATUS, {"cost": 0.5},
                         {"pretrain": "pretrain", "sft": "sft"})
     metrics.reconcile_errors.inc(0)
     metrics.reconcile_duration.observe(0.05)

@@ -54,7 +54,7 @@ class OperatorExporter:
                 "stages": [{"name": "pretrain", "phase": "Running", "restarts": int(t / 2),
                             "energySource": "estimate"}],
             }
-            self.metrics.observe_run(NAMESPACE, RUN, old, status, {"costUSD": 0.9},
+            self.metrics.observe_run(NAMESPACE, RUN, old, status, {"cost": 0.9},
                                      {"pretrain": "pretrain"})
             self.metrics.reconcile_duration.observe(0.02 + (t % 1) / 10)
             old = status

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from kubetrain.metrics_doc import metric_docs, metrics_table
 from tests.support.chart import alert_rules, dashboard, dashboard_exprs
 
@@ -87,3 +89,13 @@ def test_metrics_table_lists_every_metric_with_labels() -> None:
         assert f"`{d.name}`" in table
     assert "| `kubetrain_trainer_energy_joules_total` | counter | `run`, `namespace`, " \
            "`stage`, `source` | trainer |" in table
+
+
+def test_readme_metrics_table_is_fresh() -> None:
+    from kubetrain.metrics_doc import BEGIN, sync_readme
+    from tests.support.chart import REPO
+
+    text = (REPO / "README.md").read_text()
+    if BEGIN not in text:
+        pytest.skip("README has no metrics section yet (markers from kubetrain.metrics_doc)")
+    assert sync_readme(text) == text, "README metrics table is stale: run `make docs`"
