@@ -65,6 +65,7 @@ crd: $(STAMP)
 .PHONY: docs
 docs: $(STAMP)
 	$(PY) -m kubetrain.docs README.md
+	$(PY) -m kubetrain.metrics_doc README.md
 
 # ---------------------------------------------------------------- the two commands
 .PHONY: demo
