@@ -66,7 +66,8 @@ def test_tiny_curriculum_completes_on_file_store(tmp_path: Path) -> None:
     again = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", "0",
                     cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count("already complete") == 3
+    assert again.stdout.count("] already complete: ") == 3
+    assert "nothing to train" in again.stdout
     assert parse_summary(again.stdout) == parse_summary(out.stdout)
 
 
