@@ -1,12 +1,16 @@
 """The operator's Prometheus metrics, on their own registry (served on --metrics-port).
 
-Per-run values (progress, GPU-seconds, energy, cost, CO2, budget use, restarts) are not
-counted by the operator: they are read from each run's status after a reconcile and
-exported by a custom collector. That keeps them exact across operator restarts (the
-status is the source of truth), lets the accumulating ones be real counters with the
-``_total`` suffix although their value is *set*, and removing a run's snapshot removes
-all its series at once. Event-like metrics (transitions, durations, errors, reconcile
-latency) are ordinary prometheus_client counters and histograms.
+Per-run values (phases, progress, GPU-seconds, energy, cost, CO2, budget use, restarts,
+stalled stages) are not counted by the operator: they are read from each run's status
+after a reconcile and exported by a custom collector. That keeps them exact across
+operator restarts (the status is the source of truth), lets the accumulating ones be
+real counters with the ``_total`` suffix although their value is *set*, and removing a
+run's snapshot removes all its series at once. Phases are Kubernetes-style state sets
+(like kube-state-metrics' ``kube_pod_status_phase``): one series per possible phase, 1
+for the current one and 0 for the others, so ``{phase="Failed"} == 1`` holds exactly
+while the status says so, also after an operator restart. Event-like metrics
+(transitions, durations, errors, reconcile latency) are ordinary prometheus_client
+counters and histograms.
 
 Labels are bounded: namespace, run, stage, phase, stage type, energy source, budget
 kind. Nothing from a spec's free-form fields or a Secret is ever used as a label.
@@ -23,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubetrain.api import RunPhase
+from kubetrain.api import RunPhase, StagePhase
 from kubetrain.progress import parse_time
 
 PREFIX = "kubetrain_operator"
@@ -42,6 +46,8 @@ class RunSnapshot:
     co2_grams: float
     restarts: dict[str, int] = field(default_factory=dict)  # stage -> restarts
     budget_used: dict[str, float] = field(default_factory=dict)  # kind -> used / limit
+    stage_phases: dict[str, str] = field(default_factory=dict)  # stage -> phase
+    stalled_stage: str | None = None  # the stage the condition Stalled is about
 
 
 def snapshot_from_status(status: dict[str, Any], budget_used: dict[str, float]) -> RunSnapshot:
@@ -53,7 +59,7 @@ def snapshot_from_status(status: dict[str, Any], budget_used: dict[str, float]) 
     # as "estimate" (the weakest source), so that the label set stays bounded.
     source = sources.pop() if len(sources) == 1 else ("estimate" if sources else "none")
     return RunSnapshot(
-        phase=status.get("phase") or RunPhase.Pending.value,
+        phase=_phase(status),
         progress=float(totals.get("progress") or 0.0),
         gpu_seconds=float(totals.get("gpuSeconds") or 0.0),
         energy_joules=float(totals.get("energyJoules") or 0.0),
@@ -62,7 +68,25 @@ def snapshot_from_status(status: dict[str, Any], budget_used: dict[str, float]) 
         co2_grams=float(totals.get("co2Grams") or 0.0),
         restarts={s["name"]: int(s.get("restarts") or 0) for s in stages if "name" in s},
         budget_used=dict(budget_used),
+        stage_phases={s["name"]: s.get("phase") or StagePhase.Pending.value
+                      for s in stages if "name" in s},
+        stalled_stage=stalled_stage(status),
     )
+
+
+def _phase(status: dict[str, Any]) -> str:
+    return status.get("phase") or RunPhase.Pending.value
+
+
+def stalled_stage(status: dict[str, Any]) -> str | None:
+    """The stage the operator considers stalled: the run's current stage while its
+    condition Stalled is True (kubetrain.plan sets it on the running stage whose progress
+    record has not changed for stallTimeoutSeconds, and clears it once the trainer
+    reports progress or the stage stops running)."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Stalled" and cond.get("status") == "True":
+            return status.get("currentStage") or None
+    return None
 
 
 class _RunCollector(Collector):
@@ -78,6 +102,18 @@ class _RunCollector(Collector):
                                 sum(1 for s in runs.values() if s.phase == phase.value))
         yield by_phase
         nr = ["namespace", "run"]
+        run_phase = GaugeMetricFamily(
+            f"{PREFIX}_run_phase",
+            "The run's phase as a state set: 1 for status.phase, 0 for the other phases.",
+            labels=[*nr, "phase"])
+        stage_phase = GaugeMetricFamily(
+            f"{PREFIX}_stage_phase",
+            "Each stage's phase as a state set: 1 for its status phase, 0 for the others.",
+            labels=[*nr, "stage", "phase"])
+        stalled = GaugeMetricFamily(
+            f"{PREFIX}_stage_stalled",
+            "1 while the stage has made no progress for stallTimeoutSeconds (condition "
+            "Stalled), else 0.", labels=[*nr, "stage"])
         progress = GaugeMetricFamily(f"{PREFIX}_run_progress_ratio",
                                      "Curriculum progress 0..1, weighted by steps.", labels=nr)
         gpu = CounterMetricFamily(f"{PREFIX}_gpu_seconds", "GPU-seconds allocated to the run.",
@@ -95,6 +131,13 @@ class _RunCollector(Collector):
                                        "Pod failures retried, per stage.",
                                        labels=[*nr, "stage"])
         for (ns, run), s in sorted(runs.items()):
+            for phase in RunPhase:
+                run_phase.add_metric([ns, run, phase.value], float(s.phase == phase.value))
+            for stage, current in s.stage_phases.items():
+                for phase in StagePhase:
+                    stage_phase.add_metric([ns, run, stage, phase.value],
+                                           float(current == phase.value))
+                stalled.add_metric([ns, run, stage], float(stage == s.stalled_stage))
             progress.add_metric([ns, run], s.progress)
             gpu.add_metric([ns, run], s.gpu_seconds)
             energy.add_metric([ns, run, s.energy_source], s.energy_joules)
@@ -104,7 +147,8 @@ class _RunCollector(Collector):
                 budget.add_metric([ns, run, kind], ratio)
             for stage, n in sorted(s.restarts.items()):
                 restarts.add_metric([ns, run, stage], n)
-        yield from (progress, gpu, energy, cost, co2, budget, restarts)
+        yield from (run_phase, stage_phase, stalled, progress, gpu, energy, cost, co2, budget,
+                    restarts)
 
 
 class OperatorMetrics:

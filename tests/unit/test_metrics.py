@@ -8,9 +8,13 @@ from prometheus_client import generate_latest
 from kubetrain.metrics import OperatorMetrics
 
 
-def status(phase: str = "Running", stage_phase: str = "Running") -> dict:
+def status(phase: str = "Running", stage_phase: str = "Running", stalled: bool = False) -> dict:
+    conditions = [{"type": "Stalled", "status": "True", "reason": "ProgressStalled",
+                   "message": "stage 'pretrain': no progress for 1900s"}] if stalled else []
     return {
         "phase": phase,
+        "currentStage": "pretrain",
+        "conditions": conditions,
         "stages": [{"name": "pretrain", "phase": stage_phase, "restarts": 2,
                     "energySource": "nvml", "startTime": "2025-01-01T00:00:00Z",
                     "completionTime": "2025-01-01T01:00:00Z"}],
@@ -39,9 +43,47 @@ def test_run_series_named_and_labelled() -> None:
         'kubetrain_operator_stage_restarts_total{namespace="ml",run="demo",stage="pretrain"} 2.0',
         'kubetrain_operator_stage_transitions_total{namespace="ml",phase="Running",'
         'run="demo",stage="pretrain"} 1.0',
+        'kubetrain_operator_run_phase{namespace="ml",phase="Running",run="demo"} 1.0',
+        'kubetrain_operator_run_phase{namespace="ml",phase="Failed",run="demo"} 0.0',
+        'kubetrain_operator_stage_phase{namespace="ml",phase="Running",run="demo",'
+        'stage="pretrain"} 1.0',
+        'kubetrain_operator_stage_phase{namespace="ml",phase="Pending",run="demo",'
+        'stage="pretrain"} 0.0',
+        'kubetrain_operator_stage_stalled{namespace="ml",run="demo",stage="pretrain"} 0.0',
     ]:
         assert line in text, line
     assert "# TYPE kubetrain_operator_cost_usd_total counter" in text
+    assert "# TYPE kubetrain_operator_run_phase gauge" in text
+
+
+def test_phases_are_state_sets_read_from_the_status() -> None:
+    """Exactly one phase series is 1 per run and per stage, whatever this process saw
+    before: a Failed run read on the first reconcile after an operator restart is
+    Failed."""
+    m = OperatorMetrics()
+    m.observe_run("ml", "demo", status("Failed", "Failed"), status("Failed", "Failed"), {},
+                  {})
+    samples = [line for line in scrape(m).splitlines()
+               if line.startswith(("kubetrain_operator_run_phase{",
+                                   "kubetrain_operator_stage_phase{"))]
+    ones = [line for line in samples if line.endswith(" 1.0")]
+    assert ones == [
+        'kubetrain_operator_run_phase{namespace="ml",phase="Failed",run="demo"} 1.0',
+        'kubetrain_operator_stage_phase{namespace="ml",phase="Failed",run="demo",'
+        'stage="pretrain"} 1.0']
+    assert len(samples) == 2 * 5  # one series per phase, run and stage
+
+
+def test_stalled_follows_the_condition() -> None:
+    m = OperatorMetrics()
+    series = 'kubetrain_operator_stage_stalled{namespace="ml",run="demo",stage="pretrain"}'
+    m.observe_run("ml", "demo", {}, status(stalled=True), {}, {})
+    assert f"{series} 1.0" in scrape(m)
+    recovered = status()
+    recovered["conditions"] = [{"type": "Stalled", "status": "False",
+                                "reason": "Progressing", "message": "progress"}]
+    m.observe_run("ml", "demo", status(stalled=True), recovered, {}, {})
+    assert f"{series} 0.0" in scrape(m)
 
 
 def test_transition_counted_once_and_duration_observed_on_success() -> None:
@@ -59,11 +101,15 @@ def test_transition_counted_once_and_duration_observed_on_success() -> None:
 
 def test_deleted_run_series_removed() -> None:
     m = OperatorMetrics()
-    m.observe_run("ml", "demo", {}, status(), {"cost": 0.1}, {"pretrain": "pretrain"})
+    m.observe_run("ml", "demo", {}, status(stalled=True), {"cost": 0.1},
+                  {"pretrain": "pretrain"})
     m.observe_run("ml", "other", {}, status(), {}, {"pretrain": "pretrain"})
+    assert 'kubetrain_operator_stage_stalled{namespace="ml",run="demo"' in scrape(m)
     m.forget_run("ml", "demo")
     text = scrape(m)
     assert 'run="demo"' not in text
+    for family in ("run_phase", "stage_phase", "stage_stalled"):
+        assert f'kubetrain_operator_{family}{{namespace="ml"' in text  # "other" stays
     assert 'run="other"' in text
     assert 'kubetrain_operator_runs{phase="Running"} 1.0' in text
 
