@@ -4,7 +4,14 @@ one is a metric the operator or the trainer really exports."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
+import pytest
+import yaml
+
+from kubetrain.api import StagePhase
 from kubetrain.metrics_doc import metric_docs, metrics_table
 from tests.support.chart import alert_rules, dashboard, dashboard_exprs
 
@@ -48,6 +55,40 @@ def test_dashboard_shows_what_users_look_for() -> None:
         "watt", "kwatth", "currencyUSD", "masskg")
     power = next(e for t, e in dashboard_exprs() if t == "Power")
     assert "rate(kubetrain_trainer_energy_joules_total" in power
+
+
+def test_stage_timeline_shows_each_stage_phase_and_stalled(tmp_path: Path) -> None:
+    """The timeline encodes the operator's stage_phase state set (and stage_stalled,
+    which wins over Running) as one value per stage that its value mappings name; checked
+    by evaluating the query with promtool."""
+    (panel,) = [p for p in dashboard()["panels"] if p["title"] == "Stage timeline"]
+    (mappings,) = panel["fieldConfig"]["defaults"]["mappings"]
+    names = {int(v): o["text"] for v, o in mappings["options"].items()}
+    assert set(names.values()) == {p.value for p in StagePhase} | {"Stalled"}
+    (expr,) = [e for t, e in dashboard_exprs() if t == "Stage timeline"]
+    stages = {"pretrain": "Succeeded", "sft": "Running", "dpo": "Pending"}
+    series = [{"series": f'kubetrain_operator_stage_phase{{namespace="ml", run="demo", '
+                         f'stage="{stage}", phase="{phase.value}", job="kubetrain"}}',
+               "values": "1" if phase.value == current else "0"}
+              for stage, current in stages.items() for phase in StagePhase]
+    series += [{"series": f'kubetrain_operator_stage_stalled{{namespace="ml", run="demo", '
+                          f'stage="{stage}", job="kubetrain"}}',
+                "values": "1" if stage == "sft" else "0"} for stage in stages]
+    value = {name: v for v, name in names.items()}
+    expected = [{"labels": f'{{namespace="ml", run="demo", stage="{stage}"}}',
+                 "value": value["Stalled" if stage == "sft" else phase]}
+                for stage, phase in stages.items()]
+    test = {"tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
+        {"expr": expr.replace("$namespace", "ml").replace("$run", "demo"), "eval_time": "0m",
+         "exp_samples": expected}]}]}
+    path = tmp_path / "timeline_test.yaml"
+    path.write_text(yaml.safe_dump(test))
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.fail("promtool is missing: run `make prometheus`")
+    proc = subprocess.run([exe, "test", "rules", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_dashboard_variables_filter_every_run_panel() -> None:
