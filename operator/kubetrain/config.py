@@ -12,9 +12,8 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
 
-from kubetrain.api import Pricing, format_errors
+from kubetrain.api import Pricing, format_errors, wire_name
 
 
 class ConfigError(ValueError):
@@ -22,9 +21,10 @@ class ConfigError(ValueError):
 
 
 class OperatorConfig(BaseModel):
-    """Operator-wide defaults (camelCase in the YAML, like the chart's values)."""
+    """Operator-wide defaults (camelCase in the YAML, like the chart's values), spelled as
+    the TrainingRun API spells them: units upper case (``energyUSDPerKWh``)."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    model_config = ConfigDict(alias_generator=wire_name, populate_by_name=True, extra="forbid")
 
     image: str = Field(
         "ghcr.io/kubetrain/trainer:0.1.0",

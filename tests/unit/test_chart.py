@@ -33,8 +33,8 @@ MONITORS_ON = {
     "prometheusRule": {"enabled": True, "additionalAlertLabels": {"team": "ml-platform"}},
 }
 NAMESPACED = {"watchNamespaces": ["team-a", "team-b"]}
-CUSTOM_PRICES = {"config": {"gpuPrices": {"h100": 2.1, "a100": 1.2}, "energyUsdPerKwh": 0.12,
-                            "pue": 1.3, "carbonGramsPerKwh": 350, "pollIntervalSeconds": 5,
+CUSTOM_PRICES = {"config": {"gpuPrices": {"h100": 2.1, "a100": 1.2}, "energyUSDPerKWh": 0.12,
+                            "pue": 1.3, "carbonGramsPerKWh": 350, "pollIntervalSeconds": 5,
                             "stallTimeoutSeconds": 600, "image": "registry.example/trainer:1.2"}}
 VARIANTS = {
     "default": None,

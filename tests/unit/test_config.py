@@ -24,6 +24,22 @@ def test_camel_case_file(tmp_path: Path) -> None:
     assert cfg.poll_interval_seconds == 5 and cfg.stall_timeout_seconds == 0
 
 
+def test_units_spelled_as_in_the_trainingrun_api(tmp_path: Path) -> None:
+    """Pricing fields carry the API's names (spec.pricing.energyUSDPerKWh), not
+    pydantic's plain camelCase (energyUsdPerKwh)."""
+    path = tmp_path / "config.yaml"
+    path.write_text("energyUSDPerKWh: 0.2\ncarbonGramsPerKWh: 300\n")
+    cfg = load_config(str(path))
+    assert (cfg.energy_usd_per_kwh, cfg.carbon_grams_per_kwh) == (0.2, 300)
+    pricing_names = {f.alias for f in Pricing.model_fields.values()}
+    assert {"energyUSDPerKWh", "carbonGramsPerKWh"} <= pricing_names
+    assert {f.alias for f in OperatorConfig.model_fields.values()} >= {
+        "energyUSDPerKWh", "carbonGramsPerKWh"}
+    path.write_text("energyUsdPerKwh: 0.2\n")
+    with pytest.raises(ConfigError, match="energyUsdPerKwh"):
+        load_config(str(path))
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("pollIntervalSeconds: -1\n", "pollIntervalSeconds"),
     ("imagePullPolicy: Sometimes\n", "imagePullPolicy"),
