@@ -6,15 +6,17 @@
 # Each tool lives in its own Go module because their dependency pins (client-go,
 # grpc, otel, ...) conflict; one module would silently move them all.
 #
-# A stamp file holds a hash of every input (go.mod, go.sum, tools.go, this
-# script, the Go version), so a second run with nothing changed returns at once.
-# Set FORCE=1 to rebuild anyway.
+# Each binary has a stamp file (.cache/bin/.stamp.NAME) holding a hash of
+# everything its build depends on: the Go version and platform, the build
+# environment, its module's go.mod, go.sum and tools.go, the package and the full
+# build flags. A binary whose inputs did not change is not rebuilt, so changing one
+# tool's flags rebuilds that tool only; with nothing changed the script returns at
+# once. Set FORCE=1 to rebuild everything anyway.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "${here}/../.." && pwd)"
 bin_dir="${root}/.cache/bin"
-stamp="${bin_dir}/.stamp"
 binaries=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm)
 
 # Builds must not pick up a go.work from a parent directory or a developer's
@@ -24,49 +26,78 @@ export GOFLAGS="-mod=readonly -buildvcs=false"
 # Static binaries: no C toolchain needed, and they run on any Linux host.
 export CGO_ENABLED=0
 
-inputs_hash() {
-  {
-    go version
-    go env GOOS GOARCH
-    for f in "${here}/build.sh" "${here}"/*/go.mod "${here}"/*/go.sum "${here}"/*/tools.go; do
-      printf '%s\n' "${f#"${here}/"}"
-      cat "${f}"
-    done
-  } | sha256sum | cut -d' ' -f1
-}
-
-all_present() {
-  local b
-  for b in "${binaries[@]}"; do
-    [[ -x "${bin_dir}/${b}" ]] || return 1
-  done
-}
-
-want="$(inputs_hash)"
-if [[ "${FORCE:-0}" != 1 && -f "${stamp}" ]] && all_present && [[ "$(cat "${stamp}")" == "${want}" ]]; then
-  echo "cluster binaries in .cache/bin are up to date"
-  exit 0
-fi
-
 # Version of a module as pinned in one of our go.mod files; the ldflags below
 # are derived from it so the pins are the single source of truth.
 mod_version() { (cd "${here}/$1" && go list -m -f '{{.Version}}' "$2"); }
+
+go_version="$(go env GOVERSION)"
+platform="$(go env GOOS GOARCH | tr '\n' ' ')"
+
+inputs_hash() { # module-dir go-build-args...
+  local dir="$1" f
+  shift
+  {
+    printf '%s\n' "${go_version}" "${platform}" \
+      "GOWORK=${GOWORK} GOFLAGS=${GOFLAGS} CGO_ENABLED=${CGO_ENABLED}" "$@"
+    for f in go.mod go.sum tools.go; do
+      printf '%s\n' "${dir}/${f}"
+      cat "${here}/${dir}/${f}"
+    done
+  } | sha256sum | cut -d' ' -f1
+}
 
 mkdir -p "${bin_dir}"
 # Build into a scratch directory and move into place at the end, so that an
 # interrupted build never leaves a mix of old and new binaries looking current.
 stage="$(mktemp -d "${bin_dir}/.stage.XXXXXX")"
 trap 'rm -rf "${stage}"' EXIT
-rm -f "${stamp}"
+built=()
+declare -A want=() adopted=()
+
+# Binaries built by the earlier version of this script carry a single stamp
+# (.cache/bin/.stamp) for all of them. Those whose build flags have not changed
+# since (all but helm, which gained its default Kubernetes version) are adopted
+# when they report the current Go version and their module's current pin, rather
+# than rebuilt from scratch.
+legacy_stamp="${bin_dir}/.stamp"
+adopt_legacy() { # output-name module-dir pinned-module
+  local out="$1" bin="${bin_dir}/$1"
+  [[ -f "${legacy_stamp}" && ! -f "${bin_dir}/.stamp.${out}" && -x "${bin}" ]] || return 1
+  local info
+  info="$(go version -m "${bin}")" || return 1
+  [[ "$(head -n1 <<<"${info}")" == "${bin}: ${go_version}" ]] || return 1
+  grep -Eq "^[[:space:]](mod|dep)[[:space:]]+$3[[:space:]]+$(mod_version "$2" "$3")([[:space:]]|\$)" \
+    <<<"${info}"
+}
 
 build() { # module-dir output-name package [ldflags...]
   local dir="$1" out="$2" pkg="$3"
   shift 3
+  local args=(build -trimpath -ldflags "-s -w $*")
+  want["${out}"]="$(inputs_hash "${dir}" "${args[@]}" "${pkg}")"
+  local stamp_file="${bin_dir}/.stamp.${out}"
+  if [[ "${FORCE:-0}" != 1 && -x "${bin_dir}/${out}" ]] && {
+       [[ -n "${adopted[${out}]:-}" ]] ||
+       [[ -f "${stamp_file}" && "$(cat "${stamp_file}")" == "${want[${out}]}" ]]; }; then
+    echo "${out} is up to date"
+    return
+  fi
   local start=${SECONDS}
   echo "building ${out} (${pkg})"
-  (cd "${here}/${dir}" && go build -trimpath -ldflags "-s -w $*" -o "${stage}/${out}" "${pkg}")
+  (cd "${here}/${dir}" && go "${args[@]}" -o "${stage}/${out}" "${pkg}")
+  built+=("${out}")
   echo "built ${out} in $((SECONDS - start))s"
 }
+
+for pair in kube-apiserver:k8s.io/kubernetes kube-controller-manager:k8s.io/kubernetes \
+    kube-scheduler:k8s.io/kubernetes etcd:go.etcd.io/etcd/server/v3 kwok:sigs.k8s.io/kwok; do
+  out="${pair%%:*}" module="${pair#*:}"
+  case "${out}" in kube-*) dir=k8s ;; *) dir="${out}" ;; esac
+  if [[ "${FORCE:-0}" != 1 ]] && adopt_legacy "${out}" "${dir}" "${module}"; then
+    echo "${out}: adopting the binary built before per-binary stamps"
+    adopted["${out}"]=1
+  fi
+done
 
 k8s_version="$(mod_version k8s k8s.io/kubernetes)"  # e.g. v1.36.3
 k8s_major="${k8s_version#v}"; k8s_major="${k8s_major%%.*}"
@@ -91,13 +122,30 @@ done
 build etcd etcd go.etcd.io/etcd/server/v3
 build kwok kwok sigs.k8s.io/kwok/cmd/kwok
 
+# Helm's default Kubernetes version (.Capabilities.KubeVersion for `helm template`
+# and `helm lint` without --kube-version, and its deprecation checks) is set at
+# link time; Helm's own Makefile derives it from its client-go pin. Ours is the
+# control plane's, so that charts render for the cluster the tests run.
 helm_version="$(mod_version helm helm.sh/helm/v3)"
 build helm helm helm.sh/helm/v3/cmd/helm \
   "-X helm.sh/helm/v3/internal/version.version=${helm_version}" \
-  "-X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  "-X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+  "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=${k8s_major}" \
+  "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${k8s_minor}" \
+  "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=${k8s_major}" \
+  "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=${k8s_minor}"
 
-for b in "${binaries[@]}"; do
+for b in "${built[@]}"; do
   mv -f "${stage}/${b}" "${bin_dir}/${b}"
 done
-printf '%s\n' "${want}" >"${stamp}"
-echo "cluster binaries built into .cache/bin (kubernetes ${k8s_version}, helm ${helm_version})"
+# Stamps last: a binary is current only once it is in place.
+for b in "${binaries[@]}"; do
+  printf '%s\n' "${want[${b}]}" >"${bin_dir}/.stamp.${b}"
+done
+rm -f "${legacy_stamp}"
+if ((${#built[@]} == 0)); then
+  echo "cluster binaries in .cache/bin are up to date"
+else
+  echo "built ${built[*]} into .cache/bin (kubernetes ${k8s_version}, helm ${helm_version}," \
+    "helm's default Kubernetes ${k8s_major}.${k8s_minor})"
+fi
