@@ -17,8 +17,10 @@ CHART = REPO / "charts" / "kubetrain"
 HELM = REPO / ".cache" / "bin" / "helm"
 ALERTS = CHART / "files" / "alerts.yaml"
 DASHBOARD = CHART / "files" / "dashboard.json"
-# The Kubernetes version of the test control plane (tests/cluster/k8s/go.mod); helm
-# template has no server to ask, and kubernetes-validate checks against its schemas.
+# The Kubernetes version of the test control plane (tests/cluster/k8s/go.mod): the
+# pinned Helm client is built with it as its default (tests/cluster/build.sh), which is
+# what `helm template` and `helm lint` use without a server; kubernetes-validate checks
+# against its schemas.
 KUBE_VERSION = "1.36.0"
 
 # What the operator calls (kubetrain.kube.KubeApi, kopf's watches, events and
@@ -61,7 +63,7 @@ def render(values: dict[str, Any] | None = None, release: str = "kubetrain",
            namespace: str = "kubetrain") -> list[dict[str, Any]]:
     """The objects ``helm template`` renders (CRDs included), in order."""
     out = run_helm("template", release, str(CHART), "-n", namespace, "--include-crds",
-                   "--kube-version", KUBE_VERSION, values=values).stdout
+                   values=values).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
