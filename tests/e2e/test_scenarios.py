@@ -1,0 +1,541 @@
+"""End-to-end scenarios: `kubetrain operator --kubeconfig ...` as users run it, against a
+real control plane (etcd, kube-apiserver, controller-manager with the Job and garbage
+collector controllers, scheduler) with fake KWOK GPU nodes, and stages that really train.
+
+Stages request ``gpusPerNode: 1`` so that the real scheduler must place them on the fake
+nodes' ``nvidia.com/gpu`` capacity; PodRunner (a test-only kubelet) then runs each pod's
+trainer container as a local process, which trains a tiny model on CPU here, reading and
+writing checkpoints and progress in moto's S3 server with the credentials of the Secret
+named in ``storage.s3.credentialsSecret``. The operator has no AWS credentials of its own:
+it reads that Secret through the API.
+
+Every wait prints, when it times out, the run's status, its Jobs and Pods, the operator's
+log tail, PodRunner's errors and the trainer logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kubetrain import api
+from kubetrain.crd import render_crd
+from tests.cluster.podrunner import PodRunner
+from tests.e2e.scenario_harness import (
+    RUNNER_KEY,
+    RUNNER_NODES,
+    JobWatcher,
+    Scenario,
+    StatusSampler,
+    condition,
+    new_scenario,
+    stage_status,
+    tiny_curriculum,
+)
+from tests.support.chart import render
+from tests.support.services import S3Server
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.e2e
+
+TABLE_ACCEPT = "application/json;as=Table;v=v1;g=meta.k8s.io"
+RESUMED_RE = re.compile(r"resumed from \S+ at step (\d+)")
+
+
+@dataclass
+class E2E:
+    control_plane: Any
+    admin: client.ApiClient
+    runner: PodRunner
+    s3: S3Server
+
+
+def _install_crd(admin: client.ApiClient) -> None:
+    """The CRD generated from kubetrain.api (what `kubetrain crd` and the chart ship);
+    replaced when another test installed an older copy."""
+    ext = client.ApiextensionsV1Api(admin)
+    crd = yaml.safe_load(render_crd())
+    name = crd["metadata"]["name"]
+    try:
+        ext.create_custom_resource_definition(crd)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        crd["metadata"]["resourceVersion"] = \
+            ext.read_custom_resource_definition(name).metadata.resource_version
+        ext.replace_custom_resource_definition(name, crd)
+    wait_for(lambda: any(c.type == "Established" and c.status == "True" for c in
+                         ext.read_custom_resource_definition(name).status.conditions or []),
+             timeout=60, what="the TrainingRun CRD becoming Established")
+
+
+def _add_runner_nodes(control_plane: Any, admin: client.ApiClient) -> None:
+    core = client.CoreV1Api(admin)
+    for node in RUNNER_NODES:
+        try:
+            core.read_node(node)
+            continue  # a previous module of this session added it
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        control_plane.add_gpu_node(
+            node, gpus=4, labels={RUNNER_KEY: "true"},
+            taints=[client.V1Taint(key=RUNNER_KEY, value="true", effect="NoSchedule")])
+
+
+@pytest.fixture(scope="module")
+def e2e(control_plane: Any, s3_server: S3Server) -> Iterator[E2E]:
+    """The shared control plane with the CRD, two fake GPU nodes and a PodRunner on them.
+    One trainer thread per process: two busy cores are shared with everything else."""
+    admin = control_plane.api_client()
+    _install_crd(admin)
+    _add_runner_nodes(control_plane, admin)
+    runner = PodRunner(admin, set(RUNNER_NODES), extra_env={"OMP_NUM_THREADS": "1"}).start()
+    try:
+        yield E2E(control_plane, admin, runner, s3_server)
+    finally:
+        runner.stop()
+
+
+@pytest.fixture
+def scenario(e2e: E2E, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Scenario]:
+    """A namespace, bucket and credentials Secret for one test; its operators are
+    stopped and its namespace deleted afterwards (which stops its trainers)."""
+    label = re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower())
+    sc = new_scenario(e2e.admin, e2e.control_plane.kubeconfig, e2e.runner, e2e.s3,
+                      e2e.control_plane, label[:12].strip("-"), tmp_path)
+    try:
+        yield sc
+    finally:
+        sc.close()
+
+
+def _wait(scenario: Scenario, cond: Callable[[], Any], what: str, timeout: float = 180) -> Any:
+    return wait_for(cond, timeout=timeout, what=what, interval=0.2, detail=scenario.detail)
+
+
+def _no_children(scenario: Scenario, run: str) -> bool:
+    return not (scenario.jobs(run) or scenario.pods(run) or scenario.services(run))
+
+
+# --------------------------------------------------------------------------- 1
+
+
+def test_curriculum_trains_in_order_with_status_store_and_columns(scenario: Scenario) -> None:
+    """The example's curriculum (pretrain -> sft -> dpo, shrunk): stages run in order,
+    status reports training and accounting, FINAL checkpoints are in S3, and
+    `kubectl get tr` columns (the API's Table output) show phase, stage, progress, cost.
+
+    Pods request nvidia.com/gpu and are scheduled on fake KWOK GPU nodes; the trainer
+    itself runs on CPU here."""
+    manifest = tiny_curriculum("tiny", steps=20, checkpoint_every=10)
+    assert [s["type"] for s in manifest["spec"]["stages"]] == ["pretrain", "sft", "dpo"]
+    scenario.start_operator()
+    with JobWatcher(scenario, "tiny") as jobs:
+        scenario.create_run(manifest)
+        status = scenario.wait_phase("tiny", "Succeeded", timeout=360)
+    assert jobs.order == ["pretrain", "sft", "dpo"], jobs.order
+    assert not jobs.errors, jobs.errors
+
+    stages = status["stages"]
+    assert [s["name"] for s in stages] == ["pretrain", "sft", "dpo"]
+    for prev, nxt in itertools.pairwise(stages):
+        # Strictly in order: the next stage's Job is created after the previous one ended.
+        assert nxt["startTime"] >= prev["completionTime"], (prev, nxt)
+    for st in stages:
+        assert st["phase"] == "Succeeded", st
+        assert st["step"] == st["totalSteps"] == 20, st
+        assert st["loss"] > 0, st
+        # A 20-step, one-layer model rarely answers arithmetic right: accuracy is reported
+        # (a ratio) while the evaluation loss shows it was really computed.
+        assert 0.0 <= st["eval"]["accuracy"] <= 1.0 and st["eval"]["loss"] > 0, st
+        assert st["energyJoules"] > 0 and st["energySource"], st
+        assert st["gpuSeconds"] > 0 and st["costUSD"] > 0, st
+        assert st["checkpoint"].endswith("checkpoints/step-000020"), st
+    totals = status["totals"]
+    assert totals["costUSD"] > 0 and totals["gpuSeconds"] > 0 and totals["energyJoules"] > 0
+    assert status["progress"] == "3/3 100%"
+    assert condition(status, "Succeeded")["status"] == "True"
+
+    for stage in ("pretrain", "sft", "dpo"):
+        final = scenario.s3_text("tiny", stage, "FINAL")
+        assert final == "checkpoints/step-000020", (stage, final)
+        assert scenario.s3_exists("tiny", stage, f"{final}/MANIFEST.json"), stage
+        assert scenario.progress("tiny", stage)["phase"] == "completed"
+
+    path = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{scenario.namespace}/{api.PLURAL}/tiny"
+    resp = scenario.admin.call_api("GET", scenario.admin.configuration.host + path,
+                                   header_params={"Accept": TABLE_ACCEPT})
+    table = json.loads(resp.read())
+    assert table["kind"] == "Table", table
+    names = [c["name"] for c in table["columnDefinitions"]]
+    cells = dict(zip(names, table["rows"][0]["cells"], strict=True))
+    assert {"Phase", "Stage", "Progress", "Cost", "Age"} <= set(cells), names
+    assert cells["Phase"] == "Succeeded"
+    assert cells["Stage"] == "dpo"
+    assert cells["Progress"] == "3/3 100%"
+    assert cells["Cost"] == pytest.approx(totals["costUSD"]) and cells["Cost"] > 0
+    assert re.fullmatch(r"\d+[smhd].*", cells["Age"]), cells["Age"]
+
+
+# --------------------------------------------------------------------------- 2
+
+
+def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(scenario: Scenario) -> None:
+    """A crash (SIGKILL of the trainer process) fails the pod and the Job; the operator
+    recreates the Job, and the trainer resumes from LATEST instead of step 0.
+    GPUs are fake (KWOK nodes); the trainer runs on CPU."""
+    scenario.start_operator()
+    scenario.create_run(tiny_curriculum("crash", steps=300, checkpoint_every=20,
+                                        stages=("pretrain",)))
+    with StatusSampler(scenario, "crash", "pretrain") as sampler:
+        checkpointed = _wait(scenario, lambda: scenario.latest_step("crash", "pretrain"),
+                             "a first checkpoint (LATEST) in S3")
+        pod = _wait(scenario, lambda: scenario.running_trainer("crash", "pretrain"),
+                    "the trainer process of stage pretrain")
+        assert scenario.runner.kill(scenario.namespace, pod)
+        status = scenario.wait_phase("crash", "Succeeded", timeout=300)
+
+    st = stage_status(status, "pretrain")
+    assert st["restarts"] == 1, st
+    assert st["step"] == 300, st
+    codes = [code for name, _, code in scenario.runner.history
+             if name.startswith(f"{scenario.namespace}/")]
+    assert codes == [137, 0], codes  # killed by SIGKILL, then the resumed attempt
+
+    resumed = [int(m) for m in RESUMED_RE.findall(scenario.trainer_logs())]
+    assert len(resumed) == 1 and resumed[0] >= checkpointed, (resumed, checkpointed)
+    # Once the status showed the checkpointed step, it never went back past it (the
+    # status lags the trainer by a poll interval, so earlier samples may be lower).
+    steps = [step for _, step in sampler.samples]
+    reached = next(i for i, step in enumerate(steps) if step >= checkpointed)
+    assert min(steps[reached:]) >= checkpointed, (checkpointed, steps)
+    assert any(restarts == 1 for restarts, _ in sampler.samples)
+    history = [r["step"] for r in scenario.metrics_history("crash", "pretrain")]
+    assert history == sorted(history) and history[-1] == 300, history
+
+
+# --------------------------------------------------------------------------- 3
+
+
+def test_operator_restarts_mid_stage_and_between_stages(scenario: Scenario) -> None:
+    """The operator stops while pretrain trains and stays down while it finishes (the
+    stage boundary passes without it), then restarts again in the middle of sft: no Job
+    is ever duplicated or recreated, and the run completes. Trainers run on CPU on fake
+    GPU nodes."""
+    op = scenario.start_operator()
+    scenario.create_run(tiny_curriculum("restart", steps={"pretrain": 600, "sft": 100},
+                                        checkpoint_every=50, stages=("pretrain", "sft")))
+    with JobWatcher(scenario, "restart") as jobs:
+        _wait(scenario, lambda: scenario.progress("restart", "pretrain").get("step", 0) > 0,
+              "pretrain training (progress step > 0)")
+        op.stop()
+        assert not any(j.status.succeeded for j in scenario.jobs("restart")), \
+            "pretrain finished before the operator stopped: not a mid-stage restart"
+
+        # Down across the boundary: the Job completes, nobody starts sft.
+        _wait(scenario, lambda: any(j.status.succeeded for j in scenario.jobs("restart")),
+              "pretrain's Job completing while the operator is down", timeout=300)
+        assert [j.metadata.labels["kubetrain.dev/stage"] for j in scenario.jobs("restart")] \
+            == ["pretrain"]
+
+        op.start()
+        _wait(scenario, lambda: scenario.running_trainer("restart", "sft"),
+              "sft's trainer running after the operator came back")
+        op.stop()
+        op.start()
+        status = scenario.wait_phase("restart", "Succeeded", timeout=300)
+
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded", "Succeeded"]
+    assert jobs.order == ["pretrain", "sft"], jobs.order
+    assert dict(jobs.max_at_once) == {"pretrain": 1, "sft": 1}, jobs.max_at_once
+    assert {k: len(v) for k, v in jobs.uids.items()} == {"pretrain": 1, "sft": 1}, jobs.uids
+    final = sorted(j.metadata.labels["kubetrain.dev/stage"] for j in scenario.jobs("restart"))
+    assert final == ["pretrain", "sft"]
+    assert all(s["restarts"] == 0 for s in status["stages"]), status["stages"]
+
+
+# --------------------------------------------------------------------------- 4
+
+
+def test_deleting_a_run_garbage_collects_its_children(scenario: Scenario) -> None:
+    """Deleting a TrainingRun mid-stage: the garbage collector removes its Job, Service
+    and Pods through ownerReferences (no finalizer), and the trainer process gets SIGTERM.
+    Pods run on fake KWOK GPU nodes; the trainer on CPU."""
+    scenario.start_operator()
+    scenario.create_run(tiny_curriculum("doomed", steps=100000, checkpoint_every=50,
+                                        stages=("pretrain",)))
+    _wait(scenario, lambda: scenario.progress("doomed", "pretrain").get("step", 0) > 0,
+          "the stage training")
+    assert scenario.jobs("doomed") and scenario.pods("doomed") and scenario.services("doomed")
+
+    scenario.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, scenario.namespace,
+                                                    api.PLURAL, "doomed")
+    _wait(scenario, lambda: _no_children(scenario, "doomed"),
+          "Jobs, Pods and Services of the deleted run garbage-collected", timeout=120)
+    _wait(scenario, lambda: scenario.running_trainer("doomed", "pretrain") is None,
+          "the deleted pod's trainer process exiting", timeout=60)
+    with pytest.raises(ApiException) as gone:
+        scenario.get_run("doomed")
+    assert gone.value.status == 404
+
+
+# --------------------------------------------------------------------------- 5
+
+
+def _valid_run(name: str = "valid") -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name},
+            "spec": {"model": {"layers": 1, "heads": 2, "dim": 32, "contextLength": 32},
+                     "storage": {"s3": {"bucket": "kubetrain"}},
+                     "stages": [{"name": "pretrain", "type": "pretrain",
+                                 "hyperparameters": {"maxSteps": 10}},
+                                {"name": "sft", "type": "sft"},
+                                {"name": "dpo", "type": "dpo"}]}}
+
+
+def _edit(change: Callable[[dict[str, Any]], None], name: str = "valid") -> dict[str, Any]:
+    doc = copy.deepcopy(_valid_run(name))
+    change(doc["spec"])
+    return doc
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(spec: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = spec
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node[int(last) if last.isdigit() else last] = value
+    return change
+
+
+INVALID = {
+    # OpenAPI schema
+    "wrong type": (_edit(_set("model.layers", "two")), ["spec.model.layers", "integer"]),
+    "unknown stage type": (_edit(_set("stages.0.type", "rlhf")),
+                           ["spec.stages[0].type", "Unsupported value", "rlhf"]),
+    "negative steps": (_edit(_set("stages.0.hyperparameters.maxSteps", -5)),
+                       ["spec.stages[0].hyperparameters.maxSteps", "greater than or equal to 1"]),
+    "empty stages": (_edit(_set("stages", [])), ["spec.stages", "at least 1"]),
+    "bad stage name": (_edit(_set("stages.0.name", "Pre_Train")), ["spec.stages[0].name"]),
+    # CEL
+    "duplicate stage names": (_edit(_set("stages.1.name", "pretrain")),
+                              ["spec.stages", "spec.stages[].name must be unique"]),
+    "dpo without sft": (_edit(_set("stages", [{"name": "pretrain", "type": "pretrain"},
+                                              {"name": "dpo", "type": "dpo"}])),
+                        ["spec.stages", "a dpo stage needs an sft stage before it"]),
+    "dpo first": (_edit(_set("stages", [{"name": "dpo", "type": "dpo"},
+                                        {"name": "sft", "type": "sft"}])),
+                  ["spec.stages", "a dpo stage needs an sft stage before it"]),
+    "heads not dividing dim": (_edit(_set("model.heads", 3)),
+                               ["spec.model.heads", "model.dim must be a multiple of model.heads"]),
+    "seqLen over contextLength": (_edit(_set("stages.0.hyperparameters.seqLen", 64)),
+                                  ["spec.stages", "seqLen must be at most model.contextLength"]),
+    "maxSteps and tokens": (_edit(_set("stages.0.hyperparameters.tokens", 1000)),
+                            ["spec.stages[0].hyperparameters",
+                             "set at most one of hyperparameters.maxSteps and "
+                             "hyperparameters.tokens"]),
+    "run name too long": (_edit(lambda spec: None, name="r" * 41),
+                          ["metadata.name must be at most 40 characters"]),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_api_server_rejects_invalid_manifests(e2e: E2E, case: str) -> None:
+    """The API server itself (OpenAPI schema and CEL rules of the CRD) answers 422 with
+    a message naming the field; no operator is involved."""
+    manifest, expected = INVALID[case]
+    custom = client.CustomObjectsApi(e2e.admin)
+    with pytest.raises(ApiException) as rejected:
+        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", api.PLURAL,
+                                               manifest)
+    assert rejected.value.status == 422, rejected.value.body
+    message = json.loads(rejected.value.body)["message"]
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_api_server_cel_approximates_the_dpo_order_rule(e2e: E2E) -> None:
+    """CEL checks "an sft exists and dpo is not first" (the cost estimator refuses
+    list-index functions): pretrain -> dpo -> sft passes the API server; `kubetrain
+    validate` and the operator check the exact order."""
+    manifest = _edit(_set("stages", [{"name": "pretrain", "type": "pretrain"},
+                                     {"name": "dpo", "type": "dpo"},
+                                     {"name": "sft", "type": "sft"}]), name="cel-gap")
+    custom = client.CustomObjectsApi(e2e.admin)
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", api.PLURAL,
+                                           manifest)
+    custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, "default", api.PLURAL,
+                                           "cel-gap")
+    with pytest.raises(api.ManifestError, match="no sft stage before it"):
+        api.parse_run(manifest)
+
+
+# --------------------------------------------------------------------------- 6
+
+
+def test_budget_hit_suspends_after_a_checkpoint(scenario: Scenario,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU-hour budget below what the stage has used: condition BudgetExceeded, the
+    stage stops (SIGTERM: the trainer checkpoints and exits 0), phase Suspended as
+    budget.action says, and the last checkpoint is complete and loadable from S3.
+
+    The limit is lowered once the stage has trained (the same path as reaching it), so
+    the stop lands mid-training whatever the speed of the machine. GPUs are fake; the
+    trainer runs on CPU."""
+    manifest = tiny_curriculum("budget", steps=100000, checkpoint_every=20,
+                               stages=("pretrain",))
+    manifest["spec"]["budget"] = {"maxGPUHours": 10, "action": "Suspend"}
+    scenario.start_operator()
+    scenario.create_run(manifest)
+    _wait(scenario, lambda: scenario.latest_step("budget", "pretrain"), "a first checkpoint")
+    assert scenario.status("budget")["phase"] == "Running"
+
+    scenario.patch_spec("budget", {"budget": {"maxGPUHours": 1e-6}})
+    status = scenario.wait_phase("budget", "Suspended", timeout=60)
+    budget = condition(status, "BudgetExceeded")
+    assert budget["status"] == "True" and "budget.maxGPUHours" in budget["message"], budget
+    suspended = condition(status, "Suspended")
+    assert suspended["status"] == "True" and suspended["reason"] == "BudgetExceeded", suspended
+    _wait(scenario, lambda: not scenario.jobs("budget")
+          and scenario.running_trainer("budget", "pretrain") is None,
+          "the stage's Job and trainer stopped", timeout=90)
+    codes = [code for name, _, code in scenario.runner.history
+             if name.startswith(f"{scenario.namespace}/")]
+    assert codes == [0], codes  # checkpointed and exited cleanly on SIGTERM
+
+    # Nothing lost: the interrupted record's step is the step of LATEST, which is complete.
+    progress = scenario.progress("budget", "pretrain")
+    latest = scenario.latest_step("budget", "pretrain")
+    assert progress["phase"] == "interrupted" and progress["step"] == latest, (progress, latest)
+    assert scenario.s3_exists("budget", "pretrain", f"checkpoints/step-{latest:06d}/MANIFEST.json")
+    for key, value in scenario.s3.env().items():
+        monkeypatch.setenv(key, value)
+    from kubetrain.store import open_store
+    from kubetrain_trainer.checkpoint import Checkpointer
+
+    folder = f"s3://{scenario.bucket}/{scenario.key('budget', 'pretrain', '')}".rstrip("/")
+    loaded = Checkpointer(open_store(folder, endpoint=scenario.s3.endpoint)).load_latest()
+    assert loaded is not None and loaded.step == latest
+    assert loaded.state["trainer"]["step"] == latest and loaded.state["model"]
+    assert stage_status(scenario.status("budget"), "pretrain")["phase"] == "Suspended"
+
+
+# --------------------------------------------------------------------------- 7
+
+
+def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> None:
+    """spec.suspend: true stops the pod (SIGTERM; the trainer checkpoints and exits 0),
+    phase Suspended; false recreates the Job and the stage continues from that
+    checkpoint to the end. GPUs are fake (KWOK); the trainer runs on CPU."""
+    scenario.start_operator()
+    scenario.create_run(tiny_curriculum("pause", steps=300, checkpoint_every=20,
+                                        stages=("pretrain",)))
+    _wait(scenario, lambda: scenario.latest_step("pause", "pretrain"), "a first checkpoint")
+    assert scenario.running_trainer("pause", "pretrain"), "the stage ended before suspend"
+
+    scenario.patch_spec("pause", {"suspend": True})
+    status = scenario.wait_phase("pause", "Suspended", timeout=60)
+    assert condition(status, "Suspended")["reason"] == "Suspended"
+    _wait(scenario, lambda: not scenario.jobs("pause")
+          and scenario.running_trainer("pause", "pretrain") is None,
+          "the suspended stage's Job and trainer stopped", timeout=90)
+    progress = scenario.progress("pause", "pretrain")
+    stopped_at = scenario.latest_step("pause", "pretrain")
+    assert progress["phase"] == "interrupted" and progress["step"] == stopped_at, progress
+    assert 0 < stopped_at < 300
+    _wait(scenario, lambda: stage_status(scenario.status("pause"), "pretrain")["phase"]
+          == "Suspended", "stage phase Suspended")
+
+    scenario.patch_spec("pause", {"suspend": False})
+    status = scenario.wait_phase("pause", "Succeeded", timeout=240)
+    st = stage_status(status, "pretrain")
+    assert st["step"] == 300 and st["restarts"] == 0, st
+    codes = [code for name, _, code in scenario.runner.history
+             if name.startswith(f"{scenario.namespace}/")]
+    assert codes == [0, 0], codes
+    assert [int(m) for m in RESUMED_RE.findall(scenario.trainer_logs())] == [stopped_at]
+    history = [r["step"] for r in scenario.metrics_history("pause", "pretrain")]
+    assert history == sorted(history) and history[-1] == 300, history
+
+
+# --------------------------------------------------------------------------- 8
+
+
+def _service_account_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with a ServiceAccount token, as the operator's pod
+    does in a cluster (the same CA and server as the admin's)."""
+    admin = yaml.safe_load(admin_kubeconfig.read_text())
+    cluster = admin["clusters"][0]
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"],
+                                                      "user": "operator"}}],
+        "current-context": "operator"}))
+    return path
+
+
+def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) -> None:
+    """The chart's ServiceAccount, ClusterRole and ClusterRoleBinding (rendered by Helm)
+    are all the operator gets: it authenticates with a token of that ServiceAccount and
+    completes a one-stage run; the same identity may not delete a namespace or list
+    Secrets, so the identity is really the restricted one. Fake GPU nodes; CPU trainer."""
+    admin = e2e.admin
+    core, rbac = client.CoreV1Api(admin), client.RbacAuthorizationV1Api(admin)
+    release = f"kt-{scenario.namespace[-6:]}"
+    op_ns = f"{release}-system"
+    e2e.control_plane.create_namespace(op_ns)
+    objects = render(release=release, namespace=op_ns)
+    sa = next(o for o in objects if o["kind"] == "ServiceAccount")
+    role = next(o for o in objects if o["kind"] == "ClusterRole")
+    binding = next(o for o in objects if o["kind"] == "ClusterRoleBinding")
+    assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
+    assert not [o for o in objects if o["kind"] == "Role"]  # cluster-wide mode (default)
+    core.create_namespaced_service_account(op_ns, sa)
+    rbac.create_cluster_role(role)
+    rbac.create_cluster_role_binding(binding)
+    try:
+        token = core.create_namespaced_service_account_token(
+            sa["metadata"]["name"], op_ns, client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
+        ).status.token
+        kubeconfig = _service_account_kubeconfig(e2e.control_plane.kubeconfig, token,
+                                                 scenario.workdir / "operator.kubeconfig")
+        restricted = config.new_client_from_config(config_file=str(kubeconfig))
+        as_operator = client.CoreV1Api(restricted)
+        with pytest.raises(ApiException) as denied:
+            as_operator.delete_namespace(scenario.namespace)
+        assert denied.value.status == 403, denied.value.body
+        user = f"system:serviceaccount:{op_ns}:{sa['metadata']['name']}"
+        assert user in json.loads(denied.value.body)["message"]
+        with pytest.raises(ApiException) as no_list:
+            as_operator.list_namespaced_secret(scenario.namespace)
+        assert no_list.value.status == 403
+
+        op = scenario.start_operator(kubeconfig)
+        scenario.create_run(tiny_curriculum("rbac", steps=20, checkpoint_every=10,
+                                            stages=("pretrain",)))
+        status = scenario.wait_phase("rbac", "Succeeded", timeout=240)
+        st = stage_status(status, "pretrain")
+        assert st["step"] == 20 and st["costUSD"] > 0, st
+        assert scenario.s3_text("rbac", "pretrain", "FINAL") == "checkpoints/step-000020"
+        log = op.tail(200000)
+        assert "Forbidden" not in log and " 403" not in log, log[-4000:]
+    finally:
+        for op in scenario.operators:
+            op.stop()
+        rbac.delete_cluster_role_binding(binding["metadata"]["name"])
+        rbac.delete_cluster_role(role["metadata"]["name"])
+        core.delete_namespace(op_ns)
