@@ -289,8 +289,9 @@ class Stage(_Model):
     )
     # maxLength bounds the cost the API server estimates for the CEL rules over types.
     type: StageType = Field(
-        ..., json_schema_extra={"maxLength": 16}, description="Objective: `pretrain` (next token), `sft` (response tokens only), "
-        "`dpo` (preference pairs against the frozen previous stage)."
+        ..., json_schema_extra={"maxLength": 16},
+        description="Objective: `pretrain` (next token), `sft` (response tokens only), "
+        "`dpo` (preference pairs against the frozen previous stage).",
     )
     data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
     hyperparameters: Hyperparameters = Field(
