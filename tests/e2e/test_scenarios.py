@@ -115,9 +115,14 @@ def scenario(e2e: E2E, request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
     label = re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower())
     sc = new_scenario(e2e.admin, e2e.control_plane.kubeconfig, e2e.runner, e2e.s3,
                       e2e.control_plane, label[:12].strip("-"), tmp_path)
+    failed_before = request.session.testsfailed
     try:
         yield sc
     finally:
+        if request.session.testsfailed > failed_before:
+            # Plain asserts (not waits) carry no detail of their own: print it, pytest
+            # shows it under the failed test's captured teardown output.
+            print(sc.detail())
         sc.close()
 
 
@@ -440,7 +445,8 @@ def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> 
     phase Suspended; false recreates the Job and the stage continues from that
     checkpoint to the end. GPUs are fake (KWOK); the trainer runs on CPU."""
     scenario.start_operator()
-    scenario.create_run(tiny_curriculum("pause", steps=300, checkpoint_every=20,
+    # Enough steps that the suspend lands mid-stage on a fast machine too.
+    scenario.create_run(tiny_curriculum("pause", steps=600, checkpoint_every=20,
                                         stages=("pretrain",)))
     _wait(scenario, lambda: scenario.latest_step("pause", "pretrain"), "a first checkpoint")
     assert scenario.running_trainer("pause", "pretrain"), "the stage ended before suspend"
@@ -454,20 +460,20 @@ def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> 
     progress = scenario.progress("pause", "pretrain")
     stopped_at = scenario.latest_step("pause", "pretrain")
     assert progress["phase"] == "interrupted" and progress["step"] == stopped_at, progress
-    assert 0 < stopped_at < 300
+    assert 0 < stopped_at < 600
     _wait(scenario, lambda: stage_status(scenario.status("pause"), "pretrain")["phase"]
           == "Suspended", "stage phase Suspended")
 
     scenario.patch_spec("pause", {"suspend": False})
     status = scenario.wait_phase("pause", "Succeeded", timeout=240)
     st = stage_status(status, "pretrain")
-    assert st["step"] == 300 and st["restarts"] == 0, st
+    assert st["step"] == 600 and st["restarts"] == 0, st
     codes = [code for name, _, code in scenario.runner.history
              if name.startswith(f"{scenario.namespace}/")]
     assert codes == [0, 0], codes
     assert [int(m) for m in RESUMED_RE.findall(scenario.trainer_logs())] == [stopped_at]
     history = [r["step"] for r in scenario.metrics_history("pause", "pretrain")]
-    assert history == sorted(history) and history[-1] == 300, history
+    assert history == sorted(history) and history[-1] == 600, history
 
 
 # --------------------------------------------------------------------------- 8
@@ -475,7 +481,12 @@ def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> 
 
 def _service_account_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
     """A kubeconfig that authenticates with a ServiceAccount token, as the operator's pod
-    does in a cluster (the same CA and server as the admin's)."""
+    does in a cluster (the same CA and server as the admin's).
+
+    A token rather than impersonation (the kubeconfig's ``as:``): the kubernetes Python
+    client's kubeconfig loader ignores ``as:`` and kopf's connection settings carry no
+    Impersonate-User header, so an impersonating kubeconfig would silently run the
+    operator as the admin."""
     admin = yaml.safe_load(admin_kubeconfig.read_text())
     cluster = admin["clusters"][0]
     path.write_text(yaml.safe_dump({
