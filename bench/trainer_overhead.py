@@ -45,7 +45,8 @@ def stage(steps: int, batch: int, log_every: int, checkpoint_every: int) -> Stag
 
 
 def bare(spec: ModelSpec, st: Stage) -> float:
-    """Seconds for the steps: data, forward, backward, AdamW, nothing else."""
+    """Seconds for the steps: data, forward, backward, clipping, AdamW, nothing else
+    (the same optimisation math as the trainer, without its bookkeeping)."""
     hp = st.hyperparameters
     torch.manual_seed(0)
     model = build_model(spec)
@@ -55,6 +56,7 @@ def bare(spec: ModelSpec, st: Stage) -> float:
     for step in range(hp.max_steps or 0):
         loss = lm_loss(model, data.batch(step * hp.batch_size, hp.batch_size))
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -75,7 +77,7 @@ def trainer(spec: ModelSpec, st: Stage) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--dim", type=int, default=128)
@@ -83,11 +85,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = ModelSpec(layers=2, heads=4, dim=args.dim, contextLength=64)
-    # Progress every 10 steps, a checkpoint every 20: far denser than real runs.
-    st = stage(args.steps, args.batch, log_every=10, checkpoint_every=20)
+    # Progress every 10 steps, a checkpoint every 50: denser than real runs.
+    st = stage(args.steps, args.batch, log_every=10, checkpoint_every=50)
     tokens = tokens_per_step(st, spec) * args.steps
     bare_tps, trainer_tps = [], []
-    bare(spec, stage(5, args.batch, 10, 20))  # warm-up: allocator, kernels
+    bare(spec, stage(5, args.batch, 10, 50))  # warm-up: allocator, kernels
     for rep in range(args.reps):
         bare_tps.append(tokens / bare(spec, st))
         trainer_tps.append(tokens / trainer(spec, st))
@@ -97,7 +99,7 @@ def main() -> None:
         "bench": "trainer_overhead",
         "model": spec.model_dump(by_alias=True, exclude_none=True),
         "steps": args.steps, "batchSize": args.batch, "tokensPerRep": tokens,
-        "logEvery": 10, "checkpointEvery": 20, "store": "file://", "threads": args.threads,
+        "logEvery": 10, "checkpointEvery": 50, "store": "file://", "threads": args.threads,
         "bareTokensPerSecond": bare_tps, "trainerTokensPerSecond": trainer_tps,
         "bareMedian": statistics.median(bare_tps),
         "trainerMedian": statistics.median(trainer_tps),

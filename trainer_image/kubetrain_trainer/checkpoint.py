@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -58,6 +58,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class _HashingWriter:
+    """A write-only file that hashes what passes through it: the manifest's sha256
+    without reading a multi-GB file a second time."""
+
+    def __init__(self, fh: BinaryIO):
+        self.fh = fh
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 @dataclass(frozen=True)
 class Loaded:
     key: str  # relative to the store it came from, e.g. checkpoints/step-000100
@@ -78,9 +96,11 @@ def save_files(store: ObjectStore, key: str, payloads: dict[str, Any],
         paths = {}
         for name, obj in payloads.items():
             path = Path(tmp) / f"{name}.pt"
-            torch.save(obj, path)
+            with open(path, "wb") as fh:
+                out = _HashingWriter(fh)
+                torch.save(obj, out)
             paths[path.name] = path
-            entries[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            entries[path.name] = {"bytes": out.size, "sha256": out.sha256.hexdigest()}
         # Files upload concurrently: boto3 clients are thread-safe and one stream per
         # file rarely fills the link.
         with ThreadPoolExecutor(max_workers=max(1, len(paths))) as pool:
