@@ -259,6 +259,8 @@ def test_missing_init_checkpoint_fails_with_one_line(s3_server: S3Server) -> Non
     last = err.strip().splitlines()[-1]
     assert last.startswith("kubetrain-trainer: error: ") and "/a" in last
     assert "no complete checkpoint" in last
+    progress = open_store(f"s3://{bucket}/runs/{NAMESPACE}/{RUN}/b").get_json(contract.PROGRESS)
+    assert progress["phase"] == "failed" and "no complete checkpoint" in progress["message"]
 
 
 def test_two_process_torchrun_gloo(s3_server: S3Server) -> None:

@@ -226,11 +226,12 @@ class Trainer:
         self.saved_step = -1
         self.eval: dict[str, float] = {}
         self.train_metrics: dict[str, float] = {}
+        self.telemetry_prev: Any = None
 
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
         loaded = self.checkpointer.load_latest(map_location=self.d.device)
-        prev = self.telemetry_prev = None
+        prev = None
         if self.d.is_main:
             prev = self.telemetry_prev = self.store.get_json(contract.PROGRESS)
         if loaded is not None:
@@ -275,9 +276,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def flops(self, batch: LMBatch | PairBatch) -> float:
-        per_token = accounting.flops_per_token(self.spec, batch.tokens and (
-            batch.inputs.shape[1] if isinstance(batch, LMBatch) else
-            batch.chosen.inputs.shape[1]))
+        """Training FLOPs of one micro-batch (accounting's formula at its length)."""
+        seq = (batch.inputs if isinstance(batch, LMBatch) else batch.chosen.inputs).shape[1]
+        per_token = accounting.flops_per_token(self.spec, seq)
         if isinstance(batch, PairBatch):
             # The frozen reference adds a forward pass: 2 FLOPs per weight per token.
             per_token += 2.0 * self.matmul_params
@@ -463,7 +464,7 @@ def main(environ: Mapping[str, str] | None = None) -> int:
         if not isinstance(exc, EXPECTED_ERRORS):
             traceback.print_exc()
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _report_failure(trainer, reason)
+        _report_failure(trainer, reason, env)
         print(f"kubetrain-trainer: error: {reason}", file=sys.stderr, flush=True)
         return 1
     finally:
@@ -471,9 +472,19 @@ def main(environ: Mapping[str, str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _report_failure(trainer: Trainer | None, reason: str) -> None:
+def _report_failure(trainer: Trainer | None, reason: str,
+                    environ: Mapping[str, str]) -> None:
+    """Best effort: tell the progress reader why the stage failed."""
     telemetry = getattr(trainer, "telemetry", None)
-    if trainer is None or telemetry is None or not trainer.d.is_main:
-        return
     with contextlib.suppress(Exception):
-        telemetry.write(**{**telemetry.last, "phase": "failed", "message": reason})
+        if telemetry is not None and trainer is not None:
+            if trainer.d.is_main:
+                telemetry.write(**{**telemetry.last, "phase": "failed", "message": reason})
+        elif environ.get("RANK", "0") == "0" and environ.get(contract.ENV_CHECKPOINT_URI):
+            # Failed before training started (bad init URI, unreadable data): keep the
+            # previous record's numbers, if any, and mark it failed.
+            store = open_store(environ[contract.ENV_CHECKPOINT_URI])
+            prev = store.get_json(contract.PROGRESS)
+            record = prev if isinstance(prev, dict) else {}
+            store.put_json(contract.PROGRESS, {**record, "phase": "failed",
+                                               "message": reason, "updatedAt": utc_now()})
