@@ -96,6 +96,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.local:
+        raise UserError(f"to run {args.file} on this machine add --local; to run it on a "
+                        f"cluster with the operator installed: kubectl apply -f {args.file}")
+    return _lazy("kubetrain.local:cli_run")(args)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -138,14 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a manifest's stages (--local: on this machine)")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--local", action="store_true", required=True,
-                   help="run locally (to run on a cluster: kubectl apply -f FILE)")
+    p.add_argument("--local", action="store_true",
+                   help="run on this machine (on a cluster: kubectl apply -f FILE)")
     p.add_argument("--store", help="checkpoint store: s3://BUCKET/PREFIX or a folder "
                    "(default file://.kubetrain/store; the manifest's S3 is for clusters)")
     p.add_argument("--metrics-port", type=int, default=9400,
                    help="Prometheus endpoint on localhost (0: off; default 9400)")
     p.add_argument("--plain", action="store_true", help="plain lines instead of live display")
-    p.set_defaults(func=_lazy("kubetrain.local:cli_run"))
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="HTML report with curves of a run")
     p.add_argument("run", metavar="RUN", help="run name (or a manifest file)")
