@@ -161,10 +161,11 @@ class S3Store(ObjectStore):
             config=Config(retries={"max_attempts": 5, "mode": "standard"},
                           connect_timeout=5, read_timeout=60),
         )
-        # 64 MiB parts: few requests for multi-GB checkpoints, within S3's 10k-part cap
-        # up to 640 GB per file.
-        self.transfer = TransferConfig(multipart_threshold=64 * 2**20,
-                                       multipart_chunksize=64 * 2**20, max_concurrency=8)
+        # Parts of 16 MiB uploaded 10 at a time keep the link busy for checkpoint-sized
+        # files (s3transfer enlarges parts itself where a file would need more than
+        # S3's 10,000).
+        self.transfer = TransferConfig(multipart_threshold=16 * 2**20,
+                                       multipart_chunksize=16 * 2**20, max_concurrency=10)
         self.endpoint = endpoint
 
     def _k(self, key: str) -> str:

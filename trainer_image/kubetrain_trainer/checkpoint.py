@@ -91,21 +91,21 @@ def save_files(store: ObjectStore, key: str, payloads: dict[str, Any],
     # A previous, abandoned attempt at the same step (e.g. a corrupt checkpoint that was
     # skipped) must not mix its files with this one.
     store.delete_prefix(key + "/")
-    with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as tmp, \
+            ThreadPoolExecutor(max_workers=max(1, len(payloads))) as pool:
         entries: dict[str, dict[str, Any]] = {}
-        paths = {}
+        uploads = []
         for name, obj in payloads.items():
             path = Path(tmp) / f"{name}.pt"
             with open(path, "wb") as fh:
                 out = _HashingWriter(fh)
                 torch.save(obj, out)
-            paths[path.name] = path
             entries[path.name] = {"bytes": out.size, "sha256": out.sha256.hexdigest()}
-        # Files upload concurrently: boto3 clients are thread-safe and one stream per
-        # file rarely fills the link.
-        with ThreadPoolExecutor(max_workers=max(1, len(paths))) as pool:
-            list(pool.map(lambda item: store.put_file(f"{key}/{item[0]}", item[1]),
-                          paths.items()))
+            # Each file uploads as soon as it is written, while the next one serialises
+            # (boto3 clients are thread-safe; one stream per file rarely fills the link).
+            uploads.append(pool.submit(store.put_file, f"{key}/{path.name}", path))
+        for upload in uploads:
+            upload.result()
     manifest = {"format": FORMAT, "files": entries,
                 "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {})}
     store.put_bytes(f"{key}/{contract.MANIFEST}", json.dumps(manifest, indent=1).encode())
