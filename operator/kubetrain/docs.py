@@ -108,12 +108,18 @@ def field_reference() -> str:
     return "\n".join(lines)
 
 
+def replace_section(text: str, begin: str, end: str, section: str) -> str:
+    """``text`` with everything from the ``begin`` marker to the ``end`` marker replaced
+    by ``section`` (which carries both markers)."""
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < 0:
+        raise ValueError(f"no generated-section markers ({begin!r} ... {end!r})")
+    return text[:start] + section.rstrip("\n") + text[stop + len(end):]
+
+
 def sync_readme(text: str) -> str:
     """``text`` (the README) with its field-reference section replaced by a fresh one."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < 0:
-        raise ValueError(f"README has no field-reference markers ({BEGIN!r} ... {END!r})")
-    return text[:start] + field_reference().rstrip("\n") + text[end + len(END):]
+    return replace_section(text, BEGIN, END, field_reference())
 
 
 if __name__ == "__main__":

@@ -106,10 +106,9 @@ def metrics_table() -> str:
 
 def sync_readme(text: str) -> str:
     """``text`` (the README) with its metrics section replaced by a fresh one."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < 0:
-        raise ValueError(f"README has no metrics markers ({BEGIN!r} ... {END!r})")
-    return text[:start] + metrics_table().rstrip("\n") + text[end + len(END):]
+    from kubetrain.docs import replace_section
+
+    return replace_section(text, BEGIN, END, metrics_table())
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections import Counter
@@ -28,7 +25,8 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetrain import api, resources
 from tests.cluster.podrunner import PodRunner
-from tests.support.services import S3Server, free_port
+from tests.support.operator import OperatorProcess
+from tests.support.services import S3Server
 from tests.support.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,54 +83,6 @@ def tiny_curriculum(name: str, *, steps: int | dict[str, int] = 20, checkpoint_e
 # --------------------------------------------------------------------------- operator
 
 
-class OperatorProcess:
-    """``kubetrain operator --kubeconfig ... --config ... -n NS``: the command users (and
-    the chart's Deployment) run, as a child process with its log in a file."""
-
-    def __init__(self, kubeconfig: Path, config: Path, namespace: str, log: Path):
-        self.kubeconfig, self.config, self.namespace, self.log = kubeconfig, config, namespace, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> OperatorProcess:
-        exe = Path(sys.executable).parent / "kubetrain"
-        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "kubetrain.cli"]
-        argv += ["operator", "--kubeconfig", str(self.kubeconfig), "--config", str(self.config),
-                 "-n", self.namespace, "--metrics-port", str(free_port()),
-                 "--liveness-port", str(free_port())]
-        # No AWS credentials in the operator's environment: it must read the run's
-        # Secret through the API to see progress.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self.starts += 1
-        with open(self.log, "ab") as fh:
-            fh.write(f"\n===== operator start #{self.starts} =====\n".encode())
-            fh.flush()
-            self.proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        """SIGTERM (what Kubernetes sends a pod), then SIGKILL if it does not exit."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-    def tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return "(no operator log)"
-
-
 def write_operator_config(path: Path) -> Path:
     """Operator settings for tests: progress read every second, and a grace period long
     enough for a tiny model's checkpoint but short enough that a stuck pod fails fast."""
@@ -177,8 +127,8 @@ class Scenario:
     # ---- operator
     def start_operator(self, kubeconfig: Path | None = None) -> OperatorProcess:
         config = write_operator_config(self.workdir / "operator-config.yaml")
-        op = OperatorProcess(kubeconfig or self.admin_kubeconfig, config, self.namespace,
-                             self.workdir / f"operator-{len(self.operators)}.log")
+        op = OperatorProcess(kubeconfig or self.admin_kubeconfig, self.namespace,
+                             self.workdir / f"operator-{len(self.operators)}.log", config=config)
         self.operators.append(op)
         return op.start()
 

@@ -3,6 +3,7 @@ a TrainingRun gets its first stage's Job and Service, a status, and an estimate.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,8 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.support.services import S3Server, free_port
+from tests.support.operator import OperatorProcess
+from tests.support.services import S3Server
 from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -36,22 +38,12 @@ def operator(control_plane, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]
     wait_for(lambda: any(c.type == "Established" and c.status == "True" for c in
                          ext.read_custom_resource_definition(crd["metadata"]["name"])
                          .status.conditions or []), timeout=30, what="CRD established")
-    log = open(tmp_path / "operator.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetrain.cli", "operator", "--kubeconfig",
-         str(control_plane.kubeconfig), "--metrics-port", str(free_port()),
-         "--liveness-port", str(free_port()), "-n", "optest"],
-        stdout=log, stderr=subprocess.STDOUT)
-    proc.log_path = tmp_path / "operator.log"  # type: ignore[attr-defined]
+    proc = OperatorProcess(control_plane.kubeconfig, "optest", tmp_path / "operator.log",
+                           env=dict(os.environ)).start()
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        proc.stop()
 
 
 def test_run_gets_job_service_and_status(control_plane, operator,  # noqa: F811
@@ -67,7 +59,7 @@ def test_run_gets_job_service_and_status(control_plane, operator,  # noqa: F811
     custom = client.CustomObjectsApi(api)
     custom.create_namespaced_custom_object("kubetrain.dev", "v1alpha1", "optest",
                                            "trainingruns", run)
-    log = operator.log_path  # type: ignore[attr-defined]
+    log = operator.log
     batch = client.BatchV1Api(api)
     job = wait_for(lambda: batch.read_namespaced_job("demo-pretrain", "optest"), timeout=60,
                    what="the operator created Job demo-pretrain",
@@ -80,4 +72,4 @@ def test_run_gets_job_service_and_status(control_plane, operator,  # noqa: F811
         timeout=30, what="status written", detail=lambda: log.read_text()[-3000:])
     assert status["estimate"]["flops"] > 0
     assert status["stages"][0]["name"] == "pretrain"
-    assert operator.poll() is None, log.read_text()[-3000:]
+    assert operator.alive(), operator.tail()

@@ -6,7 +6,6 @@ the run's series and the operator-down alert stays quiet."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,8 @@ from tests.support.chart import (
     helm_install,
     helm_uninstall,
 )
-from tests.support.prometheus import Prometheus, free_port
+from tests.support.operator import OperatorProcess
+from tests.support.prometheus import Prometheus
 from tests.support.services import S3Server
 from tests.support.wait import wait_for
 
@@ -63,22 +63,12 @@ def operator_as_chart_sa(control_plane: Any, tmp_path: Path,  # noqa: F811
                                             f"{RELEASE}-kubetrain")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"pollIntervalSeconds": 1}))
-    port, log_path = free_port(), tmp_path / "operator.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetrain.cli", "operator", "--kubeconfig",
-             str(kubeconfig), "--config", str(config), "--metrics-port", str(port),
-             "--liveness-port", str(free_port()), "--namespace", NAMESPACE],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **s3_server.env()})
+    proc = OperatorProcess(kubeconfig, NAMESPACE, tmp_path / "operator.log", config=config,
+                           env={**os.environ, **s3_server.env()}).start()
     try:
-        yield port, log_path
+        yield proc.metrics_port, proc.log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        proc.stop()
         helm_uninstall(control_plane.kubeconfig, release=RELEASE, namespace=RELEASE)
 
 
