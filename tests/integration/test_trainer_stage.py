@@ -215,6 +215,38 @@ def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(
     assert steps == sorted(set(steps)) and steps[-1] == 300
 
 
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has installed a SIGTERM handler (SigCgt in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def test_sigterm_while_starting_still_ends_in_a_checkpoint(s3_server: S3Server) -> None:
+    """Preemption can come while torch is still being imported: the stage must still stop
+    with a checkpoint and exit 0, not die from the default handler."""
+    bucket = s3_server.create_bucket("early-sigterm")
+    spec = spec_for(bucket, s3_server.endpoint, [RESUME_STAGE])
+    st = start(spec, 0, s3_server)
+
+    def catching_before_torch() -> bool:
+        assert st.proc.poll() is None, "the trainer exited before it was signalled"
+        loaded = "libtorch" in Path(f"/proc/{st.proc.pid}/maps").read_text()
+        assert not loaded, "torch was loaded before a SIGTERM handler was installed"
+        return _catches_sigterm(st.proc.pid)
+
+    wait_for(catching_before_torch, timeout=30,
+             what="a SIGTERM handler installed before torch is loaded")
+    st.proc.send_signal(signal.SIGTERM)
+    rc, err = st.wait(timeout=120)
+    assert rc == 0, err[-3000:]
+    progress = st.store.get_json(contract.PROGRESS)
+    assert progress["phase"] == "interrupted", progress
+    assert st.store.get_text(contract.LATEST) == f"checkpoints/step-{progress['step']:06d}"
+    assert progress["step"] < 300
+
+
 def test_corrupt_newest_checkpoint_is_skipped_and_partial_never_loaded(
         s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], dict[str, Any]]
 ) -> None:

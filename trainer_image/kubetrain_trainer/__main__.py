@@ -16,7 +16,11 @@ import sys
 # Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from kubetrain_trainer.launch import torchrun_command
+from kubetrain_trainer.signals import install_early
+
+install_early()  # before the slow imports: a preemption then still ends in a checkpoint
+
+from kubetrain_trainer.launch import torchrun_command  # noqa: E402
 
 
 def run() -> int:

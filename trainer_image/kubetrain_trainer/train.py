@@ -41,6 +41,7 @@ from kubetrain import accounting, contract
 from kubetrain.api import Hyperparameters
 from kubetrain.store import StoreError, open_store
 from kubetrain_trainer import checkpoint as ckpt
+from kubetrain_trainer import signals as early_signals
 from kubetrain_trainer.data import LMBatch, PairBatch, build_dataset
 from kubetrain_trainer.energy import EnergyMeter, open_meter
 from kubetrain_trainer.evaluation import evaluate
@@ -99,8 +100,12 @@ class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop acts on it between steps."""
 
     def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # A signal that arrived while the trainer was starting up counts too.
+        self.signal: int | None = early_signals.pending[0] if early_signals.pending else None
+        if self.signal is not None:
+            log.warning("received %s while starting: stopping after the first step, with a "
+                        "checkpoint", signal.Signals(self.signal).name)
+        for sig in early_signals.STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
