@@ -18,7 +18,10 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +195,17 @@ def test_curriculum_trains_in_order_with_status_store_and_columns(scenario: Scen
     assert cells["Progress"] == "3/3 100%"
     assert cells["Cost"] == pytest.approx(totals["costUSD"]) and cells["Cost"] > 0
     assert re.fullmatch(r"\d+[smhd].*", cells["Age"]), cells["Age"]
+
+    # `kubetrain status`, as a user runs it with their kubeconfig, shows the same run.
+    exe = Path(sys.executable).parent / "kubetrain"
+    out = subprocess.run(
+        [str(exe), "status", "-n", scenario.namespace],
+        env={**os.environ, "KUBECONFIG": str(scenario.admin_kubeconfig)},
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    row = next((line for line in out.stdout.splitlines() if " tiny " in f" {line} "), None)
+    assert row is not None, out.stdout
+    assert "Succeeded" in row and "dpo" in row and "100%" in row, out.stdout
 
 
 # --------------------------------------------------------------------------- 2
