@@ -26,7 +26,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,12 +37,7 @@ from pathlib import Path
 from kubernetes import client
 
 from tests.cluster.controlplane import EXIT_CODE_ANNOTATION
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.services import free_port
 
 
 @dataclass
@@ -171,7 +165,7 @@ class PodRunner:
                if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")}
         env.update(self._resolve_env(pod, container))
         env["PET_MASTER_ADDR"] = "127.0.0.1"
-        port = _free_port()
+        port = free_port()
         if "KUBETRAIN_METRICS_PORT" in env:
             env["KUBETRAIN_METRICS_PORT"] = str(port)
         env.update(self.extra_env)

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 from kubernetes import client
@@ -265,20 +265,21 @@ def new_scenario(admin: client.ApiClient, kubeconfig: Path, runner: PodRunner,
 # --------------------------------------------------------------------------- watchers
 
 
-class JobWatcher:
-    """Samples a run's Jobs in the background: how many exist per stage at once, and
-    every Job uid seen per stage (a new uid means the Job was recreated)."""
+class BackgroundSampler:
+    """Calls ``sample()`` every ``interval`` seconds in a thread while in a ``with``
+    block; a failing sample is recorded in ``errors``, not fatal."""
 
-    def __init__(self, scenario: Scenario, run: str, interval: float = 0.2):
-        self.scenario, self.run, self.interval = scenario, run, interval
-        self.max_at_once: Counter[str] = Counter()
-        self.uids: dict[str, set[str]] = {}
-        self.order: list[str] = []  # stages in the order their first Job appeared
+    def __init__(self, interval: float):
+        self.interval = interval
         self.errors: list[str] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="jobwatcher", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__,
+                                        daemon=True)
 
-    def __enter__(self) -> JobWatcher:
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -289,45 +290,47 @@ class JobWatcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                jobs = self.scenario.jobs(self.run)
-                now: Counter[str] = Counter()
-                for job in jobs:
-                    stage = (job.metadata.labels or {}).get(resources.LABEL_STAGE, "?")
-                    now[stage] += 1
-                    self.uids.setdefault(stage, set()).add(job.metadata.uid)
-                    if stage not in self.order:
-                        self.order.append(stage)
-                for stage, count in now.items():
-                    self.max_at_once[stage] = max(self.max_at_once[stage], count)
-            except Exception as exc:  # a sampling error is reported, not fatal
+                self.sample()
+            except Exception as exc:
                 self.errors.append(repr(exc))
             self._stop.wait(self.interval)
 
 
-class StatusSampler:
+class JobWatcher(BackgroundSampler):
+    """Samples a run's Jobs in the background: how many exist per stage at once, and
+    every Job uid seen per stage (a new uid means the Job was recreated)."""
+
+    def __init__(self, scenario: Scenario, run: str, interval: float = 0.2):
+        super().__init__(interval)
+        self.scenario, self.run = scenario, run
+        self.max_at_once: Counter[str] = Counter()
+        self.uids: dict[str, set[str]] = {}
+        self.order: list[str] = []  # stages in the order their first Job appeared
+
+    def sample(self) -> None:
+        now: Counter[str] = Counter()
+        for job in self.scenario.jobs(self.run):
+            stage = (job.metadata.labels or {}).get(resources.LABEL_STAGE, "?")
+            now[stage] += 1
+            self.uids.setdefault(stage, set()).add(job.metadata.uid)
+            if stage not in self.order:
+                self.order.append(stage)
+        for stage, count in now.items():
+            self.max_at_once[stage] = max(self.max_at_once[stage], count)
+
+
+class StatusSampler(BackgroundSampler):
     """Samples a stage's status (restarts, step) in the background."""
 
     def __init__(self, scenario: Scenario, run: str, stage: str, interval: float = 0.3):
-        self.scenario, self.run, self.stage, self.interval = scenario, run, stage, interval
+        super().__init__(interval)
+        self.scenario, self.run, self.stage = scenario, run, stage
         self.samples: list[tuple[int, int]] = []  # (restarts, step)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="statussampler", daemon=True)
 
-    def __enter__(self) -> StatusSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                st = stage_status(self.scenario.status(self.run), self.stage)
-                if st:
-                    self.samples.append((int(st.get("restarts", 0)), int(st.get("step", 0))))
-            self._stop.wait(self.interval)
+    def sample(self) -> None:
+        st = stage_status(self.scenario.status(self.run), self.stage)
+        if st:
+            self.samples.append((int(st.get("restarts", 0)), int(st.get("step", 0))))
 
 
 def stage_status(status: dict[str, Any], stage: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from kubetrain.metrics import OperatorMetrics
 from tests.support.chart import ALERTS, alert_rules, concrete, dashboard_exprs
 from tests.support.localrun import cli_env, kubetrain_cmd, tiny_manifest, write_manifest
 from tests.support.prometheus import Prometheus, free_port
+from tests.support.services import stop_process
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -103,13 +104,7 @@ class LocalRun:
                         "metrics endpoint", detail=self.output)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.services import free_port
+from tests.support.services import free_port, stop_process
 
 
 def environment_without_aws() -> dict[str, str]:
@@ -51,14 +51,8 @@ class OperatorProcess:
     def stop(self) -> None:
         """SIGTERM (what Kubernetes sends a pod), then SIGKILL if it does not exit."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc)
 
     def tail(self, chars: int = 4000) -> str:
         try:

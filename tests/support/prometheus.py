@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -17,13 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.services import free_port, stop_process
 from tests.support.wait import wait_for
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["PromQLError", "Prometheus", "free_port"]
 
 
 class PromQLError(AssertionError):
@@ -95,11 +91,5 @@ class Prometheus:
         return result if data["resultType"] == "vector" else [{"value": result}]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self._log.close()
