@@ -305,12 +305,10 @@ class ControlPlane:
                 "--endpoint-reconciler-type=none",
             ],
         )
-        self._write_kubeconfig(self.workdir / "admin.kubeconfig", "admin", pki)
-        self.kubeconfig = self.workdir / "admin.kubeconfig"
+        self.kubeconfig = self._write_kubeconfig("admin", pki)
         self._wait_https("kube-apiserver", f"{self.server}/readyz", pki)
 
-        self._write_kubeconfig(self.workdir / "kcm.kubeconfig", "kube-controller-manager", pki)
-        kcm_kubeconfig = self.workdir / "kcm.kubeconfig"
+        kcm_kubeconfig = self._write_kubeconfig("kube-controller-manager", pki)
         self._spawn(
             "kube-controller-manager",
             [
@@ -330,8 +328,7 @@ class ControlPlane:
                 "--leader-elect=false",
             ],
         )
-        self._write_kubeconfig(self.workdir / "scheduler.kubeconfig", "kube-scheduler", pki)
-        sched_kubeconfig = self.workdir / "scheduler.kubeconfig"
+        sched_kubeconfig = self._write_kubeconfig("kube-scheduler", pki)
         self._spawn(
             "kube-scheduler",
             [
@@ -550,7 +547,9 @@ class ControlPlane:
             "-extfile", str(ext), "-out", str(crt),
         )  # fmt: skip
 
-    def _write_kubeconfig(self, path: Path, user: str, pki: Path) -> None:
+    def _write_kubeconfig(self, user: str, pki: Path) -> Path:
+        """A kubeconfig for ``user``'s client certificate; its path."""
+        path = self.workdir / f"{user}.kubeconfig"
         doc = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -576,6 +575,7 @@ class ControlPlane:
             "current-context": "test",
         }
         path.write_text(yaml.safe_dump(doc))
+        return path
 
     # -- client helpers -------------------------------------------------------
 
