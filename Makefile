@@ -19,7 +19,7 @@ help:
 	@echo "make demo         train examples/tiny-run.yaml locally (pretrain -> sft -> dpo on CPU)"
 	@echo "make test         install what the tests need and run unit, integration and e2e tiers"
 	@echo "make test-unit    only the fast unit tier"
-	@echo "make crd          regenerate crds/ and the chart's copy from kubetrain.api"
+	@echo "make crd          regenerate crds/ and the chart's copy from kubetrain.core.api"
 	@echo "make docs         regenerate the README's field reference"
 	@echo "make cluster-bin  build kube-apiserver, controller-manager, scheduler, etcd, kwok, helm"
 	@echo "make bench        run the benchmarks (numbers in bench/results/)"
@@ -64,8 +64,8 @@ crd: $(STAMP)
 
 .PHONY: docs
 docs: $(STAMP)
-	$(PY) -m kubetrain.docs README.md
-	$(PY) -m kubetrain.metrics_doc README.md
+	$(PY) -m kubetrain.docgen.fields README.md
+	$(PY) -m kubetrain.docgen.metrics README.md
 
 # ---------------------------------------------------------------- the two commands
 .PHONY: demo

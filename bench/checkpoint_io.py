@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import boto3
 import torch
 
-from kubetrain.api import Hyperparameters, ModelSpec
-from kubetrain.store import open_store
+from kubetrain.core.api import Hyperparameters, ModelSpec
+from kubetrain.core.store import open_store
 from kubetrain_trainer.checkpoint import Checkpointer
 from kubetrain_trainer.model import build_model
 from kubetrain_trainer.train import build_optimizer

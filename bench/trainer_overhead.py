@@ -24,10 +24,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from kubetrain import contract
-from kubetrain.accounting import tokens_per_step
-from kubetrain.api import ModelSpec, Stage
-from kubetrain.contract import StageConfig
+from kubetrain.core import contract
+from kubetrain.core.accounting import tokens_per_step
+from kubetrain.core.api import ModelSpec, Stage
+from kubetrain.core.contract import StageConfig
 from kubetrain_trainer.data import ArithmeticPretrain
 from kubetrain_trainer.model import build_model
 from kubetrain_trainer.objectives import lm_loss

@@ -23,7 +23,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain import api, resources
+from kubetrain.core import api
+from kubetrain.operator import resources
 from tests.cluster.podrunner import PodRunner
 from tests.support.operator import OperatorProcess
 from tests.support.services import S3Server

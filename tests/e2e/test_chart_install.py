@@ -13,7 +13,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain import api
+from kubetrain.core import api
 from tests.support.chart import OPERATOR_NAMESPACED, REPO, helm_install, helm_uninstall
 from tests.support.wait import wait_for
 

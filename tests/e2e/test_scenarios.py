@@ -32,8 +32,8 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain import api
-from kubetrain.crd import render_crd
+from kubetrain.core import api
+from kubetrain.core.crd import render_crd
 from tests.cluster.podrunner import PodRunner
 from tests.e2e.scenario_harness import (
     RUNNER_KEY,
@@ -65,7 +65,7 @@ class E2E:
 
 
 def _install_crd(admin: client.ApiClient) -> None:
-    """The CRD generated from kubetrain.api (what `kubetrain crd` and the chart ship);
+    """The CRD generated from kubetrain.core.api (what `kubetrain crd` and the chart ship);
     replaced when another test installed an older copy."""
     ext = client.ApiextensionsV1Api(admin)
     crd = yaml.safe_load(render_crd())
@@ -441,7 +441,7 @@ def test_budget_hit_suspends_after_a_checkpoint(scenario: Scenario,
     assert scenario.s3_exists("budget", "pretrain", f"checkpoints/step-{latest:06d}/MANIFEST.json")
     for key, value in scenario.s3.env().items():
         monkeypatch.setenv(key, value)
-    from kubetrain.store import open_store
+    from kubetrain.core.store import open_store
     from kubetrain_trainer.checkpoint import Checkpointer
 
     folder = f"s3://{scenario.bucket}/{scenario.key('budget', 'pretrain', '')}".rstrip("/")

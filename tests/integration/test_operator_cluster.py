@@ -25,7 +25,7 @@ from conftest import control_plane  # noqa: E402,F401  (the session fixture)
 
 @pytest.fixture
 def operator(control_plane, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:  # noqa: F811
-    from kubetrain.crd import render_crd
+    from kubetrain.core.crd import render_crd
 
     api = control_plane.api_client()
     ext = client.ApiextensionsV1Api(api)

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from kubetrain.config import OperatorConfig
-from kubetrain.handlers import Reconciler, silence_credential_loggers
-from kubetrain.metrics import OperatorMetrics
+from kubetrain.operator.config import OperatorConfig
+from kubetrain.operator.handlers import Reconciler, silence_credential_loggers
+from kubetrain.operator.metrics import OperatorMetrics
 from tests.support.services import S3Server
 
 pytestmark = pytest.mark.integration

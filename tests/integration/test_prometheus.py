@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import start_http_server
 
-from kubetrain.metrics import OperatorMetrics
+from kubetrain.operator.metrics import OperatorMetrics
 from tests.support.chart import ALERTS, alert_rules, concrete, dashboard_exprs
 from tests.support.localrun import cli_env, kubetrain_cmd, tiny_manifest, write_manifest
 from tests.support.prometheus import Prometheus, free_port

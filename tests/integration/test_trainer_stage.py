@@ -1,5 +1,5 @@
 """The trainer as the operator runs it: ``python -m kubetrain_trainer`` subprocesses with
-the environment from ``kubetrain.contract.stage_environment``, against a real S3
+the environment from ``kubetrain.core.contract.stage_environment``, against a real S3
 endpoint (moto's server), tiny models on CPU."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import torch
 
-from kubetrain import contract
-from kubetrain.api import TrainingRunSpec
-from kubetrain.store import ObjectStore, open_store
+from kubetrain.core import contract
+from kubetrain.core.api import TrainingRunSpec
+from kubetrain.core.store import ObjectStore, open_store
 from tests.support.services import S3Server
 from tests.support.wait import wait_for
 

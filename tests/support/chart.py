@@ -23,7 +23,7 @@ DASHBOARD = CHART / "files" / "dashboard.json"
 # against its schemas.
 KUBE_VERSION = "1.36.0"
 
-# What the operator calls (kubetrain.kube.KubeApi, kopf's watches, events and
+# What the operator calls (kubetrain.operator.kube.KubeApi, kopf's watches, events and
 # annotations), per namespace: no more, no less.
 OPERATOR_NAMESPACED = {
     *(("kubetrain.dev", "trainingruns", v) for v in ("get", "list", "watch", "patch", "update")),

@@ -61,7 +61,7 @@ def kubetrain_cmd(*args: str) -> list[str]:
     script = Path(sys.executable).with_name("kubetrain")
     if script.exists():
         return [str(script), *args]
-    return [sys.executable, "-m", "kubetrain.cli", *args]
+    return [sys.executable, "-m", "kubetrain.cli.main", *args]
 
 
 def run_cli(*args: str, cwd: Path, env: Mapping[str, str] | None = None,

@@ -32,7 +32,7 @@ class OperatorProcess:
 
     def start(self) -> OperatorProcess:
         exe = Path(sys.executable).parent / "kubetrain"
-        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "kubetrain.cli"]
+        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "kubetrain.cli.main"]
         argv += ["operator", "--kubeconfig", str(self.kubeconfig), "-n", self.namespace,
                  "--metrics-port", str(self.metrics_port), "--liveness-port", str(free_port())]
         if self.config is not None:

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kubetrain import plan as planner
-from kubetrain.config import OperatorConfig
-from kubetrain.progress import StageRecords, format_time
+from kubetrain.operator import plan as planner
+from kubetrain.operator.config import OperatorConfig
+from kubetrain.operator.progress import StageRecords, format_time
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 _uids = itertools.count(1)

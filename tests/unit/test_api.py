@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetrain.api import ManifestError, parse_run, parse_spec
-from kubetrain.cli import main
+from kubetrain.cli.main import main
+from kubetrain.core.api import ManifestError, parse_run, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetrain.config import OperatorConfig, load_config
+from kubetrain.operator.config import OperatorConfig, load_config
 from tests.support.chart import (
     CHART,
     DASHBOARD,
@@ -294,7 +294,7 @@ def test_monitors_select_the_operator_and_the_trainers(
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
 
     pm = one(objects, "PodMonitor")
-    # The labels and port name the operator gives trainer pods (kubetrain.resources).
+    # The labels and port name the operator gives trainer pods (kubetrain.operator.resources).
     assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/component": "trainer"}
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert pm["spec"]["namespaceSelector"] == {"any": True}
@@ -303,7 +303,8 @@ def test_monitors_select_the_operator_and_the_trainers(
 
 
 def test_trainer_pods_carry_what_the_pod_monitor_selects() -> None:
-    from kubetrain import contract, resources
+    from kubetrain.core import contract
+    from kubetrain.operator import resources
 
     assert resources.LABEL_COMPONENT == "app.kubernetes.io/component"
     source = Path(resources.__file__).read_text()

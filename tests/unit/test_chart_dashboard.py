@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetrain.api import StagePhase
-from kubetrain.metrics_doc import metric_docs, metrics_table
+from kubetrain.core.api import StagePhase
+from kubetrain.docgen.metrics import metric_docs, metrics_table
 from tests.support.chart import alert_rules, dashboard, dashboard_exprs
 
 # Suffixes PromQL adds to a histogram's name.
@@ -131,7 +131,7 @@ def test_metrics_table_lists_every_metric_with_labels() -> None:
 
 
 def test_readme_metrics_table_is_fresh() -> None:
-    from kubetrain.metrics_doc import BEGIN, sync_readme
+    from kubetrain.docgen.metrics import BEGIN, sync_readme
     from tests.support.chart import REPO
 
     text = (REPO / "README.md").read_text()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.api import Pricing
-from kubetrain.config import ConfigError, OperatorConfig, effective_pricing, load_config
+from kubetrain.core.api import Pricing
+from kubetrain.operator.config import ConfigError, OperatorConfig, effective_pricing, load_config
 
 
 def test_defaults_without_a_file() -> None:
@@ -69,7 +69,7 @@ def test_manifest_pricing_wins_over_operator_defaults() -> None:
 def test_operator_and_status_without_cluster_fail_in_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubetrain.cli import main
+    from kubetrain.cli.main import main
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
@@ -82,7 +82,7 @@ def test_operator_and_status_without_cluster_fail_in_one_line(
 
 def test_operator_with_bad_config_fails_in_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from kubetrain.cli import main
+    from kubetrain.cli.main import main
 
     path = tmp_path / "c.yaml"
     path.write_text("pollIntervalSeconds: 0\n")

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from kubetrain.crd import crd_object, render_crd
+from kubetrain.core.crd import crd_object, render_crd
 from tests.unit.test_api import BAD, EXAMPLES
 
 ROOT = Path(__file__).resolve().parents[2]

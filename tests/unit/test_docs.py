@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from kubetrain.docs import BEGIN, END, field_reference, sync_readme
+from kubetrain.docgen.fields import BEGIN, END, field_reference, sync_readme
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.accounting import (
+from kubetrain.cli.main import main
+from kubetrain.core.accounting import (
     estimate_params_tokens,
     estimate_run,
     flops_per_token,
     parameter_count,
 )
-from kubetrain.api import ModelSpec, Pricing, parse_spec
-from kubetrain.cli import main
+from kubetrain.core.api import ModelSpec, Pricing, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

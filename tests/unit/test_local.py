@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain import contract
-from kubetrain.api import parse_run
-from kubetrain.cli import UserError
-from kubetrain.display import fmt_cost, fmt_duration, fmt_energy, plain_table, stage_line
-from kubetrain.local import (
+from kubetrain.core import contract
+from kubetrain.core.api import parse_run
+from kubetrain.core.errors import UserError
+from kubetrain.local.display import fmt_cost, fmt_duration, fmt_energy, plain_table, stage_line
+from kubetrain.local.report import parse_history
+from kubetrain.local.runner import (
     failure_reason,
     local_environment,
     resolve_store_root,
     trainer_command,
 )
-from kubetrain.report import parse_history
 
 
 def _run(resources: dict | None = None, s3: dict | None = None):
@@ -136,7 +136,7 @@ def test_history_keeps_the_last_record_of_each_step_and_skips_torn_lines() -> No
 def test_missing_torch_is_one_line_saying_what_to_install(monkeypatch) -> None:
     import importlib.util
 
-    from kubetrain import local
+    from kubetrain.local import command as local
 
     real = importlib.util.find_spec
     monkeypatch.setattr(local.importlib.util, "find_spec",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from kubetrain.metrics import OperatorMetrics
+from kubetrain.operator.metrics import OperatorMetrics
 
 
 def status(phase: str = "Running", stage_phase: str = "Running", stalled: bool = False) -> dict:

@@ -1,4 +1,4 @@
-"""``kubetrain.plan`` as a table of situations: each row sets up what the operator
+"""``kubetrain.operator.plan`` as a table of situations: each row sets up what the operator
 observes (possibly after earlier reconciles), reconciles once more, and states what a
 user would notice: the phase, the children created or deleted, conditions and events."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kubetrain import plan as planner
+from kubetrain.operator import plan as planner
 from tests.unit.planworld import World, manifest
 
 
@@ -422,7 +422,7 @@ def test_stall_detected() -> None:
 
 
 def test_effective_spec_refuses_model_change_keeps_future_stages() -> None:
-    from kubetrain.api import parse_spec
+    from kubetrain.core.api import parse_spec
 
     old = parse_spec(manifest()["spec"])
     new_raw = manifest()["spec"]

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.api import Pricing, StageStatus, parse_spec
-from kubetrain.progress import (
+from kubetrain.core.api import Pricing, StageStatus, parse_spec
+from kubetrain.core.store import open_store
+from kubetrain.operator.progress import (
     apply_costs,
     apply_record,
     banked_gpu_seconds,
     pod_gpu_seconds,
     read_stage_records,
 )
-from kubetrain.store import open_store
 
 SPEC = parse_spec({"stages": [{"name": "pretrain", "type": "pretrain",
                                "hyperparameters": {"maxSteps": 100, "batchSize": 4},

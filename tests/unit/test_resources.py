@@ -11,9 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetrain import resources
-from kubetrain.api import parse_spec
-from kubetrain.config import OperatorConfig
+from kubetrain.core.api import parse_spec
+from kubetrain.operator import resources
+from kubetrain.operator.config import OperatorConfig
 
 GOLDEN = Path(__file__).parent / "golden"
 SECRET_VALUES = ("AKIAEXAMPLESECRETID", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain import contract
-from kubetrain.store import open_store, resolve_checkpoint
+from kubetrain.core import contract
+from kubetrain.core.store import open_store, resolve_checkpoint
 from kubetrain_trainer.checkpoint import (
     Checkpointer,
     CheckpointError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetrain.api import Hyperparameters
+from kubetrain.core.api import Hyperparameters
 from kubetrain_trainer.launch import torchrun_command
 from kubetrain_trainer.train import MIN_LR_RATIO, lr_factor
 

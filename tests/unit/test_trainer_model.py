@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from kubetrain.accounting import parameter_count
-from kubetrain.api import ModelSpec
+from kubetrain.core.accounting import parameter_count
+from kubetrain.core.api import ModelSpec
 from kubetrain_trainer import tokenizer as tok
 from kubetrain_trainer.data import IGNORE, ArithmeticSFT, collate
 from kubetrain_trainer.model import build_model

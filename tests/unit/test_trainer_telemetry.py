@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain import contract
-from kubetrain.store import open_store
+from kubetrain.core import contract
+from kubetrain.core.store import open_store
 from kubetrain_trainer.telemetry import Telemetry
 
 BASE = {"run": "tiny", "namespace": "ml", "stage": "sft", "totalSteps": 30, "attempt": 1,

@@ -1,4 +1,4 @@
-"""Checkpoints in a stage folder, through kubetrain.store (same code for s3:// and file://).
+"""Checkpoints in a stage folder, through kubetrain.core.store (same code for s3:// and file://).
 
 Protocol (DESIGN.md "Storage layout"):
 1. the files of ``checkpoints/step-000100/`` are uploaded (torch.save to a temporary
@@ -28,8 +28,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from kubetrain import contract
-from kubetrain.store import ObjectStore, open_store, resolve_checkpoint
+from kubetrain.core import contract
+from kubetrain.core.store import ObjectStore, open_store, resolve_checkpoint
 
 log = logging.getLogger("kubetrain_trainer.checkpoint")
 

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from kubetrain import store as kstore
+from kubetrain.core import store as kstore
 from kubetrain_trainer import tokenizer as tok
 
 IGNORE = -100  # cross_entropy's ignore_index: positions that do not count in the loss
@@ -255,7 +255,7 @@ def _split(records: list, eval_examples: int, seed: int) -> tuple[list, list]:
 
 
 def read_source(uri: str) -> bytes:
-    """The bytes of a ``file://`` or ``s3://`` object (through kubetrain.store)."""
+    """The bytes of a ``file://`` or ``s3://`` object (through kubetrain.core.store)."""
     parent, _, name = uri.rstrip("/").rpartition("/")
     try:
         return kstore.open_store(parent).get_bytes(name)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kubetrain import contract
+from kubetrain.core import contract
 
 log = logging.getLogger("kubetrain_trainer.energy")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
-from kubetrain import contract
+from kubetrain.core import contract
 
 
 def torchrun_command(environ: Mapping[str, str]) -> list[str] | None:

@@ -2,7 +2,7 @@
 
 Token embedding tied to the output head, learned positions, pre-norm blocks with
 RMSNorm (weight only), bias-free attention and MLP. Exactly the parameters that
-``kubetrain.accounting.parameter_count`` counts: V·d + C·d + L·(12d² + 2d) + d, so
+``kubetrain.core.accounting.parameter_count`` counts: V·d + C·d + L·(12d² + 2d) + d, so
 estimates made before a run agree with what trains.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubetrain.api import ModelSpec
+from kubetrain.core.api import ModelSpec
 
 
 @dataclass(frozen=True)

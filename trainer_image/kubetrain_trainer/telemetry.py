@@ -27,8 +27,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kubetrain import contract
-from kubetrain.store import ObjectStore
+from kubetrain.core import contract
+from kubetrain.core.store import ObjectStore
 
 log = logging.getLogger("kubetrain_trainer.telemetry")
 

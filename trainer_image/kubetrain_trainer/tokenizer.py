@@ -1,7 +1,7 @@
 """Byte-level tokenizer: every UTF-8 byte is a token, plus four specials.
 
 No merges, no vocabulary file: any text round-trips, and the model's vocabulary only
-needs ``VOCAB_SIZE`` (260, ``kubetrain.api.BYTE_VOCAB_MIN``) rows.
+needs ``VOCAB_SIZE`` (260, ``kubetrain.core.api.BYTE_VOCAB_MIN``) rows.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The training loop of one stage: ``python -m kubetrain_trainer`` runs it from the
-environment the operator (or ``kubetrain run --local``) sets (``kubetrain.contract``).
+environment the operator (or ``kubetrain run --local``) sets (``kubetrain.core.contract``).
 
 Lifecycle:
 - start: read the stage config; join the process group when launched by torchrun
@@ -37,9 +37,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kubetrain import accounting, contract
-from kubetrain.api import Hyperparameters
-from kubetrain.store import StoreError, open_store
+from kubetrain.core import accounting, contract
+from kubetrain.core.api import Hyperparameters
+from kubetrain.core.store import StoreError, open_store
 from kubetrain_trainer import checkpoint as ckpt
 from kubetrain_trainer import signals as early_signals
 from kubetrain_trainer.data import LMBatch, PairBatch, build_dataset

@@ -2,7 +2,7 @@
 turned into status numbers, plus GPU time, cost and CO2.
 
 ``read_stage_records`` does the I/O; everything else is pure and called by
-``kubetrain.plan``.
+``kubetrain.operator.plan``.
 
 GPU-seconds count what the cluster allocated, not what the trainer used: for every pod
 of the stage, GPUs per pod × seconds since the pod started (until its container
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetrain import accounting, contract
-from kubetrain.api import ModelSpec, Pricing, Stage, StageStatus
-from kubetrain.store import ObjectStore
+from kubetrain.core import accounting, contract
+from kubetrain.core.api import ModelSpec, Pricing, Stage, StageStatus
+from kubetrain.core.store import ObjectStore
 
 
 def parse_time(value: str | None) -> datetime | None:

@@ -1,8 +1,8 @@
 """The operator -> trainer contract, in one place.
 
-Both the pod builder (``kubetrain.resources``) and the local runner (``kubetrain.local``)
-call :func:`stage_environment`; the trainer reads the same names through
-:func:`read_stage_config`. Changing the contract means changing this file only.
+Both the pod builder (``kubetrain.operator.resources``) and the local runner
+(``kubetrain.local.runner``) call :func:`stage_environment`; the trainer reads the
+same names through :func:`read_stage_config`. Changing the contract means changing this file only.
 
 Names follow torchrun's ``PET_*`` convention (as Kubeflow Trainer does) so that
 ``torchrun`` in the pod needs no flags.
@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
-from kubetrain.api import ModelSpec, Stage, StageType, TrainingRunSpec, _Model
+from kubetrain.core.api import ModelSpec, Stage, StageType, TrainingRunSpec, _Model
 
 # torchrun
 PET_NNODES = "PET_NNODES"

@@ -1,6 +1,6 @@
 """Thin Kopf handlers: every event about a TrainingRun, its Jobs or its Pods, and a
 timer per run, ends in ``Reconciler.reconcile(namespace, name)``, which gathers what
-exists, asks ``kubetrain.plan`` what to do, and applies it.
+exists, asks ``kubetrain.operator.plan`` what to do, and applies it.
 
 No state lives in this process that is not also in the cluster or the store (status,
 annotations, children, progress records), so the operator can restart at any moment.
@@ -18,13 +18,14 @@ from typing import Any, Protocol
 
 import kopf
 
-from kubetrain import api, resources
-from kubetrain import plan as planner
-from kubetrain.config import OperatorConfig
-from kubetrain.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
-from kubetrain.metrics import OperatorMetrics
-from kubetrain.progress import StageRecords, read_stage_records
-from kubetrain.store import ObjectStore, S3Store, StoreError, open_store
+from kubetrain.core import api
+from kubetrain.core.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
+from kubetrain.core.store import ObjectStore, S3Store, StoreError, open_store
+from kubetrain.operator import plan as planner
+from kubetrain.operator import resources
+from kubetrain.operator.config import OperatorConfig
+from kubetrain.operator.metrics import OperatorMetrics
+from kubetrain.operator.progress import StageRecords, read_stage_records
 
 log = logging.getLogger("kubetrain.operator")
 
@@ -41,7 +42,7 @@ def silence_credential_loggers() -> None:
 
 
 class Api(Protocol):
-    """What the reconciler needs from the cluster (``kubetrain.kube.KubeApi``; tests
+    """What the reconciler needs from the cluster (``kubetrain.operator.kube.KubeApi``; tests
     pass an in-memory fake)."""
 
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None: ...

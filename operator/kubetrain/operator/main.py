@@ -19,16 +19,16 @@ import logging
 import os
 from typing import Any
 
-from kubetrain.cli import UserError
-from kubetrain.config import ConfigError, load_config
+from kubetrain.core.errors import UserError
+from kubetrain.operator.config import ConfigError, load_config
 
 
 def cli_operator(args: argparse.Namespace) -> int:
     """Run the operator until SIGTERM/SIGINT."""
     import kopf
 
-    from kubetrain import handlers, kube, resources
-    from kubetrain.metrics import OperatorMetrics
+    from kubetrain.operator import handlers, kube, resources
+    from kubetrain.operator.metrics import OperatorMetrics
 
     try:
         config = load_config(args.config)

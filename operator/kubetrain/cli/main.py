@@ -15,31 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kubetrain.api import ManifestError, TrainingRun, parse_run
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
-
-
-def load_manifest(path: str) -> TrainingRun:
-    """Read and validate a TrainingRun manifest file (the first TrainingRun document)."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{path}: no such file")
-    try:
-        docs = [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
-    runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "TrainingRun"]
-    if not runs:
-        raise UserError(f"{path}: no document with kind: TrainingRun")
-    try:
-        return parse_run(runs[0])
-    except ManifestError as exc:
-        raise UserError(f"{path}: invalid TrainingRun:\n  " + "\n  ".join(exc.errors)) from None
+from kubetrain.core.errors import UserError
+from kubetrain.core.manifest import load_manifest
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
@@ -62,7 +39,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
-    from kubetrain.crd import render_crd
+    from kubetrain.core.crd import render_crd
 
     text = render_crd()
     if args.output:
@@ -73,14 +50,14 @@ def cmd_crd(args: argparse.Namespace) -> int:
 
 
 def cmd_docs(args: argparse.Namespace) -> int:
-    from kubetrain.docs import field_reference
+    from kubetrain.docgen.fields import field_reference
 
     sys.stdout.write(field_reference())
     return 0
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from kubetrain import estimate
+    from kubetrain.cli import estimate
 
     if args.file:
         if args.params or args.tokens:
@@ -100,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
         raise UserError(f"to run {args.file} on this machine add --local; to run it on a "
                         f"cluster with the operator installed: kubectl apply -f {args.file}")
-    return _lazy("kubetrain.local:cli_run")(args)
+    return _lazy("kubetrain.local.command:cli_run")(args)
 
 
 def _positive_float(text: str) -> float:
@@ -159,20 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="store URI (default file://.kubetrain/store)")
     p.add_argument("--namespace", default="default")
     p.add_argument("-o", "--output", help="output folder (default .kubetrain/reports/RUN)")
-    p.set_defaults(func=_lazy("kubetrain.report:cli_report"))
+    p.set_defaults(func=_lazy("kubetrain.local.report:cli_report"))
 
     p = sub.add_parser("status", help="runs on the cluster: phase, stage, progress, cost")
     p.add_argument("run", nargs="?", metavar="RUN")
     p.add_argument("-n", "--namespace", default=None)
     p.add_argument("-A", "--all-namespaces", action="store_true")
-    p.set_defaults(func=_lazy("kubetrain.clusterctl:cli_status"))
+    p.set_defaults(func=_lazy("kubetrain.cli.cluster:cli_status"))
 
     p = sub.add_parser("logs", help="follow the active trainer pod of a run")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--stage", help="stage name (default: the active one)")
     p.add_argument("-n", "--namespace", default=None)
     p.add_argument("-f", "--follow", action="store_true", default=True)
-    p.set_defaults(func=_lazy("kubetrain.clusterctl:cli_logs"))
+    p.set_defaults(func=_lazy("kubetrain.cli.cluster:cli_logs"))
 
     p = sub.add_parser("operator", help="run the operator (what the Helm chart runs)")
     p.add_argument("-n", "--namespace", action="append", default=[],
@@ -182,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liveness-port", type=int, default=8081)
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
     p.add_argument("--verbose", action="store_true")
-    p.set_defaults(func=_lazy("kubetrain.operator_main:cli_operator"))
+    p.set_defaults(func=_lazy("kubetrain.operator.main:cli_operator"))
     return parser
 
 

@@ -3,14 +3,14 @@ how long, how much — answered as a table before anything runs."""
 
 from __future__ import annotations
 
-from kubetrain.accounting import (
+from kubetrain.core.accounting import (
     RunEstimate,
     StageEstimate,
     estimate_params_tokens,
     estimate_run,
     human,
 )
-from kubetrain.api import TrainingRun
+from kubetrain.core.api import TrainingRun
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -72,7 +72,7 @@ def render_params_tokens(params: float, tokens: float, gpu: str = "h100", mfu: f
     try:
         est = estimate_params_tokens(params, tokens, gpu=gpu, mfu=mfu, gpus=gpus)
     except ValueError as exc:
-        from kubetrain.cli import UserError
+        from kubetrain.core.errors import UserError
 
         raise UserError(str(exc)) from None
     return render(est, f"Pre-training {human(params)} parameters on {human(tokens)} tokens "

@@ -1,7 +1,7 @@
 """The TrainingRun resource: the single source of truth.
 
-The CRD's OpenAPI schema (``kubetrain.crd``), the README's field reference
-(``kubetrain.docs``) and the validation messages of ``kubetrain validate`` and the
+The CRD's OpenAPI schema (``kubetrain.core.crd``), the README's field reference
+(``kubetrain.docgen.fields``) and the validation messages of ``kubetrain validate`` and the
 operator all come from the models in this module. Each field carries its
 documentation and its default where it is declared.
 

@@ -1,6 +1,6 @@
 """The only operator code that talks to the Kubernetes API (kubernetes client, sync).
 
-Objects come back as plain dicts (the wire form), which is what ``kubetrain.plan``
+Objects come back as plain dicts (the wire form), which is what ``kubetrain.operator.plan``
 takes. Creating what exists (409) and deleting what is gone (404) count as success:
 the plan is level-based, so a retry after a partial failure must be harmless.
 """
@@ -15,8 +15,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain import api
-from kubetrain.resources import LABEL_RUN
+from kubetrain.core import api
+from kubetrain.operator.resources import LABEL_RUN
 
 
 class NoClusterError(RuntimeError):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from kubetrain import api, contract
-from kubetrain.api import TrainingRunSpec
-from kubetrain.config import OperatorConfig
+from kubetrain.core import api, contract
+from kubetrain.core.api import TrainingRunSpec
+from kubetrain.operator.config import OperatorConfig
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -22,7 +22,7 @@ LABEL_RUN = "kubetrain.dev/run"
 LABEL_STAGE = "kubetrain.dev/stage"
 LABEL_GPU_TYPE = "kubetrain.dev/gpu-type"
 # The stage's restart count when this Job was created: a failed Job whose attempt is N
-# means N + 1 restarts, however often the operator observes it (see kubetrain.plan).
+# means N + 1 restarts, however often the operator observes it (see kubetrain.operator.plan).
 ANNOTATION_ATTEMPT = "kubetrain.dev/attempt"
 ANNOTATION_STAGE_INDEX = "kubetrain.dev/stage-index"
 GPU_RESOURCE = "nvidia.com/gpu"

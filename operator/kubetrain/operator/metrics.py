@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubetrain.api import RunPhase, StagePhase
-from kubetrain.progress import parse_time
+from kubetrain.core.api import RunPhase, StagePhase
+from kubetrain.operator.progress import parse_time
 
 PREFIX = "kubetrain_operator"
 
@@ -80,7 +80,7 @@ def _phase(status: dict[str, Any]) -> str:
 
 def stalled_stage(status: dict[str, Any]) -> str | None:
     """The stage the operator considers stalled: the run's current stage while its
-    condition Stalled is True (kubetrain.plan sets it on the running stage whose progress
+    condition Stalled is True (kubetrain.operator.plan sets it on the running stage whose progress
     record has not changed for stallTimeoutSeconds, and clears it once the trainer
     reports progress or the stage stops running)."""
     for cond in status.get("conditions") or []:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from kubetrain import contract
+from kubetrain.core import contract
 
 
 class StoreError(RuntimeError):

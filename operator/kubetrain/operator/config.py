@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kubetrain.api import Pricing, format_errors, wire_name
+from kubetrain.core.api import Pricing, format_errors, wire_name
 
 
 class ConfigError(ValueError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kubetrain.api import ModelSpec, Pricing, Stage, TrainingRunSpec
+from kubetrain.core.api import ModelSpec, Pricing, Stage, TrainingRunSpec
 
 JOULES_PER_KWH = 3.6e6
 DEFAULT_MFU = 0.40

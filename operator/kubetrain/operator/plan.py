@@ -5,7 +5,7 @@
 to do: children to create and delete, the status to write, annotations to keep, events
 to emit. It is level-based: it never depends on which event woke the operator up, so a
 timer, a Job event, a restart of the operator or a retry after a conflict all lead to
-the same result. Handlers (``kubetrain.handlers``) only gather the inputs and apply it.
+the same result. Handlers (``kubetrain.operator.handlers``) only gather the inputs and apply it.
 
 Decisions, in words:
 
@@ -35,8 +35,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetrain import accounting, api, resources
-from kubetrain.api import (
+from kubetrain.core import accounting, api
+from kubetrain.core.api import (
     BudgetAction,
     Condition,
     Estimate,
@@ -48,8 +48,9 @@ from kubetrain.api import (
     TrainingRunSpec,
     TrainingRunStatus,
 )
-from kubetrain.config import OperatorConfig, effective_pricing
-from kubetrain.progress import (
+from kubetrain.operator import resources
+from kubetrain.operator.config import OperatorConfig, effective_pricing
+from kubetrain.operator.progress import (
     StageRecords,
     apply_costs,
     apply_record,

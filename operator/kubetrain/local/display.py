@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
-from kubetrain.accounting import JOULES_PER_KWH
+from kubetrain.core.accounting import JOULES_PER_KWH
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`kubetrain run FILE --local`: the manifest's stages, in order, as processes here.
 
 The local runner plays the operator's part on one machine: each stage gets exactly the
-environment a pod would get (:func:`kubetrain.contract.stage_environment`), with the
+environment a pod would get (:func:`kubetrain.core.contract.stage_environment`), with the
 values a cluster would fill in resolved locally (node rank 0, master 127.0.0.1,
 Secret references read from this shell's ``AWS_*`` variables). Progress, resumption
 and the summary all come from what the trainer writes to the store, as on a cluster:
@@ -22,9 +22,7 @@ Choices, and why:
 
 from __future__ import annotations
 
-import argparse
 import collections
-import importlib.util
 import os
 import signal
 import socket
@@ -32,16 +30,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from kubetrain import accounting, contract
-from kubetrain.api import Stage, TrainingRun, TrainingRunSpec
-from kubetrain.cli import UserError, load_manifest
-from kubetrain.display import Display, StageLine, make_display, stage_line
-from kubetrain.store import ObjectStore, StoreError, open_store
+from kubetrain.core import accounting, contract
+from kubetrain.core.api import Stage, TrainingRun, TrainingRunSpec
+from kubetrain.core.errors import UserError
+from kubetrain.core.store import StoreError, open_store
+from kubetrain.local.collector import RunCollector
+from kubetrain.local.display import Display, StageLine, stage_line
 
 STATE_DIR = ".kubetrain"
 TRAINER_MODULE = "kubetrain_trainer"
@@ -51,8 +50,6 @@ STOP_GRACE_SECONDS = 120.0
 # How the trainer starts its one-line failure reason (kubetrain_trainer.train.main).
 TRAINER_ERROR_PREFIX = "kubetrain-trainer: error: "
 INSTALL_TRAINER = "pip install 'kubetrain[trainer]'"
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 
 def default_store_uri(cwd: Path | None = None) -> str:
@@ -149,94 +146,6 @@ def record_cost(spec: TrainingRunSpec, stage: Stage,
         res.gpus_per_node * res.nodes * float(record.get("wallSeconds") or 0.0),
         float(record.get("energyJoules") or 0.0), spec.pricing,
         accounting.gpu_hour_price(spec.pricing, acc))
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-@dataclass
-class _Observed:
-    line: StageLine
-    total_steps: int
-
-
-class RunCollector:
-    """Prometheus collector mirroring the runner's view of each stage at scrape time
-    (the trainer's own records), labelled by run and stage."""
-
-    def __init__(self, run: str, namespace: str):
-        self.run = run
-        self.namespace = namespace
-        self.stages: dict[str, _Observed] = {}
-        self.lock = threading.Lock()
-
-    def observe(self, line: StageLine, total_steps: int) -> None:
-        with self.lock:
-            self.stages[line.name] = _Observed(line, total_steps)
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        labels = ["run", "namespace", "stage"]
-        g = {name: GaugeMetricFamily(f"kubetrain_local_stage_{name}", doc, labels=labels)
-             for name, doc in [
-                 ("step", "Last optimizer step reported by the trainer."),
-                 ("total_steps", "Steps the stage will take."),
-                 ("progress_ratio", "step / total steps, 0..1."),
-                 ("loss", "Last training loss."),
-                 ("eval_accuracy_ratio", "Last evaluation accuracy, 0..1."),
-                 ("tokens_per_second", "Recent training throughput."),
-             ]}
-        c = {name: CounterMetricFamily(f"kubetrain_local_stage_{name}", doc,
-                                       labels=[*labels, *extra])
-             for name, doc, extra in [
-                 ("tokens", "Tokens trained on.", []),
-                 ("energy_joules", "Energy used (IT load).", ["source"]),
-                 ("cost_usd", "Cost so far (GPU time and energy at the manifest's prices).", []),
-                 ("co2_grams", "Grams CO2 so far.", []),
-             ]}
-        with self.lock:
-            observed = list(self.stages.values())
-        for obs in observed:
-            line, key = obs.line, [self.run, self.namespace, obs.line.name]
-            g["step"].add_metric(key, line.step)
-            g["total_steps"].add_metric(key, obs.total_steps)
-            g["progress_ratio"].add_metric(key, min(1.0, line.step / max(obs.total_steps, 1)))
-            for name, value in [("loss", line.loss), ("eval_accuracy_ratio", line.accuracy),
-                                ("tokens_per_second", line.tokens_per_second)]:
-                if value is not None:
-                    g[name].add_metric(key, value)
-            c["tokens"].add_metric(key, line.tokens)
-            c["energy_joules"].add_metric([*key, line.energy_source or "estimate"],
-                                          line.energy_joules)
-            c["cost_usd"].add_metric(key, line.cost_usd)
-            c["co2_grams"].add_metric(key, line.co2_grams)
-        yield from g.values()
-        yield from c.values()
-
-
-def serve_metrics(collector: RunCollector, port: int) -> Callable[[], None]:
-    """Serve ``collector`` on 127.0.0.1:``port``; returns the function that stops it."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    registry = CollectorRegistry()
-    registry.register(collector)
-    try:
-        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-    except OSError:
-        raise UserError(f"port {port} is already in use (another `kubetrain run`?): pass "
-                        "--metrics-port with a free port, or --metrics-port 0 for no "
-                        "metrics endpoint") from None
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-    return stop
-
-
-# --------------------------------------------------------------------------- runner
 
 
 @dataclass
@@ -457,18 +366,6 @@ def _copy_stderr(stream: Any, log: Any, tail: collections.deque[str]) -> None:
     stream.close()
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def check_trainer_installed() -> None:
-    """Fail in one line, before anything starts, when this Python cannot train."""
-    if importlib.util.find_spec("torch") is None:
-        raise UserError(f"PyTorch is not installed for {sys.executable}, and local runs "
-                        f"train with it: {INSTALL_TRAINER}")
-    if importlib.util.find_spec(TRAINER_MODULE) is None:
-        raise UserError(f"the trainer package is not installed: {INSTALL_TRAINER}")
-
-
 def resolve_store_root(given: str | None) -> str:
     """The store a local run writes to: ``--store``, else ``.kubetrain/store`` here."""
     if not given:
@@ -481,116 +378,3 @@ def resolve_store_root(given: str | None) -> str:
         raise UserError(f"--store {given!r}: unsupported scheme (accepted: s3://BUCKET/PREFIX "
                         "or file://PATH or a folder)")
     return Path(given).resolve().as_uri()
-
-
-def check_store(store: ObjectStore, uri: str) -> None:
-    """Touch the store once up front so an unreachable S3 is one line, not a traceback."""
-    try:
-        store.exists(contract.PROGRESS)
-    except StoreError as exc:
-        raise UserError(f"store {uri}: {exc}") from None
-    except Exception as exc:
-        # botocore's credential and connection errors are not StoreErrors.
-        name = type(exc).__name__
-        if name == "NoCredentialsError":
-            raise UserError(f"store {uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY (and KUBETRAIN_S3_ENDPOINT for a "
-                            "non-AWS store), or drop --store to use a local folder") from None
-        raise UserError(f"store {uri}: {name}: {exc}") from None
-
-
-def cli_run(args: argparse.Namespace) -> int:
-    """``kubetrain run FILE --local``; returns the exit code."""
-    run = load_manifest(args.file)
-    check_trainer_installed()
-    store_root = resolve_store_root(args.store)
-    out = sys.stdout
-    name = run.metadata.name
-    display = make_display(args.plain)
-    try:
-        runner = LocalRunner(run, store_root, display,
-                             log_dir=Path(STATE_DIR) / "logs" / name)
-    except (StoreError, ValueError) as exc:
-        display.close()
-        raise UserError(f"--store {store_root}: {exc}") from None
-    try:
-        check_store(runner.store, store_root)
-    except UserError:
-        display.close()
-        raise
-    stop_metrics: Callable[[], None] | None = None
-    if args.metrics_port:
-        try:
-            stop_metrics = serve_metrics(runner.collector, args.metrics_port)
-        except UserError:
-            display.close()
-            raise
-        trainer_port = args.metrics_port + 1
-        runner.trainer_metrics_port = trainer_port if port_free(trainer_port) else free_port()
-    try:
-        _intro(runner, display, args)
-        outcomes = runner.execute()
-        return _conclude(runner, display, outcomes, args, out)
-    finally:
-        display.close()
-        if stop_metrics is not None:
-            stop_metrics()
-
-
-def _intro(runner: LocalRunner, display: Display, args: argparse.Namespace) -> None:
-    run = runner.run
-    stages = " -> ".join(s.name for s in run.spec.stages)
-    params = accounting.parameter_count(run.spec.model)
-    folder = f"{runner.store_root}/{run.metadata.namespace}/{run.metadata.name}/"
-    display.message(f"kubetrain: run {run.metadata.name!r}, {params / 1e6:.2f}M parameters, "
-                    f"stages {stages}")
-    display.message(f"  checkpoints: {folder}")
-    s3 = run.spec.storage.s3
-    if s3 is not None and not args.store:
-        display.message(f"  (the manifest's {s3.uri()} is used on a cluster; pass --store "
-                        f"{s3.uri()} to use it here)")
-    if args.metrics_port:
-        display.message(f"  metrics:     http://127.0.0.1:{args.metrics_port}/metrics "
-                        f"(trainer: http://127.0.0.1:{runner.trainer_metrics_port}/metrics)")
-    display.message(f"  logs:        {runner.log_dir}/")
-
-
-def _conclude(runner: LocalRunner, display: Display, outcomes: list[StageOutcome],
-              args: argparse.Namespace, out: TextIO) -> int:
-    run = runner.run
-    again = f"kubetrain run {args.file} --local" + (f" --store {args.store}"
-                                                     if args.store else "")
-    last = outcomes[-1] if outcomes else None
-    if last is not None and last.result == "interrupted":
-        where = ""
-        if last.record and last.record.get("checkpoint"):
-            where = f"; last checkpoint {last.record['checkpoint']}"
-        display.close()
-        print(f"kubetrain: interrupted in stage {last.name!r}{where}; continue with: {again}",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if last is not None and last.result == "failed":
-        display.close()
-        print(f"kubetrain: stage {last.name!r} failed: {last.reason}", file=sys.stderr)
-        print(f"kubetrain: fix it, then continue with: {again}", file=sys.stderr)
-        return EXIT_FAILED
-
-    display.summary(f"TrainingRun {run.metadata.name!r}: all "
-                    f"{len(run.spec.stages)} stages complete", runner.summary_lines())
-    display.close()
-    if outcomes and all(o.result == "skipped" for o in outcomes):
-        folder = f"{runner.store_root}/{run.metadata.namespace}/{run.metadata.name}"
-        if folder.startswith("file://"):
-            folder = os.path.relpath(folder.removeprefix("file://"))
-        print(f"(nothing to train: every stage was already complete; to train again from "
-              f"scratch, delete {folder})", file=out)
-    try:
-        from kubetrain.report import write_report
-
-        path = write_report(runner.store, run.metadata.namespace, run.metadata.name,
-                            Path(STATE_DIR) / "reports" / run.metadata.name, spec=run.spec)
-        print(f"report: {path}  (loss curves: {path.parent / 'loss.png'})", file=out)
-    except ImportError:
-        print("report: skipped, matplotlib is not installed: pip install 'kubetrain[local]'",
-              file=out)
-    return 0

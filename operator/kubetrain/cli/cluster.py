@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from kubetrain.cli import UserError
+from kubetrain.core.errors import UserError
 
 
 def _namespace(args: argparse.Namespace) -> str | None:
@@ -25,7 +25,7 @@ def _namespace(args: argparse.Namespace) -> str | None:
 
 
 def _connect() -> Any:
-    from kubetrain import kube
+    from kubetrain.operator import kube
 
     try:
         kube.load_client_config()
@@ -101,7 +101,7 @@ def cli_logs(args: argparse.Namespace) -> int:
     """Follow the log of rank 0 of the run's active (or named) stage."""
     from kubernetes.client.exceptions import ApiException
 
-    from kubetrain.resources import LABEL_RUN, LABEL_STAGE
+    from kubetrain.operator.resources import LABEL_RUN, LABEL_STAGE
 
     kube = _connect()
     ns = _namespace(args) or "default"

@@ -21,11 +21,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubetrain import contract
-from kubetrain.api import TrainingRunSpec
-from kubetrain.display import SUMMARY_COLUMNS, stage_line, summary_rows
-from kubetrain.local import record_cost
-from kubetrain.store import ObjectStore, StoreError, open_store
+from kubetrain.core import contract
+from kubetrain.core.api import TrainingRunSpec
+from kubetrain.core.store import ObjectStore, StoreError, open_store
+from kubetrain.local.display import SUMMARY_COLUMNS, stage_line, summary_rows
+from kubetrain.local.runner import record_cost
 
 METRICS = "metrics.jsonl"
 # (title, y label, function of a record -> value or None)
@@ -204,8 +204,9 @@ progress records; curves are its metrics history.</p>
 
 def cli_report(args: argparse.Namespace) -> int:
     """``kubetrain report RUN``; RUN is a run name or the manifest file."""
-    from kubetrain.cli import UserError, load_manifest
-    from kubetrain.local import resolve_store_root
+    from kubetrain.core.errors import UserError
+    from kubetrain.core.manifest import load_manifest
+    from kubetrain.local.runner import resolve_store_root
 
     spec = None
     name, namespace = args.run, args.namespace
