@@ -52,8 +52,11 @@ def main() -> None:
     opt = build_optimizer(model, Hyperparameters(), torch.device("cpu"))
     model(torch.zeros(1, 8, dtype=torch.long)).sum().backward()
     opt.step()  # AdamW's moments now exist: the optimizer state is 2x the model
-    payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-               "trainer": {"step": 1, "cursor": 0}}
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "trainer": {"step": 1, "cursor": 0},
+    }
 
     server = start_s3_server()
     try:
@@ -99,26 +102,41 @@ def main() -> None:
             model.load_state_dict(loaded.state["model"])
             opt.load_state_dict(loaded.state["optimizer"])
             resume_s.append(load_s + time.perf_counter() - t)
-            print(f"rep {rep}: save {save_mbs[-1]:.0f} MB/s (raw {raw_up_mbs[-1]:.0f}), "
-                  f"load {load_mbs[-1]:.0f} MB/s (raw {raw_down_mbs[-1]:.0f}), "
-                  f"resume {resume_s[-1]:.2f} s", file=sys.stderr)
+            print(
+                f"rep {rep}: save {save_mbs[-1]:.0f} MB/s (raw {raw_up_mbs[-1]:.0f}), "
+                f"load {load_mbs[-1]:.0f} MB/s (raw {raw_down_mbs[-1]:.0f}), "
+                f"resume {resume_s[-1]:.2f} s",
+                file=sys.stderr,
+            )
     finally:
         server.stop()
 
     med = statistics.median
     result = {
-        "bench": "checkpoint_io", "checkpointBytes": size,
-        "parameters": model.num_parameters(), "store": "s3 (moto server, loopback)",
-        "saveMBps": save_mbs, "rawUploadMBps": raw_up_mbs,
-        "loadMBps": load_mbs, "rawDownloadMBps": raw_down_mbs, "resumeSeconds": resume_s,
+        "bench": "checkpoint_io",
+        "checkpointBytes": size,
+        "parameters": model.num_parameters(),
+        "store": "s3 (moto server, loopback)",
+        "saveMBps": save_mbs,
+        "rawUploadMBps": raw_up_mbs,
+        "loadMBps": load_mbs,
+        "rawDownloadMBps": raw_down_mbs,
+        "resumeSeconds": resume_s,
         "saveRatio": med(save_mbs) / med(raw_up_mbs),
         "loadRatio": med(load_mbs) / med(raw_down_mbs),
-        "resumeSecondsMedian": med(resume_s), "goalRatio": 0.9,
+        "resumeSecondsMedian": med(resume_s),
+        "goalRatio": 0.9,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "checkpoint_io.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("checkpointBytes", "saveRatio", "loadRatio",
-                                             "resumeSecondsMedian")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("checkpointBytes", "saveRatio", "loadRatio", "resumeSecondsMedian")
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

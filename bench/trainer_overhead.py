@@ -37,11 +37,21 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def stage(steps: int, batch: int, log_every: int, checkpoint_every: int) -> Stage:
-    return Stage.model_validate({
-        "name": "bench", "type": "pretrain", "checkpointEvery": checkpoint_every,
-        "data": {"evalExamples": 0},
-        "hyperparameters": {"maxSteps": steps, "batchSize": batch, "logEvery": log_every,
-                            "learningRate": 1e-3, "gradClip": 1.0}})
+    return Stage.model_validate(
+        {
+            "name": "bench",
+            "type": "pretrain",
+            "checkpointEvery": checkpoint_every,
+            "data": {"evalExamples": 0},
+            "hyperparameters": {
+                "maxSteps": steps,
+                "batchSize": batch,
+                "logEvery": log_every,
+                "learningRate": 1e-3,
+                "gradClip": 1.0,
+            },
+        }
+    )
 
 
 def bare(spec: ModelSpec, st: Stage) -> float:
@@ -66,9 +76,12 @@ def trainer(spec: ModelSpec, st: Stage) -> float:
     """Seconds for Trainer.run(): the same steps plus progress, checkpoints, FINAL."""
     with tempfile.TemporaryDirectory(prefix="kubetrain-bench-") as tmp:
         cfg = StageConfig(run="bench", namespace="bench", model=spec, stage=st)
-        env = {contract.ENV_STAGE_CONFIG: cfg.model_dump_json(by_alias=True),
-               contract.ENV_CHECKPOINT_URI: Path(tmp, "stage").as_uri(),
-               contract.ENV_METRICS_PORT: "0", "OMP_NUM_THREADS": "1"}
+        env = {
+            contract.ENV_STAGE_CONFIG: cfg.model_dump_json(by_alias=True),
+            contract.ENV_CHECKPOINT_URI: Path(tmp, "stage").as_uri(),
+            contract.ENV_METRICS_PORT: "0",
+            "OMP_NUM_THREADS": "1",
+        }
         t = Trainer(env, init_distributed(env))
         start = time.perf_counter()
         t.run()
@@ -93,18 +106,28 @@ def main() -> None:
     for rep in range(args.reps):
         bare_tps.append(tokens / bare(spec, st))
         trainer_tps.append(tokens / trainer(spec, st))
-        print(f"rep {rep}: bare {bare_tps[-1]:.0f} tok/s, trainer {trainer_tps[-1]:.0f} tok/s",
-              file=sys.stderr)
+        print(
+            f"rep {rep}: bare {bare_tps[-1]:.0f} tok/s, trainer {trainer_tps[-1]:.0f} tok/s",
+            file=sys.stderr,
+        )
     result = {
         "bench": "trainer_overhead",
         "model": spec.model_dump(by_alias=True, exclude_none=True),
-        "steps": args.steps, "batchSize": args.batch, "tokensPerRep": tokens,
-        "logEvery": 10, "checkpointEvery": 50, "store": "file://", "threads": args.threads,
-        "bareTokensPerSecond": bare_tps, "trainerTokensPerSecond": trainer_tps,
+        "steps": args.steps,
+        "batchSize": args.batch,
+        "tokensPerRep": tokens,
+        "logEvery": 10,
+        "checkpointEvery": 50,
+        "store": "file://",
+        "threads": args.threads,
+        "bareTokensPerSecond": bare_tps,
+        "trainerTokensPerSecond": trainer_tps,
         "bareMedian": statistics.median(bare_tps),
         "trainerMedian": statistics.median(trainer_tps),
         "ratio": statistics.median(trainer_tps) / statistics.median(bare_tps),
-        "goalRatio": 0.95, "device": "cpu", "machine": platform.machine(),
+        "goalRatio": 0.95,
+        "device": "cpu",
+        "machine": platform.machine(),
         "torch": torch.__version__,
     }
     RESULTS.mkdir(exist_ok=True)

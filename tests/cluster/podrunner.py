@@ -59,8 +59,14 @@ _FIELD_RE = re.compile(r"^metadata\.(annotations|labels)\['(.+)'\]$")
 class PodRunner:
     """Runs pods bound to ``nodes`` as local processes until :meth:`stop`."""
 
-    def __init__(self, api: client.ApiClient, nodes: set[str], *,
-                 extra_env: dict[str, str] | None = None, poll: float = 0.3):
+    def __init__(
+        self,
+        api: client.ApiClient,
+        nodes: set[str],
+        *,
+        extra_env: dict[str, str] | None = None,
+        poll: float = 0.3,
+    ):
         self.core = client.CoreV1Api(api)
         self.nodes = set(nodes)
         self.extra_env = dict(extra_env or {})
@@ -116,8 +122,9 @@ class PodRunner:
 
     def log_of(self, name: str) -> str:
         """The output of every process that ran for pods called ``name``."""
-        return "\n".join(p.read_text(errors="replace")
-                         for p in sorted(self.logdir.glob(f"*{name}*.log")))
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.logdir.glob(f"*{name}*.log"))
+        )
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -139,9 +146,12 @@ class PodRunner:
             with self._lock:
                 known = uid in self.running or uid in self.finished
             annotations = pod.metadata.annotations or {}
-            if (not known and pod.status.phase == "Running"
-                    and pod.metadata.deletion_timestamp is None
-                    and EXIT_CODE_ANNOTATION not in annotations):
+            if (
+                not known
+                and pod.status.phase == "Running"
+                and pod.metadata.deletion_timestamp is None
+                and EXIT_CODE_ANNOTATION not in annotations
+            ):
                 self._launch(pod)
         with self._lock:
             items = list(self.running.items())
@@ -149,8 +159,12 @@ class PodRunner:
             pod = present.get(uid)
             code = running.proc.poll()
             if code is not None:
-                self._finish(uid, running, code, report=pod is not None
-                             and pod.metadata.deletion_timestamp is None)
+                self._finish(
+                    uid,
+                    running,
+                    code,
+                    report=pod is not None and pod.metadata.deletion_timestamp is None,
+                )
             elif pod is None or pod.metadata.deletion_timestamp is not None:
                 # Deleted (suspend, Job or run deleted): SIGTERM now, SIGKILL after grace.
                 if running.terminating_since is None:
@@ -161,8 +175,11 @@ class PodRunner:
 
     def _launch(self, pod: client.V1Pod) -> None:
         container = pod.spec.containers[0]
-        env = {k: v for k, v in os.environ.items()
-               if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")
+        }
         env.update(self._resolve_env(pod, container))
         env["PET_MASTER_ADDR"] = "127.0.0.1"
         port = free_port()
@@ -178,14 +195,20 @@ class PodRunner:
         meta = pod.metadata
         log = self.logdir / f"{meta.namespace}_{meta.name}_{meta.uid[:8]}.log"
         fh = open(log, "wb")  # noqa: SIM115 - closed when the process is reaped
-        proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=self.logdir, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=self.logdir,
+            start_new_session=True,
+        )
         fh.close()
         grace = pod.spec.termination_grace_period_seconds or 30
         with self._lock:
             self.running[pod.metadata.uid] = RunningPod(
-                pod.metadata.namespace, pod.metadata.name, pod.metadata.uid, proc, log,
-                grace, port)
+                pod.metadata.namespace, pod.metadata.name, pod.metadata.uid, proc, log, grace, port
+            )
 
     def _finish(self, uid: str, running: RunningPod, code: int, report: bool) -> None:
         exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128 + N

@@ -47,8 +47,13 @@ STORE_PREFIX = "kubetrain"
 # --------------------------------------------------------------------------- manifests
 
 
-def tiny_curriculum(name: str, *, steps: int | dict[str, int] = 20, checkpoint_every: int = 10,
-                    stages: tuple[str, ...] | None = None) -> dict[str, Any]:
+def tiny_curriculum(
+    name: str,
+    *,
+    steps: int | dict[str, int] = 20,
+    checkpoint_every: int = 10,
+    stages: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
     """``examples/tiny-run.yaml`` with its curriculum shape (stage names, types, data,
     pricing, budget) but a model and step counts that train in seconds on a busy CPU.
 
@@ -87,12 +92,16 @@ def tiny_curriculum(name: str, *, steps: int | dict[str, int] = 20, checkpoint_e
 def write_operator_config(path: Path) -> Path:
     """Operator settings for tests: progress read every second, and a grace period long
     enough for a tiny model's checkpoint but short enough that a stuck pod fails fast."""
-    path.write_text(yaml.safe_dump({
-        "pollIntervalSeconds": 1,
-        "terminationGraceSeconds": 20,
-        "image": "kubetrain/trainer:e2e",
-        "imagePullPolicy": "Never",
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "pollIntervalSeconds": 1,
+                "terminationGraceSeconds": 20,
+                "image": "kubetrain/trainer:e2e",
+                "imagePullPolicy": "Never",
+            }
+        )
+    )
     return path
 
 
@@ -128,8 +137,12 @@ class Scenario:
     # ---- operator
     def start_operator(self, kubeconfig: Path | None = None) -> OperatorProcess:
         config = write_operator_config(self.workdir / "operator-config.yaml")
-        op = OperatorProcess(kubeconfig or self.admin_kubeconfig, self.namespace,
-                             self.workdir / f"operator-{len(self.operators)}.log", config=config)
+        op = OperatorProcess(
+            kubeconfig or self.admin_kubeconfig,
+            self.namespace,
+            self.workdir / f"operator-{len(self.operators)}.log",
+            config=config,
+        )
         self.operators.append(op)
         return op.start()
 
@@ -144,22 +157,31 @@ class Scenario:
     def create_run(self, manifest: dict[str, Any]) -> dict[str, Any]:
         manifest = json.loads(json.dumps(manifest))
         manifest["metadata"]["namespace"] = self.namespace
-        manifest["spec"]["storage"] = {"s3": {
-            "bucket": self.bucket, "prefix": STORE_PREFIX, "endpoint": self.s3.endpoint,
-            "region": self.s3.region, "credentialsSecret": CREDENTIALS_SECRET}}
+        manifest["spec"]["storage"] = {
+            "s3": {
+                "bucket": self.bucket,
+                "prefix": STORE_PREFIX,
+                "endpoint": self.s3.endpoint,
+                "region": self.s3.region,
+                "credentialsSecret": CREDENTIALS_SECRET,
+            }
+        }
         return self.custom.create_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, manifest)
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, manifest
+        )
 
     def get_run(self, name: str) -> dict[str, Any]:
-        return self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION,
-                                                        self.namespace, api.PLURAL, name)
+        return self.custom.get_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+        )
 
     def status(self, name: str) -> dict[str, Any]:
         return self.get_run(name).get("status") or {}
 
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, self.namespace,
-                                                   api.PLURAL, name, {"spec": spec})
+        self.custom.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name, {"spec": spec}
+        )
 
     def phase_is(self, name: str, phase: str) -> dict[str, Any] | None:
         status = self.status(name)
@@ -168,33 +190,47 @@ class Scenario:
         return status if status.get("phase") == phase else None
 
     def wait_phase(self, name: str, phase: str, timeout: float = 240) -> dict[str, Any]:
-        return wait_for(lambda: self.phase_is(name, phase), timeout=timeout,
-                        what=f"run {self.namespace}/{name} reaching phase {phase}",
-                        interval=0.5, detail=self.detail)
+        return wait_for(
+            lambda: self.phase_is(name, phase),
+            timeout=timeout,
+            what=f"run {self.namespace}/{name} reaching phase {phase}",
+            interval=0.5,
+            detail=self.detail,
+        )
 
     # ---- children
     def jobs(self, run: str) -> list[client.V1Job]:
         return self.batch.list_namespaced_job(
-            self.namespace, label_selector=f"{resources.LABEL_RUN}={run}").items
+            self.namespace, label_selector=f"{resources.LABEL_RUN}={run}"
+        ).items
 
     def pods(self, run: str) -> list[client.V1Pod]:
         return self.core.list_namespaced_pod(
-            self.namespace, label_selector=f"{resources.LABEL_RUN}={run}").items
+            self.namespace, label_selector=f"{resources.LABEL_RUN}={run}"
+        ).items
 
     def services(self, run: str) -> list[client.V1Service]:
         return self.core.list_namespaced_service(
-            self.namespace, label_selector=f"{resources.LABEL_RUN}={run}").items
+            self.namespace, label_selector=f"{resources.LABEL_RUN}={run}"
+        ).items
 
     def running_trainer(self, run: str, stage: str) -> str | None:
         """Name of the pod of ``stage`` whose trainer process PodRunner is running."""
         prefix = f"{resources.child_name(run, stage)}-"
-        return next((name for ns, name in self.runner.running_pods()
-                     if ns == self.namespace and name.startswith(prefix)), None)
+        return next(
+            (
+                name
+                for ns, name in self.runner.running_pods()
+                if ns == self.namespace and name.startswith(prefix)
+            ),
+            None,
+        )
 
     def trainer_logs(self) -> str:
         """Output of every trainer process of this namespace, oldest first."""
-        logs = sorted(self.runner.logdir.glob(f"{self.namespace}_*.log"),
-                      key=lambda p: p.stat().st_mtime)
+        logs = sorted(
+            self.runner.logdir.glob(f"{self.namespace}_*.log"), key=lambda p: p.stat().st_mtime
+        )
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in logs)
 
     # ---- store
@@ -229,8 +265,19 @@ class Scenario:
         for run in self._run_names():
             try:
                 parts.append(f"run {run} status: {json.dumps(self.status(run))[:3000]}")
-                parts.append(f"jobs: {[(j.metadata.name, j.metadata.uid[:8], j.status.active, j.status.succeeded, j.status.failed) for j in self.jobs(run)]}")  # noqa: E501
-                parts.append(f"pods: {[(p.metadata.name, p.spec.node_name, p.status.phase) for p in self.pods(run)]}")  # noqa: E501
+                jobs = [
+                    (
+                        j.metadata.name,
+                        j.metadata.uid[:8],
+                        j.status.active,
+                        j.status.succeeded,
+                        j.status.failed,
+                    )
+                    for j in self.jobs(run)
+                ]
+                pods = [(p.metadata.name, p.spec.node_name, p.status.phase) for p in self.pods(run)]
+                parts.append(f"jobs: {jobs}")
+                parts.append(f"pods: {pods}")
             except Exception as exc:  # the detail must never hide the real failure
                 parts.append(f"run {run}: {exc!r}")
         for i, op in enumerate(self.operators):
@@ -242,24 +289,36 @@ class Scenario:
 
     def _run_names(self) -> list[str]:
         try:
-            out = self.custom.list_namespaced_custom_object(api.GROUP, api.VERSION,
-                                                            self.namespace, api.PLURAL)
+            out = self.custom.list_namespaced_custom_object(
+                api.GROUP, api.VERSION, self.namespace, api.PLURAL
+            )
         except ApiException:
             return []
         return [r["metadata"]["name"] for r in out.get("items") or []]
 
 
-def new_scenario(admin: client.ApiClient, kubeconfig: Path, runner: PodRunner,
-                 s3: S3Server, control_plane: Any, label: str, workdir: Path) -> Scenario:
+def new_scenario(
+    admin: client.ApiClient,
+    kubeconfig: Path,
+    runner: PodRunner,
+    s3: S3Server,
+    control_plane: Any,
+    label: str,
+    workdir: Path,
+) -> Scenario:
     """A fresh namespace with the S3 credentials Secret the runs name, and a bucket."""
     suffix = uuid.uuid4().hex[:6]
     namespace = f"e2e-{label}-{suffix}"
     control_plane.create_namespace(namespace)
     bucket = s3.create_bucket(f"e2e-{label}-{suffix}")
     data = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
-    client.CoreV1Api(admin).create_namespaced_secret(namespace, client.V1Secret(
-        metadata=client.V1ObjectMeta(name=CREDENTIALS_SECRET),
-        data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()}))
+    client.CoreV1Api(admin).create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name=CREDENTIALS_SECRET),
+            data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        ),
+    )
     return Scenario(admin, kubeconfig, runner, s3, namespace, bucket, workdir)
 
 
@@ -274,8 +333,7 @@ class BackgroundSampler:
         self.interval = interval
         self.errors: list[str] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=type(self).__name__,
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=type(self).__name__, daemon=True)
 
     def sample(self) -> None:
         raise NotImplementedError

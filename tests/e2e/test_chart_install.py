@@ -31,15 +31,25 @@ def installed(control_plane: Any) -> Iterator[str]:
         helm_uninstall(control_plane.kubeconfig)
 
 
-def _allowed(admin: client.ApiClient, user: str, group: str, resource: str, verb: str,
-             namespace: str | None) -> bool:
+def _allowed(
+    admin: client.ApiClient, user: str, group: str, resource: str, verb: str, namespace: str | None
+) -> bool:
     sub, _, subresource = resource.partition("/")
-    review = client.V1SubjectAccessReview(spec=client.V1SubjectAccessReviewSpec(
-        user=user, resource_attributes=client.V1ResourceAttributes(
-            group=group, resource=sub, subresource=subresource or None, verb=verb,
-            namespace=namespace)))
-    return bool(client.AuthorizationV1Api(admin).create_subject_access_review(review)
-                .status.allowed)
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=user,
+            resource_attributes=client.V1ResourceAttributes(
+                group=group,
+                resource=sub,
+                subresource=subresource or None,
+                verb=verb,
+                namespace=namespace,
+            ),
+        )
+    )
+    return bool(
+        client.AuthorizationV1Api(admin).create_subject_access_review(review).status.allowed
+    )
 
 
 def _as_operator(control_plane: Any, user: str = SA_USER) -> client.ApiClient:
@@ -48,15 +58,18 @@ def _as_operator(control_plane: Any, user: str = SA_USER) -> client.ApiClient:
     return impersonating
 
 
-def test_install_serves_the_crd_and_creates_the_operator(control_plane: Any,
-                                                         installed: str) -> None:
+def test_install_serves_the_crd_and_creates_the_operator(
+    control_plane: Any, installed: str
+) -> None:
     admin = control_plane.api_client()
     ext = client.ApiextensionsV1Api(admin)
 
     def established() -> bool:
         crd = ext.read_custom_resource_definition(f"{api.PLURAL}.{api.GROUP}")
-        return any(c.type == "Established" and c.status == "True"
-                   for c in crd.status.conditions or [])
+        return any(
+            c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
+        )
+
     wait_for(established, timeout=60, what="the TrainingRun CRD becoming Established")
 
     apps, core = client.AppsV1Api(admin), client.CoreV1Api(admin)
@@ -69,24 +82,34 @@ def test_install_serves_the_crd_and_creates_the_operator(control_plane: Any,
     assert rbac.read_cluster_role("kubetrain")
     binding = rbac.read_cluster_role_binding("kubetrain")
     assert [(s.kind, s.namespace, s.name) for s in binding.subjects] == [
-        ("ServiceAccount", "kubetrain", "kubetrain")]
+        ("ServiceAccount", "kubetrain", "kubetrain")
+    ]
     for command in ("kubectl apply -f examples/", "kubectl get tr", "kubetrain status"):
         assert command in installed
 
 
 def test_operator_service_account_may_do_what_the_operator_does(
-        control_plane: Any, installed: str) -> None:
+    control_plane: Any, installed: str
+) -> None:
     admin = control_plane.api_client()
-    denied = [(g, r, v) for g, r, v in sorted(OPERATOR_NAMESPACED)
-              if not _allowed(admin, SA_USER, g, r, v, "default")]
+    denied = [
+        (g, r, v)
+        for g, r, v in sorted(OPERATOR_NAMESPACED)
+        if not _allowed(admin, SA_USER, g, r, v, "default")
+    ]
     assert not denied
-    for group, resource in [("apiextensions.k8s.io", "customresourcedefinitions"),
-                            ("", "namespaces")]:
+    for group, resource in [
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+        ("", "namespaces"),
+    ]:
         assert _allowed(admin, SA_USER, group, resource, "watch", None)
     # Least privilege: no Secret listing, no pod deletion, no CRD changes.
-    for group, resource, verb in [("", "secrets", "list"), ("", "pods", "delete"),
-                                  ("apiextensions.k8s.io", "customresourcedefinitions",
-                                   "delete"), ("kubetrain.dev", "trainingruns", "delete")]:
+    for group, resource, verb in [
+        ("", "secrets", "list"),
+        ("", "pods", "delete"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "delete"),
+        ("kubetrain.dev", "trainingruns", "delete"),
+    ]:
         assert not _allowed(admin, SA_USER, group, resource, verb, "default")
 
     # The calls kopf and the operator start with, made as the ServiceAccount.
@@ -94,8 +117,9 @@ def test_operator_service_account_may_do_what_the_operator_does(
     run["metadata"] = {"name": "rbac-check", "namespace": "default"}
     custom_admin = client.CustomObjectsApi(admin)
     try:
-        custom_admin.create_namespaced_custom_object(api.GROUP, api.VERSION, "default",
-                                                     api.PLURAL, run)
+        custom_admin.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, "default", api.PLURAL, run
+        )
     except ApiException as exc:
         pytest.fail(f"the served CRD rejected examples/tiny-run.yaml: {exc.body}")
     try:
@@ -104,21 +128,31 @@ def test_operator_service_account_may_do_what_the_operator_does(
         listed = custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)
         assert "rbac-check" in {i["metadata"]["name"] for i in listed["items"]}
         custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, "default", api.PLURAL, "rbac-check",
-            {"status": {"phase": "Pending"}})
+            api.GROUP,
+            api.VERSION,
+            "default",
+            api.PLURAL,
+            "rbac-check",
+            {"status": {"phase": "Pending"}},
+        )
         client.ApiextensionsV1Api(operator).list_custom_resource_definition()
         with pytest.raises(ApiException) as exc:
             client.CoreV1Api(operator).list_namespaced_secret("default")
         assert exc.value.status == 403
     finally:
-        custom_admin.delete_namespaced_custom_object(api.GROUP, api.VERSION, "default",
-                                                     api.PLURAL, "rbac-check")
+        custom_admin.delete_namespaced_custom_object(
+            api.GROUP, api.VERSION, "default", api.PLURAL, "rbac-check"
+        )
 
 
 def test_namespaced_install_grants_only_the_watched_namespaces(control_plane: Any) -> None:
     control_plane.create_namespace("team-a")
-    helm_install(control_plane.kubeconfig, release="kt-ns", namespace="kt-ns",
-                 values={"watchNamespaces": ["team-a"], "grafanaDashboard": {"enabled": False}})
+    helm_install(
+        control_plane.kubeconfig,
+        release="kt-ns",
+        namespace="kt-ns",
+        values={"watchNamespaces": ["team-a"], "grafanaDashboard": {"enabled": False}},
+    )
     try:
         admin = control_plane.api_client()
         user = "system:serviceaccount:kt-ns:kt-ns-kubetrain"
@@ -126,7 +160,8 @@ def test_namespaced_install_grants_only_the_watched_namespaces(control_plane: An
             assert _allowed(admin, user, group, resource, verb, "team-a"), (resource, verb)
             assert not _allowed(admin, user, group, resource, verb, "default"), (resource, verb)
         assert not _allowed(admin, user, "kubetrain.dev", "trainingruns", "list", None)
-        assert _allowed(admin, user, "apiextensions.k8s.io", "customresourcedefinitions",
-                        "list", None)
+        assert _allowed(
+            admin, user, "apiextensions.k8s.io", "customresourcedefinitions", "list", None
+        )
     finally:
         helm_uninstall(control_plane.kubeconfig, release="kt-ns", namespace="kt-ns")

@@ -31,20 +31,32 @@ def _short_demo(folder: Path) -> tuple[Path, str, list[str]]:
         hp["logEvery"] = 2
         stage["checkpointEvery"] = 6
         stage.setdefault("data", {})["evalExamples"] = 16
-    return (write_manifest(folder, manifest), "demo-e2e",
-            [s["name"] for s in manifest["spec"]["stages"]])
+    return (
+        write_manifest(folder, manifest),
+        "demo-e2e",
+        [s["name"] for s in manifest["spec"]["stages"]],
+    )
 
 
 def test_run_then_report_as_a_new_user(tmp_path: Path) -> None:
     manifest, run, stages = _short_demo(tmp_path)
 
     # A free metrics port rather than the default 9400, which other tests may hold.
-    out = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port",
-                  str(free_port()), cwd=tmp_path, timeout=600)
+    out = run_cli(
+        "run",
+        str(manifest),
+        "--local",
+        "--plain",
+        "--metrics-port",
+        str(free_port()),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     # Where checkpoints go is said up front; the example names S3 but a laptop has none.
-    assert f"checkpoints: {(tmp_path / '.kubetrain' / 'store').as_uri()}/default/{run}/" \
-        in out.stdout
+    assert (
+        f"checkpoints: {(tmp_path / '.kubetrain' / 'store').as_uri()}/default/{run}/" in out.stdout
+    )
     assert "--store s3://" in out.stdout
     table = parse_summary(out.stdout)
     assert list(table) == [*stages, "total"], out.stdout

@@ -75,12 +75,18 @@ def _install_crd(admin: client.ApiClient) -> None:
     except ApiException as exc:
         if exc.status != 409:
             raise
-        crd["metadata"]["resourceVersion"] = \
-            ext.read_custom_resource_definition(name).metadata.resource_version
+        crd["metadata"]["resourceVersion"] = ext.read_custom_resource_definition(
+            name
+        ).metadata.resource_version
         ext.replace_custom_resource_definition(name, crd)
-    wait_for(lambda: any(c.type == "Established" and c.status == "True" for c in
-                         ext.read_custom_resource_definition(name).status.conditions or []),
-             timeout=60, what="the TrainingRun CRD becoming Established")
+    wait_for(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition(name).status.conditions or []
+        ),
+        timeout=60,
+        what="the TrainingRun CRD becoming Established",
+    )
 
 
 def _add_runner_nodes(control_plane: Any, admin: client.ApiClient) -> None:
@@ -93,8 +99,11 @@ def _add_runner_nodes(control_plane: Any, admin: client.ApiClient) -> None:
             if exc.status != 404:
                 raise
         control_plane.add_gpu_node(
-            node, gpus=4, labels={RUNNER_KEY: "true"},
-            taints=[client.V1Taint(key=RUNNER_KEY, value="true", effect="NoSchedule")])
+            node,
+            gpus=4,
+            labels={RUNNER_KEY: "true"},
+            taints=[client.V1Taint(key=RUNNER_KEY, value="true", effect="NoSchedule")],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +125,15 @@ def scenario(e2e: E2E, request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
     """A namespace, bucket and credentials Secret for one test; its operators are
     stopped and its namespace deleted afterwards (which stops its trainers)."""
     label = re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower())
-    sc = new_scenario(e2e.admin, e2e.control_plane.kubeconfig, e2e.runner, e2e.s3,
-                      e2e.control_plane, label[:12].strip("-"), tmp_path)
+    sc = new_scenario(
+        e2e.admin,
+        e2e.control_plane.kubeconfig,
+        e2e.runner,
+        e2e.s3,
+        e2e.control_plane,
+        label[:12].strip("-"),
+        tmp_path,
+    )
     failed_before = request.session.testsfailed
     try:
         yield sc
@@ -183,8 +199,9 @@ def test_curriculum_trains_in_order_with_status_store_and_columns(scenario: Scen
         assert scenario.progress("tiny", stage)["phase"] == "completed"
 
     path = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{scenario.namespace}/{api.PLURAL}/tiny"
-    resp = scenario.admin.call_api("GET", scenario.admin.configuration.host + path,
-                                   header_params={"Accept": TABLE_ACCEPT})
+    resp = scenario.admin.call_api(
+        "GET", scenario.admin.configuration.host + path, header_params={"Accept": TABLE_ACCEPT}
+    )
     table = json.loads(resp.read())
     assert table["kind"] == "Table", table
     names = [c["name"] for c in table["columnDefinitions"]]
@@ -201,7 +218,10 @@ def test_curriculum_trains_in_order_with_status_store_and_columns(scenario: Scen
     out = subprocess.run(
         [str(exe), "status", "-n", scenario.namespace],
         env={**os.environ, "KUBECONFIG": str(scenario.admin_kubeconfig)},
-        capture_output=True, text=True, timeout=60)
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     row = next((line for line in out.stdout.splitlines() if " tiny " in f" {line} "), None)
     assert row is not None, out.stdout
@@ -216,21 +236,31 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(scenario: Sce
     recreates the Job, and the trainer resumes from LATEST instead of step 0.
     GPUs are fake (KWOK nodes); the trainer runs on CPU."""
     scenario.start_operator()
-    scenario.create_run(tiny_curriculum("crash", steps=300, checkpoint_every=20,
-                                        stages=("pretrain",)))
+    scenario.create_run(
+        tiny_curriculum("crash", steps=300, checkpoint_every=20, stages=("pretrain",))
+    )
     with StatusSampler(scenario, "crash", "pretrain") as sampler:
-        checkpointed = _wait(scenario, lambda: scenario.latest_step("crash", "pretrain"),
-                             "a first checkpoint (LATEST) in S3")
-        pod = _wait(scenario, lambda: scenario.running_trainer("crash", "pretrain"),
-                    "the trainer process of stage pretrain")
+        checkpointed = _wait(
+            scenario,
+            lambda: scenario.latest_step("crash", "pretrain"),
+            "a first checkpoint (LATEST) in S3",
+        )
+        pod = _wait(
+            scenario,
+            lambda: scenario.running_trainer("crash", "pretrain"),
+            "the trainer process of stage pretrain",
+        )
         assert scenario.runner.kill(scenario.namespace, pod)
         status = scenario.wait_phase("crash", "Succeeded", timeout=300)
 
     st = stage_status(status, "pretrain")
     assert st["restarts"] == 1, st
     assert st["step"] == 300, st
-    codes = [code for name, _, code in scenario.runner.history
-             if name.startswith(f"{scenario.namespace}/")]
+    codes = [
+        code
+        for name, _, code in scenario.runner.history
+        if name.startswith(f"{scenario.namespace}/")
+    ]
     assert codes == [137, 0], codes  # killed by SIGKILL, then the resumed attempt
 
     resumed = [int(m) for m in RESUMED_RE.findall(scenario.trainer_logs())]
@@ -254,24 +284,42 @@ def test_operator_restarts_mid_stage_and_between_stages(scenario: Scenario) -> N
     is ever duplicated or recreated, and the run completes. Trainers run on CPU on fake
     GPU nodes."""
     op = scenario.start_operator()
-    scenario.create_run(tiny_curriculum("restart", steps={"pretrain": 600, "sft": 100},
-                                        checkpoint_every=50, stages=("pretrain", "sft")))
+    scenario.create_run(
+        tiny_curriculum(
+            "restart",
+            steps={"pretrain": 600, "sft": 100},
+            checkpoint_every=50,
+            stages=("pretrain", "sft"),
+        )
+    )
     with JobWatcher(scenario, "restart") as jobs:
-        _wait(scenario, lambda: scenario.progress("restart", "pretrain").get("step", 0) > 0,
-              "pretrain training (progress step > 0)")
+        _wait(
+            scenario,
+            lambda: scenario.progress("restart", "pretrain").get("step", 0) > 0,
+            "pretrain training (progress step > 0)",
+        )
         op.stop()
-        assert not any(j.status.succeeded for j in scenario.jobs("restart")), \
+        assert not any(j.status.succeeded for j in scenario.jobs("restart")), (
             "pretrain finished before the operator stopped: not a mid-stage restart"
+        )
 
         # Down across the boundary: the Job completes, nobody starts sft.
-        _wait(scenario, lambda: any(j.status.succeeded for j in scenario.jobs("restart")),
-              "pretrain's Job completing while the operator is down", timeout=300)
-        assert [j.metadata.labels["kubetrain.dev/stage"] for j in scenario.jobs("restart")] \
-            == ["pretrain"]
+        _wait(
+            scenario,
+            lambda: any(j.status.succeeded for j in scenario.jobs("restart")),
+            "pretrain's Job completing while the operator is down",
+            timeout=300,
+        )
+        assert [j.metadata.labels["kubetrain.dev/stage"] for j in scenario.jobs("restart")] == [
+            "pretrain"
+        ]
 
         op.start()
-        _wait(scenario, lambda: scenario.running_trainer("restart", "sft"),
-              "sft's trainer running after the operator came back")
+        _wait(
+            scenario,
+            lambda: scenario.running_trainer("restart", "sft"),
+            "sft's trainer running after the operator came back",
+        )
         op.stop()
         op.start()
         status = scenario.wait_phase("restart", "Succeeded", timeout=300)
@@ -293,18 +341,31 @@ def test_deleting_a_run_garbage_collects_its_children(scenario: Scenario) -> Non
     and Pods through ownerReferences (no finalizer), and the trainer process gets SIGTERM.
     Pods run on fake KWOK GPU nodes; the trainer on CPU."""
     scenario.start_operator()
-    scenario.create_run(tiny_curriculum("doomed", steps=100000, checkpoint_every=50,
-                                        stages=("pretrain",)))
-    _wait(scenario, lambda: scenario.progress("doomed", "pretrain").get("step", 0) > 0,
-          "the stage training")
+    scenario.create_run(
+        tiny_curriculum("doomed", steps=100000, checkpoint_every=50, stages=("pretrain",))
+    )
+    _wait(
+        scenario,
+        lambda: scenario.progress("doomed", "pretrain").get("step", 0) > 0,
+        "the stage training",
+    )
     assert scenario.jobs("doomed") and scenario.pods("doomed") and scenario.services("doomed")
 
-    scenario.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, scenario.namespace,
-                                                    api.PLURAL, "doomed")
-    _wait(scenario, lambda: _no_children(scenario, "doomed"),
-          "Jobs, Pods and Services of the deleted run garbage-collected", timeout=120)
-    _wait(scenario, lambda: scenario.running_trainer("doomed", "pretrain") is None,
-          "the deleted pod's trainer process exiting", timeout=60)
+    scenario.custom.delete_namespaced_custom_object(
+        api.GROUP, api.VERSION, scenario.namespace, api.PLURAL, "doomed"
+    )
+    _wait(
+        scenario,
+        lambda: _no_children(scenario, "doomed"),
+        "Jobs, Pods and Services of the deleted run garbage-collected",
+        timeout=120,
+    )
+    _wait(
+        scenario,
+        lambda: scenario.running_trainer("doomed", "pretrain") is None,
+        "the deleted pod's trainer process exiting",
+        timeout=60,
+    )
     with pytest.raises(ApiException) as gone:
         scenario.get_run("doomed")
     assert gone.value.status == 404
@@ -314,13 +375,20 @@ def test_deleting_a_run_garbage_collects_its_children(scenario: Scenario) -> Non
 
 
 def _valid_run(name: str = "valid") -> dict[str, Any]:
-    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name},
-            "spec": {"model": {"layers": 1, "heads": 2, "dim": 32, "contextLength": 32},
-                     "storage": {"s3": {"bucket": "kubetrain"}},
-                     "stages": [{"name": "pretrain", "type": "pretrain",
-                                 "hyperparameters": {"maxSteps": 10}},
-                                {"name": "sft", "type": "sft"},
-                                {"name": "dpo", "type": "dpo"}]}}
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"layers": 1, "heads": 2, "dim": 32, "contextLength": 32},
+            "storage": {"s3": {"bucket": "kubetrain"}},
+            "stages": [
+                {"name": "pretrain", "type": "pretrain", "hyperparameters": {"maxSteps": 10}},
+                {"name": "sft", "type": "sft"},
+                {"name": "dpo", "type": "dpo"},
+            ],
+        },
+    }
 
 
 def _edit(change: Callable[[dict[str, Any]], None], name: str = "valid") -> dict[str, Any]:
@@ -336,37 +404,59 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
         for part in parents:
             node = node[int(part)] if part.isdigit() else node[part]
         node[int(last) if last.isdigit() else last] = value
+
     return change
 
 
 INVALID = {
     # OpenAPI schema
     "wrong type": (_edit(_set("model.layers", "two")), ["spec.model.layers", "integer"]),
-    "unknown stage type": (_edit(_set("stages.0.type", "rlhf")),
-                           ["spec.stages[0].type", "Unsupported value", "rlhf"]),
-    "negative steps": (_edit(_set("stages.0.hyperparameters.maxSteps", -5)),
-                       ["spec.stages[0].hyperparameters.maxSteps", "greater than or equal to 1"]),
+    "unknown stage type": (
+        _edit(_set("stages.0.type", "rlhf")),
+        ["spec.stages[0].type", "Unsupported value", "rlhf"],
+    ),
+    "negative steps": (
+        _edit(_set("stages.0.hyperparameters.maxSteps", -5)),
+        ["spec.stages[0].hyperparameters.maxSteps", "greater than or equal to 1"],
+    ),
     "empty stages": (_edit(_set("stages", [])), ["spec.stages", "at least 1"]),
     "bad stage name": (_edit(_set("stages.0.name", "Pre_Train")), ["spec.stages[0].name"]),
     # CEL
-    "duplicate stage names": (_edit(_set("stages.1.name", "pretrain")),
-                              ["spec.stages", "spec.stages[].name must be unique"]),
-    "dpo without sft": (_edit(_set("stages", [{"name": "pretrain", "type": "pretrain"},
-                                              {"name": "dpo", "type": "dpo"}])),
-                        ["spec.stages", "a dpo stage needs an sft stage before it"]),
-    "dpo first": (_edit(_set("stages", [{"name": "dpo", "type": "dpo"},
-                                        {"name": "sft", "type": "sft"}])),
-                  ["spec.stages", "a dpo stage needs an sft stage before it"]),
-    "heads not dividing dim": (_edit(_set("model.heads", 3)),
-                               ["spec.model.heads", "model.dim must be a multiple of model.heads"]),
-    "seqLen over contextLength": (_edit(_set("stages.0.hyperparameters.seqLen", 64)),
-                                  ["spec.stages", "seqLen must be at most model.contextLength"]),
-    "maxSteps and tokens": (_edit(_set("stages.0.hyperparameters.tokens", 1000)),
-                            ["spec.stages[0].hyperparameters",
-                             "set at most one of hyperparameters.maxSteps and "
-                             "hyperparameters.tokens"]),
-    "run name too long": (_edit(lambda spec: None, name="r" * 41),
-                          ["metadata.name must be at most 40 characters"]),
+    "duplicate stage names": (
+        _edit(_set("stages.1.name", "pretrain")),
+        ["spec.stages", "spec.stages[].name must be unique"],
+    ),
+    "dpo without sft": (
+        _edit(
+            _set(
+                "stages", [{"name": "pretrain", "type": "pretrain"}, {"name": "dpo", "type": "dpo"}]
+            )
+        ),
+        ["spec.stages", "a dpo stage needs an sft stage before it"],
+    ),
+    "dpo first": (
+        _edit(_set("stages", [{"name": "dpo", "type": "dpo"}, {"name": "sft", "type": "sft"}])),
+        ["spec.stages", "a dpo stage needs an sft stage before it"],
+    ),
+    "heads not dividing dim": (
+        _edit(_set("model.heads", 3)),
+        ["spec.model.heads", "model.dim must be a multiple of model.heads"],
+    ),
+    "seqLen over contextLength": (
+        _edit(_set("stages.0.hyperparameters.seqLen", 64)),
+        ["spec.stages", "seqLen must be at most model.contextLength"],
+    ),
+    "maxSteps and tokens": (
+        _edit(_set("stages.0.hyperparameters.tokens", 1000)),
+        [
+            "spec.stages[0].hyperparameters",
+            "set at most one of hyperparameters.maxSteps and hyperparameters.tokens",
+        ],
+    ),
+    "run name too long": (
+        _edit(lambda spec: None, name="r" * 41),
+        ["metadata.name must be at most 40 characters"],
+    ),
 }
 
 
@@ -377,8 +467,9 @@ def test_api_server_rejects_invalid_manifests(e2e: E2E, case: str) -> None:
     manifest, expected = INVALID[case]
     custom = client.CustomObjectsApi(e2e.admin)
     with pytest.raises(ApiException) as rejected:
-        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", api.PLURAL,
-                                               manifest)
+        custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, "default", api.PLURAL, manifest
+        )
     assert rejected.value.status == 422, rejected.value.body
     message = json.loads(rejected.value.body)["message"]
     for part in expected:
@@ -389,14 +480,20 @@ def test_api_server_cel_approximates_the_dpo_order_rule(e2e: E2E) -> None:
     """CEL checks "an sft exists and dpo is not first" (the cost estimator refuses
     list-index functions): pretrain -> dpo -> sft passes the API server; `kubetrain
     validate` and the operator check the exact order."""
-    manifest = _edit(_set("stages", [{"name": "pretrain", "type": "pretrain"},
-                                     {"name": "dpo", "type": "dpo"},
-                                     {"name": "sft", "type": "sft"}]), name="cel-gap")
+    manifest = _edit(
+        _set(
+            "stages",
+            [
+                {"name": "pretrain", "type": "pretrain"},
+                {"name": "dpo", "type": "dpo"},
+                {"name": "sft", "type": "sft"},
+            ],
+        ),
+        name="cel-gap",
+    )
     custom = client.CustomObjectsApi(e2e.admin)
-    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", api.PLURAL,
-                                           manifest)
-    custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, "default", api.PLURAL,
-                                           "cel-gap")
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", api.PLURAL, manifest)
+    custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, "default", api.PLURAL, "cel-gap")
     with pytest.raises(api.ManifestError, match="no sft stage before it"):
         api.parse_run(manifest)
 
@@ -404,8 +501,9 @@ def test_api_server_cel_approximates_the_dpo_order_rule(e2e: E2E) -> None:
 # --------------------------------------------------------------------------- 6
 
 
-def test_budget_hit_suspends_after_a_checkpoint(scenario: Scenario,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_budget_hit_suspends_after_a_checkpoint(
+    scenario: Scenario, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A GPU-hour budget below what the stage has used: condition BudgetExceeded, the
     stage stops (SIGTERM: the trainer checkpoints and exits 0), phase Suspended as
     budget.action says, and the last checkpoint is complete and loadable from S3.
@@ -413,8 +511,7 @@ def test_budget_hit_suspends_after_a_checkpoint(scenario: Scenario,
     The limit is lowered once the stage has trained (the same path as reaching it), so
     the stop lands mid-training whatever the speed of the machine. GPUs are fake; the
     trainer runs on CPU."""
-    manifest = tiny_curriculum("budget", steps=100000, checkpoint_every=20,
-                               stages=("pretrain",))
+    manifest = tiny_curriculum("budget", steps=100000, checkpoint_every=20, stages=("pretrain",))
     manifest["spec"]["budget"] = {"maxGPUHours": 10, "action": "Suspend"}
     scenario.start_operator()
     scenario.create_run(manifest)
@@ -427,11 +524,19 @@ def test_budget_hit_suspends_after_a_checkpoint(scenario: Scenario,
     assert budget["status"] == "True" and "budget.maxGPUHours" in budget["message"], budget
     suspended = condition(status, "Suspended")
     assert suspended["status"] == "True" and suspended["reason"] == "BudgetExceeded", suspended
-    _wait(scenario, lambda: not scenario.jobs("budget")
-          and scenario.running_trainer("budget", "pretrain") is None,
-          "the stage's Job and trainer stopped", timeout=90)
-    codes = [code for name, _, code in scenario.runner.history
-             if name.startswith(f"{scenario.namespace}/")]
+    _wait(
+        scenario,
+        lambda: (
+            not scenario.jobs("budget") and scenario.running_trainer("budget", "pretrain") is None
+        ),
+        "the stage's Job and trainer stopped",
+        timeout=90,
+    )
+    codes = [
+        code
+        for name, _, code in scenario.runner.history
+        if name.startswith(f"{scenario.namespace}/")
+    ]
     assert codes == [0], codes  # checkpointed and exited cleanly on SIGTERM
 
     # Nothing lost: the interrupted record's step is the step of LATEST, which is complete.
@@ -460,30 +565,42 @@ def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> 
     checkpoint to the end. GPUs are fake (KWOK); the trainer runs on CPU."""
     scenario.start_operator()
     # Enough steps that the suspend lands mid-stage on a fast machine too.
-    scenario.create_run(tiny_curriculum("pause", steps=600, checkpoint_every=20,
-                                        stages=("pretrain",)))
+    scenario.create_run(
+        tiny_curriculum("pause", steps=600, checkpoint_every=20, stages=("pretrain",))
+    )
     _wait(scenario, lambda: scenario.latest_step("pause", "pretrain"), "a first checkpoint")
     assert scenario.running_trainer("pause", "pretrain"), "the stage ended before suspend"
 
     scenario.patch_spec("pause", {"suspend": True})
     status = scenario.wait_phase("pause", "Suspended", timeout=60)
     assert condition(status, "Suspended")["reason"] == "Suspended"
-    _wait(scenario, lambda: not scenario.jobs("pause")
-          and scenario.running_trainer("pause", "pretrain") is None,
-          "the suspended stage's Job and trainer stopped", timeout=90)
+    _wait(
+        scenario,
+        lambda: (
+            not scenario.jobs("pause") and scenario.running_trainer("pause", "pretrain") is None
+        ),
+        "the suspended stage's Job and trainer stopped",
+        timeout=90,
+    )
     progress = scenario.progress("pause", "pretrain")
     stopped_at = scenario.latest_step("pause", "pretrain")
     assert progress["phase"] == "interrupted" and progress["step"] == stopped_at, progress
     assert 0 < stopped_at < 600
-    _wait(scenario, lambda: stage_status(scenario.status("pause"), "pretrain")["phase"]
-          == "Suspended", "stage phase Suspended")
+    _wait(
+        scenario,
+        lambda: stage_status(scenario.status("pause"), "pretrain")["phase"] == "Suspended",
+        "stage phase Suspended",
+    )
 
     scenario.patch_spec("pause", {"suspend": False})
     status = scenario.wait_phase("pause", "Succeeded", timeout=240)
     st = stage_status(status, "pretrain")
     assert st["step"] == 600 and st["restarts"] == 0, st
-    codes = [code for name, _, code in scenario.runner.history
-             if name.startswith(f"{scenario.namespace}/")]
+    codes = [
+        code
+        for name, _, code in scenario.runner.history
+        if name.startswith(f"{scenario.namespace}/")
+    ]
     assert codes == [0, 0], codes
     assert [int(m) for m in RESUMED_RE.findall(scenario.trainer_logs())] == [stopped_at]
     history = [r["step"] for r in scenario.metrics_history("pause", "pretrain")]
@@ -503,12 +620,23 @@ def _service_account_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) 
     operator as the admin."""
     admin = yaml.safe_load(admin_kubeconfig.read_text())
     cluster = admin["clusters"][0]
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"],
-                                                      "user": "operator"}}],
-        "current-context": "operator"}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [
+                    {
+                        "name": "operator",
+                        "context": {"cluster": cluster["name"], "user": "operator"},
+                    }
+                ],
+                "current-context": "operator",
+            }
+        )
+    )
     return path
 
 
@@ -533,11 +661,15 @@ def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) 
     rbac.create_cluster_role_binding(binding)
     try:
         token = core.create_namespaced_service_account_token(
-            sa["metadata"]["name"], op_ns, client.AuthenticationV1TokenRequest(
-                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))
+            sa["metadata"]["name"],
+            op_ns,
+            client.AuthenticationV1TokenRequest(
+                spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+            ),
         ).status.token
-        kubeconfig = _service_account_kubeconfig(e2e.control_plane.kubeconfig, token,
-                                                 scenario.workdir / "operator.kubeconfig")
+        kubeconfig = _service_account_kubeconfig(
+            e2e.control_plane.kubeconfig, token, scenario.workdir / "operator.kubeconfig"
+        )
         restricted = config.new_client_from_config(config_file=str(kubeconfig))
         as_operator = client.CoreV1Api(restricted)
         with pytest.raises(ApiException) as denied:
@@ -550,8 +682,9 @@ def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) 
         assert no_list.value.status == 403
 
         op = scenario.start_operator(kubeconfig)
-        scenario.create_run(tiny_curriculum("rbac", steps=20, checkpoint_every=10,
-                                            stages=("pretrain",)))
+        scenario.create_run(
+            tiny_curriculum("rbac", steps=20, checkpoint_every=10, stages=("pretrain",))
+        )
         status = scenario.wait_phase("rbac", "Succeeded", timeout=240)
         st = stage_status(status, "pretrain")
         assert st["step"] == 20 and st["costUSD"] > 0, st

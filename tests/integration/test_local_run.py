@@ -45,13 +45,15 @@ def _assert_summary_matches_store(stdout: str, store: Path, run: str) -> None:
         assert row["energy"].endswith(f"({record['energySource']})")
         assert row["checkpoint"] == record["checkpoint"]
     assert int(table["total"]["tokens"].replace(",", "")) == sum(
-        progress(store, run, s)["tokens"] for s in STAGES)
+        progress(store, run, s)["tokens"] for s in STAGES
+    )
 
 
 def test_tiny_curriculum_completes_on_file_store(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, tiny_manifest("tiny-file"))
-    out = run_cli("run", str(manifest), "--local", "--plain",
-                  "--metrics-port", str(free_port()), cwd=tmp_path)
+    out = run_cli(
+        "run", str(manifest), "--local", "--plain", "--metrics-port", str(free_port()), cwd=tmp_path
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     store = tmp_path / ".kubetrain" / "store"
     for stage in STAGES:
@@ -63,8 +65,7 @@ def test_tiny_curriculum_completes_on_file_store(tmp_path: Path) -> None:
     assert report.exists() and (report.parent / "loss.png").stat().st_size > 10_000
 
     # Running it again skips what is complete and prints the same numbers.
-    again = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", "0",
-                    cwd=tmp_path)
+    again = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", "0", cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("] already complete: ") == 3
     assert "nothing to train" in again.stdout
@@ -74,11 +75,25 @@ def test_tiny_curriculum_completes_on_file_store(tmp_path: Path) -> None:
 def test_tiny_curriculum_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
     bucket = s3_server.create_bucket("local-run")
     manifest = write_manifest(tmp_path, tiny_manifest("tiny-s3", steps=(8, 6, 4)))
-    out = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", "0",
-                  "--store", f"s3://{bucket}/team", cwd=tmp_path, env=s3_server.env())
+    out = run_cli(
+        "run",
+        str(manifest),
+        "--local",
+        "--plain",
+        "--metrics-port",
+        "0",
+        "--store",
+        f"s3://{bucket}/team",
+        cwd=tmp_path,
+        env=s3_server.env(),
+    )
     assert out.returncode == 0, out.stdout + out.stderr
-    keys = {o["Key"] for o in s3_server.client().list_objects_v2(
-        Bucket=bucket, Prefix="team/default/tiny-s3/")["Contents"]}
+    keys = {
+        o["Key"]
+        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="team/default/tiny-s3/")[
+            "Contents"
+        ]
+    }
     for stage in STAGES:
         assert f"team/default/tiny-s3/{stage}/FINAL" in keys
         assert f"team/default/tiny-s3/{stage}/metrics.jsonl" in keys
@@ -91,10 +106,23 @@ def test_tiny_curriculum_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
 
 def test_unreachable_s3_is_one_line(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, tiny_manifest("tiny-nos3"))
-    out = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", "0",
-                  "--store", "s3://nowhere/x", cwd=tmp_path, timeout=120,
-                  env={"KUBETRAIN_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}",
-                       "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
+    out = run_cli(
+        "run",
+        str(manifest),
+        "--local",
+        "--plain",
+        "--metrics-port",
+        "0",
+        "--store",
+        "s3://nowhere/x",
+        cwd=tmp_path,
+        timeout=120,
+        env={
+            "KUBETRAIN_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+            "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "y",
+        },
+    )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1, out.stderr
     assert "cannot reach the S3 endpoint" in out.stderr
@@ -114,21 +142,33 @@ def _pretrain_step_metric(port: int) -> float:
 
 def test_ctrl_c_checkpoints_and_the_same_command_continues(tmp_path: Path) -> None:
     # Enough steps that the run is still in pretrain when the first checkpoint lands.
-    manifest = write_manifest(tmp_path, tiny_manifest("tiny-int", steps=(400, 8, 4),
-                                                      checkpoint_every=10))
+    manifest = write_manifest(
+        tmp_path, tiny_manifest("tiny-int", steps=(400, 8, 4), checkpoint_every=10)
+    )
     store = tmp_path / ".kubetrain" / "store"
     port = free_port()
-    proc = subprocess.Popen(kubetrain_cmd("run", str(manifest), "--local", "--plain",
-                                          "--metrics-port", str(port)),
-                            cwd=tmp_path, env=cli_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        kubetrain_cmd("run", str(manifest), "--local", "--plain", "--metrics-port", str(port)),
+        cwd=tmp_path,
+        env=cli_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         latest = stage_folder(store, "tiny-int", "pretrain") / "LATEST"
-        wait_for(latest.exists, timeout=120, what="pretrain's first checkpoint",
-                 detail=lambda: str(proc.poll()))
+        wait_for(
+            latest.exists,
+            timeout=120,
+            what="pretrain's first checkpoint",
+            detail=lambda: str(proc.poll()),
+        )
         # The runner's own Prometheus endpoint mirrors the trainer's progress.
-        wait_for(lambda: _pretrain_step_metric(port) > 0, timeout=30,
-                 what="kubetrain_local_stage_step for pretrain on the runner's endpoint")
+        wait_for(
+            lambda: _pretrain_step_metric(port) > 0,
+            timeout=30,
+            what="kubetrain_local_stage_step for pretrain on the runner's endpoint",
+        )
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=180)
     finally:
@@ -142,11 +182,9 @@ def test_ctrl_c_checkpoints_and_the_same_command_continues(tmp_path: Path) -> No
     assert not (stage_folder(store, "tiny-int", "pretrain") / "FINAL").exists()
     assert not stage_folder(store, "tiny-int", "sft").exists()
 
-    out = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", "0",
-                  cwd=tmp_path)
+    out = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", "0", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    resumed = [line for line in out.stdout.splitlines()
-               if line.startswith("[pretrain] started")]
+    resumed = [line for line in out.stdout.splitlines() if line.startswith("[pretrain] started")]
     assert resumed and "resuming at step" in resumed[0], out.stdout
     # The history has each step once: the continuation picked up, it did not start over.
     history = (stage_folder(store, "tiny-int", "pretrain") / "metrics.jsonl").read_text()
@@ -158,10 +196,10 @@ def test_ctrl_c_checkpoints_and_the_same_command_continues(tmp_path: Path) -> No
 
 def test_failing_stage_stops_the_curriculum_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-data.jsonl"
-    manifest = write_manifest(tmp_path, tiny_manifest(
-        "tiny-fail", steps=(4, 4, 4), data={"sft": missing.as_uri()}))
-    out = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", "0",
-                  cwd=tmp_path)
+    manifest = write_manifest(
+        tmp_path, tiny_manifest("tiny-fail", steps=(4, 4, 4), data={"sft": missing.as_uri()})
+    )
+    out = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", "0", cwd=tmp_path)
     assert out.returncode == 1, out.stdout + out.stderr
     first = out.stderr.splitlines()[0]
     assert first.startswith("kubetrain: stage 'sft' failed: "), out.stderr
@@ -178,8 +216,16 @@ def test_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = run_cli("run", str(manifest), "--local", "--plain", "--metrics-port", str(port),
-                      cwd=tmp_path, timeout=60)
+        out = run_cli(
+            "run",
+            str(manifest),
+            "--local",
+            "--plain",
+            "--metrics-port",
+            str(port),
+            cwd=tmp_path,
+            timeout=60,
+        )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1, out.stderr
     assert f"port {port} is already in use" in out.stderr

@@ -79,26 +79,40 @@ class FakeApi:
 
 
 def test_reconcile_reads_progress_with_run_secret_and_hands_over(
-        s3_server: S3Server, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     # The operator itself has no AWS credentials: reading the store can only work with
     # the run's Secret.
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     bucket = s3_server.create_bucket("ckpt-reconcile")
-    secret = {"AWS_ACCESS_KEY_ID": s3_server.access_key,
-              "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
+    secret = {
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+    }
     run = {
-        "apiVersion": "kubetrain.dev/v1alpha1", "kind": "TrainingRun",
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "TrainingRun",
         "metadata": {"name": "demo", "namespace": "ml", "uid": "run-uid", "generation": 1},
         "spec": {
-            "storage": {"s3": {"bucket": bucket, "prefix": "runs", "endpoint": s3_server.endpoint,
-                               "credentialsSecret": "s3-creds"}},
-            "stages": [{"name": "pretrain", "type": "pretrain",
-                        "hyperparameters": {"maxSteps": 20},
-                        "resources": {"gpusPerNode": 1, "gpuType": "l4"}},
-                       {"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 10}}],
+            "storage": {
+                "s3": {
+                    "bucket": bucket,
+                    "prefix": "runs",
+                    "endpoint": s3_server.endpoint,
+                    "credentialsSecret": "s3-creds",
+                }
+            },
+            "stages": [
+                {
+                    "name": "pretrain",
+                    "type": "pretrain",
+                    "hyperparameters": {"maxSteps": 20},
+                    "resources": {"gpusPerNode": 1, "gpuType": "l4"},
+                },
+                {"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 10}},
+            ],
         },
     }
     fake = FakeApi(run, {"s3-creds": secret})
@@ -111,16 +125,32 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
     rec.reconcile("ml", "demo")
     job = fake.jobs["demo-pretrain"]
     uid = job["metadata"]["uid"]
-    fake.pods = [{"metadata": {"name": "demo-pretrain-0-abcde",
-                               "ownerReferences": [{"uid": uid}]},
-                  "status": {"phase": "Running", "startTime": "2025-01-01T00:00:00Z"}}]
+    fake.pods = [
+        {
+            "metadata": {"name": "demo-pretrain-0-abcde", "ownerReferences": [{"uid": uid}]},
+            "status": {"phase": "Running", "startTime": "2025-01-01T00:00:00Z"},
+        }
+    ]
     s3 = s3_server.client()
     key = "runs/ml/demo/pretrain"
-    s3.put_object(Bucket=bucket, Key=f"{key}/progress.json", Body=json.dumps({
-        "step": 10, "totalSteps": 20, "tokens": 10240, "loss": 3.1, "tokensPerSecond": 512.0,
-        "energyJoules": 36000.0, "energySource": "estimate", "phase": "running",
-        "checkpoint": f"s3://{bucket}/{key}/checkpoints/step-000010",
-        "updatedAt": "2025-01-01T00:10:00Z"}).encode())
+    s3.put_object(
+        Bucket=bucket,
+        Key=f"{key}/progress.json",
+        Body=json.dumps(
+            {
+                "step": 10,
+                "totalSteps": 20,
+                "tokens": 10240,
+                "loss": 3.1,
+                "tokensPerSecond": 512.0,
+                "energyJoules": 36000.0,
+                "energySource": "estimate",
+                "phase": "running",
+                "checkpoint": f"s3://{bucket}/{key}/checkpoints/step-000010",
+                "updatedAt": "2025-01-01T00:10:00Z",
+            }
+        ).encode(),
+    )
     now[0] += timedelta(minutes=10)
     rec.reconcile("ml", "demo")
     st = fake.run["status"]["stages"][0]
@@ -129,22 +159,34 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
     assert st["checkpoint"].endswith("step-000010")
 
     s3.put_object(Bucket=bucket, Key=f"{key}/FINAL", Body=b"checkpoints/step-000020")
-    s3.put_object(Bucket=bucket, Key=f"{key}/progress.json", Body=json.dumps(
-        {"step": 20, "totalSteps": 20, "phase": "completed", "energyJoules": 72000.0}).encode())
+    s3.put_object(
+        Bucket=bucket,
+        Key=f"{key}/progress.json",
+        Body=json.dumps(
+            {"step": 20, "totalSteps": 20, "phase": "completed", "energyJoules": 72000.0}
+        ).encode(),
+    )
     fake.jobs["demo-pretrain"]["status"] = {
-        "succeeded": 1, "completionTime": "2025-01-01T00:20:00Z",
-        "conditions": [{"type": "Complete", "status": "True"}]}
+        "succeeded": 1,
+        "completionTime": "2025-01-01T00:20:00Z",
+        "conditions": [{"type": "Complete", "status": "True"}],
+    }
     now[0] += timedelta(minutes=10)
     rec.reconcile("ml", "demo")
     assert fake.run["status"]["stages"][0]["phase"] == "Succeeded"
     assert "demo-sft" in fake.jobs
-    assert [r for _, r, _ in fake.events] == ["Created", "StageStarted", "StageSucceeded",
-                                              "StageStarted"]
+    assert [r for _, r, _ in fake.events] == [
+        "Created",
+        "StageStarted",
+        "StageSucceeded",
+        "StageStarted",
+    ]
 
     # Nothing the operator wrote or said contains the Secret's values.
     everything = json.dumps([fake.requests, fake.run, fake.events], default=str)
     everything += caplog.text
     from prometheus_client import generate_latest
+
     everything += generate_latest(metrics.registry).decode()
     for value in secret.values():
         assert value not in everything
@@ -154,8 +196,10 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
 def test_unreadable_store_keeps_reconciling(monkeypatch: pytest.MonkeyPatch) -> None:
     run = {
         "metadata": {"name": "demo", "namespace": "ml", "uid": "u", "generation": 1},
-        "spec": {"storage": {"s3": {"bucket": "nowhere", "endpoint": "http://127.0.0.1:9"}},
-                 "stages": [{"name": "pretrain", "type": "pretrain"}]},
+        "spec": {
+            "storage": {"s3": {"bucket": "nowhere", "endpoint": "http://127.0.0.1:9"}},
+            "stages": [{"name": "pretrain", "type": "pretrain"}],
+        },
     }
     fake = FakeApi(run, {})
 

@@ -35,12 +35,18 @@ class OperatorExporter:
     def __init__(self) -> None:
         self.metrics = OperatorMetrics()
         self.port = free_port()
-        self.server, self.thread = start_http_server(self.port, addr="127.0.0.1",
-                                                     registry=self.metrics.registry)
+        self.server, self.thread = start_http_server(
+            self.port, addr="127.0.0.1", registry=self.metrics.registry
+        )
         self._stop = threading.Event()
-        self.metrics.observe_run(NAMESPACE, "broken", {"stages": [
-            {"name": "pretrain", "phase": "Running"}]}, {"phase": "Failed", "stages": [
-                {"name": "pretrain", "phase": "Failed", "restarts": 3}]}, {}, {})
+        self.metrics.observe_run(
+            NAMESPACE,
+            "broken",
+            {"stages": [{"name": "pretrain", "phase": "Running"}]},
+            {"phase": "Failed", "stages": [{"name": "pretrain", "phase": "Failed", "restarts": 3}]},
+            {},
+            {},
+        )
         self._feeder = threading.Thread(target=self._feed, daemon=True)
         self._feeder.start()
 
@@ -50,13 +56,25 @@ class OperatorExporter:
             t = time.monotonic() - started
             status = {
                 "phase": "Running",
-                "totals": {"progress": min(0.99, 0.01 * t), "gpuSeconds": 8 * t,
-                           "energyJoules": 5600 * t, "costUSD": 0.02 * t, "co2Grams": 0.7 * t},
-                "stages": [{"name": "pretrain", "phase": "Running", "restarts": int(t / 2),
-                            "energySource": "estimate"}],
+                "totals": {
+                    "progress": min(0.99, 0.01 * t),
+                    "gpuSeconds": 8 * t,
+                    "energyJoules": 5600 * t,
+                    "costUSD": 0.02 * t,
+                    "co2Grams": 0.7 * t,
+                },
+                "stages": [
+                    {
+                        "name": "pretrain",
+                        "phase": "Running",
+                        "restarts": int(t / 2),
+                        "energySource": "estimate",
+                    }
+                ],
             }
-            self.metrics.observe_run(NAMESPACE, RUN, old, status, {"cost": 0.9},
-                                     {"pretrain": "pretrain"})
+            self.metrics.observe_run(
+                NAMESPACE, RUN, old, status, {"cost": 0.9}, {"pretrain": "pretrain"}
+            )
             self.metrics.reconcile_duration.observe(0.02 + (t % 1) / 10)
             old = status
 
@@ -79,10 +97,22 @@ class LocalRun:
         path = write_manifest(folder, manifest)
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            kubetrain_cmd("run", str(path), "--local", "--plain", "--metrics-port",
-                          str(free_port()), "--store", f"file://{folder / 'store'}"),
-            cwd=folder, env=cli_env({"PYTHONUNBUFFERED": "1"}), text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            kubetrain_cmd(
+                "run",
+                str(path),
+                "--local",
+                "--plain",
+                "--metrics-port",
+                str(free_port()),
+                "--store",
+                f"file://{folder / 'store'}",
+            ),
+            cwd=folder,
+            env=cli_env({"PYTHONUNBUFFERED": "1"}),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -100,8 +130,13 @@ class LocalRun:
                 raise AssertionError(f"kubetrain run exited early:\n{self.output()}")
             m = re.search(r"trainer: http://(127\.0\.0\.1:\d+)/metrics", "".join(self.lines))
             return m.group(1) if m else None
-        return wait_for(announced, timeout=120, what="the local run announcing its trainer "
-                        "metrics endpoint", detail=self.output)
+
+        return wait_for(
+            announced,
+            timeout=120,
+            what="the local run announcing its trainer metrics endpoint",
+            detail=self.output,
+        )
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -115,10 +150,11 @@ def scraped(tmp_path: Path) -> Iterator[tuple[Prometheus, LocalRun]]:
     try:
         trainer = run.trainer_endpoint()
         (tmp_path / "prometheus").mkdir()
-        prom = Prometheus(tmp_path / "prometheus",
-                          {"kubetrain-operator": [f"127.0.0.1:{operator.port}"],
-                           "kubetrain-trainer": [trainer]},
-                          rule_files=[ALERTS])
+        prom = Prometheus(
+            tmp_path / "prometheus",
+            {"kubetrain-operator": [f"127.0.0.1:{operator.port}"], "kubetrain-trainer": [trainer]},
+            rule_files=[ALERTS],
+        )
         yield prom, run
     finally:
         if prom is not None:
@@ -137,29 +173,39 @@ def _left_side(expr: str) -> str:
 
 
 def _firing(prom: Prometheus) -> set[tuple[str, str]]:
-    return {(a["labels"]["alertname"], a["labels"].get("run", ""))
-            for a in prom.api("alerts")["alerts"] if a["state"] == "firing"}
+    return {
+        (a["labels"]["alertname"], a["labels"].get("run", ""))
+        for a in prom.api("alerts")["alerts"]
+        if a["state"] == "firing"
+    }
 
 
 def test_dashboard_and_alert_queries_return_series_from_a_real_run(
-        scraped: tuple[Prometheus, LocalRun]) -> None:
+    scraped: tuple[Prometheus, LocalRun],
+) -> None:
     prom, run = scraped
     sel = f'{{namespace="{NAMESPACE}", run="{RUN}"}}'
 
     def enough_samples() -> float | None:
         # Every trainer gauge (eval accuracy only after the first evaluation) and a
         # few scrapes of both targets, so that rate() and deriv() have points.
-        checks = [f"count_over_time(kubetrain_trainer_step{sel}[1m]) >= 5",
-                  f"kubetrain_trainer_eval_accuracy{sel}",
-                  f"count_over_time(kubetrain_operator_run_progress_ratio{sel}[1m]) >= 5"]
+        checks = [
+            f"count_over_time(kubetrain_trainer_step{sel}[1m]) >= 5",
+            f"kubetrain_trainer_eval_accuracy{sel}",
+            f"count_over_time(kubetrain_operator_run_progress_ratio{sel}[1m]) >= 5",
+        ]
         results = [prom.query(q) for q in checks]
         if not all(results):
             return None
         return float(results[0][0]["value"][0])  # the server's evaluation time
 
-    at = wait_for(enough_samples, timeout=180, interval=0.5,
-                  what="Prometheus scraping the trainer during training and the operator",
-                  detail=lambda: run.output() + "\n" + prom.log_tail(5))
+    at = wait_for(
+        enough_samples,
+        timeout=180,
+        interval=0.5,
+        what="Prometheus scraping the trainer during training and the operator",
+        detail=lambda: run.output() + "\n" + prom.log_tail(5),
+    )
 
     empty = []
     for title, expr in dashboard_exprs():
@@ -173,27 +219,40 @@ def test_dashboard_and_alert_queries_return_series_from_a_real_run(
     assert not empty, "queries with no series:\n" + "\n".join(empty)
 
     # Progress and throughput are plausible numbers, not just present.
-    (tps,) = prom.query(concrete(next(e for t, e in dashboard_exprs() if t == "Throughput"),
-                                 NAMESPACE, RUN), at)
+    (tps,) = prom.query(
+        concrete(next(e for t, e in dashboard_exprs() if t == "Throughput"), NAMESPACE, RUN), at
+    )
     assert float(tps["value"][1]) > 0
-    (eta,) = prom.query(concrete(next(e for t, e in dashboard_exprs() if t == "ETA"),
-                                 NAMESPACE, RUN), at)
+    (eta,) = prom.query(
+        concrete(next(e for t, e in dashboard_exprs() if t == "ETA"), NAMESPACE, RUN), at
+    )
     assert 0 < float(eta["value"][1]) < 3600
 
     # The rules, loaded by this Prometheus, fire for the runs that should alert; the
     # healthy trainer is not stalled.
-    expected = {("KubetrainRunFailed", "broken"), ("KubetrainBudget80Percent", RUN),
-                ("KubetrainTrainerRestartsRising", RUN)}
-    wait_for(lambda: expected <= _firing(prom), timeout=60, interval=0.5,
-             what=f"alerts {sorted(expected)} firing", detail=lambda: str(_firing(prom)))
-    assert not {a for a, _ in _firing(prom)} & {"KubetrainStageStalled",
-                                                "KubetrainOperatorDown"}
+    expected = {
+        ("KubetrainRunFailed", "broken"),
+        ("KubetrainBudget80Percent", RUN),
+        ("KubetrainTrainerRestartsRising", RUN),
+    }
+    wait_for(
+        lambda: expected <= _firing(prom),
+        timeout=60,
+        interval=0.5,
+        what=f"alerts {sorted(expected)} firing",
+        detail=lambda: str(_firing(prom)),
+    )
+    assert not {a for a, _ in _firing(prom)} & {"KubetrainStageStalled", "KubetrainOperatorDown"}
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
     assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
     assert all(r["health"] == "ok" for r in rules), rules
 
     # The run itself completes: scraping it did not disturb training.
-    wait_for(lambda: run.proc.poll() is not None, timeout=300, interval=0.5,
-             what="the local run finishing", detail=run.output)
+    wait_for(
+        lambda: run.proc.poll() is not None,
+        timeout=300,
+        interval=0.5,
+        what="the local run finishing",
+        detail=run.output,
+    )
     assert run.proc.returncode == 0, run.output()
-

@@ -37,14 +37,23 @@ def _s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
-def spec_for(bucket: str, endpoint: str, stages: list[dict[str, Any]],
-             model: dict[str, Any] | None = None) -> TrainingRunSpec:
-    return TrainingRunSpec.model_validate({
-        "model": model or {"layers": 1, "heads": 2, "dim": 32, "contextLength": 32},
-        "storage": {"s3": {"bucket": bucket, "prefix": "runs", "endpoint": endpoint,
-                           "credentialsSecret": SECRET}},
-        "stages": stages,
-    })
+def spec_for(
+    bucket: str, endpoint: str, stages: list[dict[str, Any]], model: dict[str, Any] | None = None
+) -> TrainingRunSpec:
+    return TrainingRunSpec.model_validate(
+        {
+            "model": model or {"layers": 1, "heads": 2, "dim": 32, "contextLength": 32},
+            "storage": {
+                "s3": {
+                    "bucket": bucket,
+                    "prefix": "runs",
+                    "endpoint": endpoint,
+                    "credentialsSecret": SECRET,
+                }
+            },
+            "stages": stages,
+        }
+    )
 
 
 def stage_env(spec: TrainingRunSpec, index: int, s3: S3Server, **extra: str) -> dict[str, str]:
@@ -53,9 +62,15 @@ def stage_env(spec: TrainingRunSpec, index: int, s3: S3Server, **extra: str) -> 
     secrets = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
     assert spec.storage.s3 is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETRAIN_"))}
-    for var in contract.stage_environment(spec, index, run=RUN, namespace=NAMESPACE,
-                                          store_root=spec.storage.s3.uri(),
-                                          master_addr="127.0.0.1", metrics_port=0):
+    for var in contract.stage_environment(
+        spec,
+        index,
+        run=RUN,
+        namespace=NAMESPACE,
+        store_root=spec.storage.s3.uri(),
+        master_addr="127.0.0.1",
+        metrics_port=0,
+    ):
         if var.secret is not None:
             assert var.secret[0] == SECRET
             env[var.name] = secrets[var.secret[1]]
@@ -85,9 +100,14 @@ class Stage:
 
 def start(spec: TrainingRunSpec, index: int, s3: S3Server, **extra: str) -> Stage:
     env = stage_env(spec, index, s3, **extra)
-    proc = subprocess.Popen([sys.executable, "-m", "kubetrain_trainer"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrain_trainer"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     store = open_store(env[contract.ENV_CHECKPOINT_URI])
     return Stage(proc, store)
 
@@ -111,18 +131,38 @@ def history(store: ObjectStore) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------- curriculum
 
+
 def test_curriculum_pretrain_sft_dpo_on_s3(s3_server: S3Server) -> None:
     bucket = s3_server.create_bucket("curriculum")
     hp = {"batchSize": 16, "logEvery": 20}
-    spec = spec_for(bucket, s3_server.endpoint, [
-        {"name": "pretrain", "type": "pretrain", "checkpointEvery": 40,
-         "data": {"evalExamples": 100},
-         "hyperparameters": {**hp, "maxSteps": 80, "learningRate": 3e-3, "warmupSteps": 10}},
-        {"name": "sft", "type": "sft", "checkpointEvery": 100, "data": {"evalExamples": 100},
-         "hyperparameters": {**hp, "batchSize": 32, "maxSteps": 400, "learningRate": 3e-3}},
-        {"name": "dpo", "type": "dpo", "checkpointEvery": 20, "data": {"evalExamples": 100},
-         "hyperparameters": {**hp, "maxSteps": 20, "learningRate": 1e-4, "beta": 0.1}},
-    ], model={"layers": 2, "heads": 2, "dim": 48, "contextLength": 48})
+    spec = spec_for(
+        bucket,
+        s3_server.endpoint,
+        [
+            {
+                "name": "pretrain",
+                "type": "pretrain",
+                "checkpointEvery": 40,
+                "data": {"evalExamples": 100},
+                "hyperparameters": {**hp, "maxSteps": 80, "learningRate": 3e-3, "warmupSteps": 10},
+            },
+            {
+                "name": "sft",
+                "type": "sft",
+                "checkpointEvery": 100,
+                "data": {"evalExamples": 100},
+                "hyperparameters": {**hp, "batchSize": 32, "maxSteps": 400, "learningRate": 3e-3},
+            },
+            {
+                "name": "dpo",
+                "type": "dpo",
+                "checkpointEvery": 20,
+                "data": {"evalExamples": 100},
+                "hyperparameters": {**hp, "maxSteps": 20, "learningRate": 1e-4, "beta": 0.1},
+            },
+        ],
+        model={"layers": 2, "heads": 2, "dim": 48, "contextLength": 48},
+    )
     results = {}
     for i, stage in enumerate(spec.stages):
         store = run_stage(spec, i, s3_server)
@@ -146,16 +186,31 @@ def test_curriculum_pretrain_sft_dpo_on_s3(s3_server: S3Server) -> None:
     assert dpo["preferenceAccuracy"] >= sft["preferenceAccuracy"] - 0.05, results
     # The progress record carries DPO's own diagnostics.
     dpo_progress = open_store(f"s3://{bucket}/runs/{NAMESPACE}/{RUN}/dpo").get_json(
-        contract.PROGRESS)
-    assert set(dpo_progress["train"]) == {"rewards/chosen", "rewards/rejected",
-                                          "rewards/margins", "rewards/accuracies"}
+        contract.PROGRESS
+    )
+    assert set(dpo_progress["train"]) == {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+    }
 
 
 # --------------------------------------------------------------------------- resume
 
-RESUME_STAGE = {"name": "pre", "type": "pretrain", "checkpointEvery": 10, "keepCheckpoints": 3,
-                "hyperparameters": {"maxSteps": 300, "batchSize": 8, "logEvery": 10,
-                                    "learningRate": 3e-3, "warmupSteps": 5}}
+RESUME_STAGE = {
+    "name": "pre",
+    "type": "pretrain",
+    "checkpointEvery": 10,
+    "keepCheckpoints": 3,
+    "hyperparameters": {
+        "maxSteps": 300,
+        "batchSize": 8,
+        "logEvery": 10,
+        "learningRate": 3e-3,
+        "warmupSteps": 5,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +224,9 @@ def uninterrupted(s3_server: S3Server) -> tuple[dict[str, torch.Tensor], dict[st
         return final_weights(store), store.get_json(contract.PROGRESS)
 
 
-def _assert_same_result(store: ObjectStore, reference: tuple[dict[str, torch.Tensor],
-                                                             dict[str, Any]]) -> None:
+def _assert_same_result(
+    store: ObjectStore, reference: tuple[dict[str, torch.Tensor], dict[str, Any]]
+) -> None:
     weights, progress = reference
     mine = final_weights(store)
     assert mine.keys() == weights.keys()
@@ -182,13 +238,16 @@ def _assert_same_result(store: ObjectStore, reference: tuple[dict[str, torch.Ten
 
 
 def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(
-        s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], dict[str, Any]]
+    s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], dict[str, Any]]
 ) -> None:
     bucket = s3_server.create_bucket("sigterm")
     spec = spec_for(bucket, s3_server.endpoint, [RESUME_STAGE])
     st = start(spec, 0, s3_server)
-    wait_for(lambda: st.store.exists(contract.LATEST) or st.proc.poll() is not None,
-             timeout=120, what="a first checkpoint")
+    wait_for(
+        lambda: st.store.exists(contract.LATEST) or st.proc.poll() is not None,
+        timeout=120,
+        what="a first checkpoint",
+    )
     assert st.proc.poll() is None, "the stage ended before it could be interrupted"
     signalled = time.monotonic()
     st.proc.send_signal(signal.SIGTERM)
@@ -236,8 +295,9 @@ def test_sigterm_while_starting_still_ends_in_a_checkpoint(s3_server: S3Server) 
         assert not loaded, "torch was loaded before a SIGTERM handler was installed"
         return _catches_sigterm(st.proc.pid)
 
-    wait_for(catching_before_torch, timeout=30,
-             what="a SIGTERM handler installed before torch is loaded")
+    wait_for(
+        catching_before_torch, timeout=30, what="a SIGTERM handler installed before torch is loaded"
+    )
     st.proc.send_signal(signal.SIGTERM)
     rc, err = st.wait(timeout=120)
     assert rc == 0, err[-3000:]
@@ -248,7 +308,7 @@ def test_sigterm_while_starting_still_ends_in_a_checkpoint(s3_server: S3Server) 
 
 
 def test_corrupt_newest_checkpoint_is_skipped_and_partial_never_loaded(
-        s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], dict[str, Any]]
+    s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], dict[str, Any]]
 ) -> None:
     bucket = s3_server.create_bucket("corrupt")
     spec = spec_for(bucket, s3_server.endpoint, [RESUME_STAGE])
@@ -261,8 +321,9 @@ def test_corrupt_newest_checkpoint_is_skipped_and_partial_never_loaded(
     wait_for(two_checkpoints, timeout=120, what="two complete checkpoints")
     st.proc.kill()  # SIGKILL: no chance to save anything more
     st.proc.communicate()
-    complete = sorted(k.split("/")[1] for k in st.store.list("checkpoints/")
-                      if k.endswith("MANIFEST.json"))
+    complete = sorted(
+        k.split("/")[1] for k in st.store.list("checkpoints/") if k.endswith("MANIFEST.json")
+    )
     newest, previous = complete[-1], complete[-2]
     key = f"checkpoints/{newest}/model.pt"
     data = bytearray(st.store.get_bytes(key))
@@ -281,11 +342,17 @@ def test_corrupt_newest_checkpoint_is_skipped_and_partial_never_loaded(
 
 # --------------------------------------------------------------------------- errors, DDP
 
+
 def test_missing_init_checkpoint_fails_with_one_line(s3_server: S3Server) -> None:
     bucket = s3_server.create_bucket("noinit")
-    spec = spec_for(bucket, s3_server.endpoint, [
-        {"name": "a", "type": "pretrain", "hyperparameters": {"maxSteps": 2}},
-        {"name": "b", "type": "sft", "hyperparameters": {"maxSteps": 2}}])
+    spec = spec_for(
+        bucket,
+        s3_server.endpoint,
+        [
+            {"name": "a", "type": "pretrain", "hyperparameters": {"maxSteps": 2}},
+            {"name": "b", "type": "sft", "hyperparameters": {"maxSteps": 2}},
+        ],
+    )
     rc, err = start(spec, 1, s3_server).wait()  # stage a never ran
     assert rc == 1
     last = err.strip().splitlines()[-1]
@@ -297,9 +364,13 @@ def test_missing_init_checkpoint_fails_with_one_line(s3_server: S3Server) -> Non
 
 def test_two_process_torchrun_gloo(s3_server: S3Server) -> None:
     bucket = s3_server.create_bucket("ddp")
-    stage = {"name": "ddp", "type": "pretrain", "checkpointEvery": 3,
-             "resources": {"processesPerNode": 2},
-             "hyperparameters": {"maxSteps": 6, "batchSize": 4, "logEvery": 2}}
+    stage = {
+        "name": "ddp",
+        "type": "pretrain",
+        "checkpointEvery": 3,
+        "resources": {"processesPerNode": 2},
+        "hyperparameters": {"maxSteps": 6, "batchSize": 4, "logEvery": 2},
+    }
     spec = spec_for(bucket, s3_server.endpoint, [stage])
     from tests.support.services import free_port
 

@@ -32,8 +32,10 @@ OPERATOR_NAMESPACED = {
     *(("", "pods", v) for v in ("get", "list", "watch")),
     *(("", "services", v) for v in ("get", "list", "watch", "create", "delete")),
     ("", "secrets", "get"),
-    ("", "events", "create"), ("", "events", "patch"),
-    ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
+    ("", "events", "create"),
+    ("", "events", "patch"),
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
 }
 
 
@@ -43,8 +45,9 @@ def helm() -> Path:
     return HELM
 
 
-def run_helm(*args: str, values: dict[str, Any] | None = None,
-             check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_helm(
+    *args: str, values: dict[str, Any] | None = None, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """``helm ARGS [-f values.yaml]``; the values go through a file, as users pass them."""
     with tempfile.TemporaryDirectory() as tmp:
         extra: list[str] = []
@@ -52,18 +55,21 @@ def run_helm(*args: str, values: dict[str, Any] | None = None,
             path = Path(tmp) / "values.yaml"
             path.write_text(yaml.safe_dump(values))
             extra = ["-f", str(path)]
-        proc = subprocess.run([str(helm()), *args, *extra], capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [str(helm()), *args, *extra], capture_output=True, text=True, timeout=timeout
+        )
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
     return proc
 
 
-def render(values: dict[str, Any] | None = None, release: str = "kubetrain",
-           namespace: str = "kubetrain") -> list[dict[str, Any]]:
+def render(
+    values: dict[str, Any] | None = None, release: str = "kubetrain", namespace: str = "kubetrain"
+) -> list[dict[str, Any]]:
     """The objects ``helm template`` renders (CRDs included), in order."""
-    out = run_helm("template", release, str(CHART), "-n", namespace, "--include-crds",
-                   values=values).stdout
+    out = run_helm(
+        "template", release, str(CHART), "-n", namespace, "--include-crds", values=values
+    ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -100,25 +106,52 @@ def concrete(expr: str, namespace: str, run: str) -> str:
     """A dashboard query with Grafana's variables replaced as Grafana does for one selected
     namespace and run (Kubernetes names need no regex escaping); ``label_values(m, l)``
     becomes the series query ``m``."""
-    expr = (expr.replace("$namespace", namespace).replace("$run", run)
-            .replace("$__rate_interval", "1m").replace("$__interval", "15s"))
+    expr = (
+        expr.replace("$namespace", namespace)
+        .replace("$run", run)
+        .replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+    )
     m = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr)
     return m.group(1) if m else expr
 
 
-def helm_install(kubeconfig: Path, release: str = "kubetrain", namespace: str = "kubetrain",
-                 values: dict[str, Any] | None = None) -> str:
+def helm_install(
+    kubeconfig: Path,
+    release: str = "kubetrain",
+    namespace: str = "kubetrain",
+    values: dict[str, Any] | None = None,
+) -> str:
     """``helm install RELEASE charts/kubetrain -n NAMESPACE --create-namespace`` onto the
     cluster of ``kubeconfig``, as the README says; returns Helm's output (with NOTES).
 
     The chart's ServiceAccount is ``NAMESPACE/RELEASE`` (``kubetrain/kubetrain`` by
     default): a test can run the operator as it by impersonating
     ``system:serviceaccount:NAMESPACE/RELEASE``."""
-    return run_helm("install", release, str(CHART), "-n", namespace, "--create-namespace",
-                    "--kubeconfig", str(kubeconfig), values=values, timeout=300).stdout
+    return run_helm(
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        namespace,
+        "--create-namespace",
+        "--kubeconfig",
+        str(kubeconfig),
+        values=values,
+        timeout=300,
+    ).stdout
 
 
-def helm_uninstall(kubeconfig: Path, release: str = "kubetrain",
-                   namespace: str = "kubetrain") -> None:
-    run_helm("uninstall", release, "-n", namespace, "--kubeconfig", str(kubeconfig),
-             "--wait", timeout=300)
+def helm_uninstall(
+    kubeconfig: Path, release: str = "kubetrain", namespace: str = "kubetrain"
+) -> None:
+    run_helm(
+        "uninstall",
+        release,
+        "-n",
+        namespace,
+        "--kubeconfig",
+        str(kubeconfig),
+        "--wait",
+        timeout=300,
+    )

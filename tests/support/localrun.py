@@ -18,26 +18,41 @@ import yaml
 TINY_MODEL = {"layers": 1, "heads": 2, "dim": 32, "contextLength": 32}
 
 
-def tiny_manifest(name: str = "tiny-test", *, steps: tuple[int, int, int] = (16, 12, 8),
-                  data: Mapping[str, str] | None = None,
-                  checkpoint_every: int = 4) -> dict[str, Any]:
+def tiny_manifest(
+    name: str = "tiny-test",
+    *,
+    steps: tuple[int, int, int] = (16, 12, 8),
+    data: Mapping[str, str] | None = None,
+    checkpoint_every: int = 4,
+) -> dict[str, Any]:
     """pretrain -> sft -> dpo of a ~20k-parameter model; ``data`` overrides a stage's
     data source by stage name."""
     data = data or {}
     stages = []
     for stage, steps_ in zip(("pretrain", "sft", "dpo"), steps, strict=True):
-        stages.append({
-            "name": stage, "type": stage,
-            "data": {"source": data.get(stage, "synthetic:arithmetic"), "evalExamples": 16},
-            "hyperparameters": {"maxSteps": steps_, "batchSize": 4, "logEvery": 2,
-                                "learningRate": 0.003 if stage != "dpo" else 0.0005},
-            "checkpointEvery": checkpoint_every,
-        })
+        stages.append(
+            {
+                "name": stage,
+                "type": stage,
+                "data": {"source": data.get(stage, "synthetic:arithmetic"), "evalExamples": 16},
+                "hyperparameters": {
+                    "maxSteps": steps_,
+                    "batchSize": 4,
+                    "logEvery": 2,
+                    "learningRate": 0.003 if stage != "dpo" else 0.0005,
+                },
+                "checkpointEvery": checkpoint_every,
+            }
+        )
     return {
-        "apiVersion": "kubetrain.dev/v1alpha1", "kind": "TrainingRun",
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "TrainingRun",
         "metadata": {"name": name},
-        "spec": {"model": TINY_MODEL, "stages": stages,
-                 "pricing": {"gpuHourUSD": 2.5, "energyUSDPerKWh": 0.12}},
+        "spec": {
+            "model": TINY_MODEL,
+            "stages": stages,
+            "pricing": {"gpuHourUSD": 2.5, "energyUSDPerKWh": 0.12},
+        },
     }
 
 
@@ -64,23 +79,32 @@ def kubetrain_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "kubetrain.cli.main", *args]
 
 
-def run_cli(*args: str, cwd: Path, env: Mapping[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(kubetrain_cmd(*args), cwd=cwd, env=cli_env(env), text=True,
-                          capture_output=True, timeout=timeout, check=False)
+def run_cli(
+    *args: str, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        kubetrain_cmd(*args),
+        cwd=cwd,
+        env=cli_env(env),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def parse_summary(stdout: str) -> dict[str, dict[str, str]]:
     """The plain summary table as {stage: {column: cell}}; the ruler under the header
     gives each column's span (cells may be empty, e.g. the total row's loss)."""
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("stage ")
-                 and "checkpoint" in line)
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith("stage ") and "checkpoint" in line
+    )
     spans = [[m.start(), m.end()] for m in re.finditer(r"-+", lines[start + 1])]
     spans[-1][1] = 10**6  # the last column is not padded
     header = [lines[start][a:b].strip() for a, b in spans]
     rows: dict[str, dict[str, str]] = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if set(line.strip()) <= set("- "):
             continue
         cells = [line[a:b].strip() for a, b in spans]

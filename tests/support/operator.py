@@ -21,9 +21,16 @@ class OperatorProcess:
     """``kubetrain operator --kubeconfig ... [--config ...] -n NS``: the command users (and
     the chart's Deployment) run. Restartable: each start appends to the same log."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path, *,
-                 config: Path | None = None, env: dict[str, str] | None = None,
-                 metrics_port: int | None = None):
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log: Path,
+        *,
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+        metrics_port: int | None = None,
+    ):
         self.kubeconfig, self.config, self.namespace, self.log = kubeconfig, config, namespace, log
         self.env = environment_without_aws() if env is None else env
         self.metrics_port = metrics_port or free_port()
@@ -33,16 +40,26 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         exe = Path(sys.executable).parent / "kubetrain"
         argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "kubetrain.cli.main"]
-        argv += ["operator", "--kubeconfig", str(self.kubeconfig), "-n", self.namespace,
-                 "--metrics-port", str(self.metrics_port), "--liveness-port", str(free_port())]
+        argv += [
+            "operator",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "-n",
+            self.namespace,
+            "--metrics-port",
+            str(self.metrics_port),
+            "--liveness-port",
+            str(free_port()),
+        ]
         if self.config is not None:
             argv += ["--config", str(self.config)]
         self.starts += 1
         with open(self.log, "ab") as fh:
             fh.write(f"\n===== operator start #{self.starts} =====\n".encode())
             fh.flush()
-            self.proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                         env=self.env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
         return self
 
     def alive(self) -> bool:

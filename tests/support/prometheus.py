@@ -29,8 +29,13 @@ class PromQLError(AssertionError):
 class Prometheus:
     """One Prometheus process; ``query`` evaluates PromQL through the HTTP API."""
 
-    def __init__(self, workdir: Path, targets: dict[str, list[str]],
-                 rule_files: list[Path] | None = None, interval: str = "1s"):
+    def __init__(
+        self,
+        workdir: Path,
+        targets: dict[str, list[str]],
+        rule_files: list[Path] | None = None,
+        interval: str = "1s",
+    ):
         exe = shutil.which("prometheus")
         if exe is None:
             pytest.fail("prometheus is missing: run `make prometheus`")
@@ -38,23 +43,35 @@ class Prometheus:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
-            "global": {"scrape_interval": interval, "evaluation_interval": interval,
-                       "scrape_timeout": interval},
+            "global": {
+                "scrape_interval": interval,
+                "evaluation_interval": interval,
+                "scrape_timeout": interval,
+            },
             "rule_files": [str(p) for p in rule_files or []],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": addrs}]}
-                               for job, addrs in targets.items()],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": addrs}]}
+                for job, addrs in targets.items()
+            ],
         }
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "prometheus.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [exe, f"--config.file={self.config_path}",
-             f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
-            stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(self._ready, timeout=60, what="Prometheus answering /-/ready",
-                 detail=self.log_tail)
+            [
+                exe,
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.enable-lifecycle",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(
+            self._ready, timeout=60, what="Prometheus answering /-/ready", detail=self.log_tail
+        )
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:

@@ -68,9 +68,13 @@ class S3Server:
     def client(self):  # boto3 S3 client
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
-                            aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
@@ -93,7 +97,9 @@ def start_s3_server() -> S3Server:
     fh = open(log, "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     server = S3Server(port, proc, log)
 
@@ -102,6 +108,10 @@ def start_s3_server() -> S3Server:
             raise RuntimeError(f"moto server exited: {log.read_text()[-2000:]}")
         return port_open(port)
 
-    wait_for(up, timeout=60, what=f"moto S3 server listening on 127.0.0.1:{port}",
-             detail=lambda: log.read_text()[-2000:])
+    wait_for(
+        up,
+        timeout=60,
+        what=f"moto S3 server listening on 127.0.0.1:{port}",
+        detail=lambda: log.read_text()[-2000:],
+    )
     return server

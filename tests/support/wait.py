@@ -13,8 +13,14 @@ class WaitTimeout(AssertionError):
     pass
 
 
-def wait_for(condition: Callable[[], T], *, timeout: float, what: str,
-             interval: float = 0.1, detail: Callable[[], str] | None = None) -> T:
+def wait_for(
+    condition: Callable[[], T],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.1,
+    detail: Callable[[], str] | None = None,
+) -> T:
     """Poll ``condition`` until it returns a truthy value; raise with ``what`` (and the
     output of ``detail``, e.g. the last observed state) when ``timeout`` passes."""
     deadline = time.monotonic() + timeout

@@ -19,22 +19,41 @@ _uids = itertools.count(1)
 
 def manifest(**spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "storage": {"s3": {"bucket": "ckpt", "prefix": "runs",
-                           "endpoint": "http://s3.local:9000",
-                           "credentialsSecret": "s3-creds"}},
+        "storage": {
+            "s3": {
+                "bucket": "ckpt",
+                "prefix": "runs",
+                "endpoint": "http://s3.local:9000",
+                "credentialsSecret": "s3-creds",
+            }
+        },
         "stages": [
-            {"name": "pretrain", "type": "pretrain", "hyperparameters": {"maxSteps": 100},
-             "resources": {"nodes": 2, "gpusPerNode": 8, "gpuType": "h100"},
-             "maxRestarts": 2},
-            {"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 50},
-             "resources": {"gpusPerNode": 8, "gpuType": "h100"}},
+            {
+                "name": "pretrain",
+                "type": "pretrain",
+                "hyperparameters": {"maxSteps": 100},
+                "resources": {"nodes": 2, "gpusPerNode": 8, "gpuType": "h100"},
+                "maxRestarts": 2,
+            },
+            {
+                "name": "sft",
+                "type": "sft",
+                "hyperparameters": {"maxSteps": 50},
+                "resources": {"gpusPerNode": 8, "gpuType": "h100"},
+            },
         ],
     }
     base.update(spec)
     return {
-        "apiVersion": "kubetrain.dev/v1alpha1", "kind": "TrainingRun",
-        "metadata": {"name": "demo", "namespace": "ml", "uid": "run-uid", "generation": 1,
-                     "annotations": {}},
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {
+            "name": "demo",
+            "namespace": "ml",
+            "uid": "run-uid",
+            "generation": 1,
+            "annotations": {},
+        },
         "spec": base,
     }
 
@@ -54,9 +73,15 @@ class World:
 
     # ---- the operator's part
     def reconcile(self) -> planner.Plan:
-        p = planner.plan(copy.deepcopy(self.run), list(self.jobs.values()), self.pods,
-                         self.records, self.now, self.config,
-                         observed_services=sorted(self.services))
+        p = planner.plan(
+            copy.deepcopy(self.run),
+            list(self.jobs.values()),
+            self.pods,
+            self.records,
+            self.now,
+            self.config,
+            observed_services=sorted(self.services),
+        )
         meta = self.run["metadata"]
         meta.setdefault("annotations", {}).update(p.annotations)
         if p.status is not None:
@@ -83,36 +108,49 @@ class World:
 
     # ---- the cluster's and the trainer's part
     def job(self, stage: str) -> dict[str, Any]:
-        return next(j for j in self.jobs.values()
-                    if j["metadata"]["labels"]["kubetrain.dev/stage"] == stage)
+        return next(
+            j for j in self.jobs.values() if j["metadata"]["labels"]["kubetrain.dev/stage"] == stage
+        )
 
     def pods_running(self, stage: str, since: datetime | None = None) -> None:
         job = self.job(stage)
         uid = job["metadata"]["uid"]
-        self.pods = [p for p in self.pods
-                     if p["metadata"]["ownerReferences"][0]["uid"] != uid]
+        self.pods = [p for p in self.pods if p["metadata"]["ownerReferences"][0]["uid"] != uid]
         for i in range(job["spec"]["parallelism"]):
-            self.pods.append({
-                "metadata": {"name": f"{job['metadata']['name']}-{i}",
-                             "ownerReferences": [{"uid": uid}]},
-                "status": {"phase": "Running", "startTime": format_time(since or self.now)},
-            })
+            self.pods.append(
+                {
+                    "metadata": {
+                        "name": f"{job['metadata']['name']}-{i}",
+                        "ownerReferences": [{"uid": uid}],
+                    },
+                    "status": {"phase": "Running", "startTime": format_time(since or self.now)},
+                }
+            )
         job["status"] = {"active": job["spec"]["parallelism"]}
 
     def job_finished(self, stage: str, *, ok: bool, message: str = "") -> None:
         job = self.job(stage)
         kind = "Complete" if ok else "Failed"
-        job["status"] = {"active": 0, "succeeded" if ok else "failed": 1,
-                         "completionTime": format_time(self.now),
-                         "conditions": [{"type": kind, "status": "True",
-                                         "reason": "BackoffLimitExceeded" if not ok else "",
-                                         "message": message}]}
+        job["status"] = {
+            "active": 0,
+            "succeeded" if ok else "failed": 1,
+            "completionTime": format_time(self.now),
+            "conditions": [
+                {
+                    "type": kind,
+                    "status": "True",
+                    "reason": "BackoffLimitExceeded" if not ok else "",
+                    "message": message,
+                }
+            ],
+        }
         uid = job["metadata"]["uid"]
         for p in self.pods:
             if p["metadata"]["ownerReferences"][0]["uid"] == uid:
                 p["status"]["phase"] = "Succeeded" if ok else "Failed"
-                p["status"]["containerStatuses"] = [{"state": {"terminated": {
-                    "finishedAt": format_time(self.now)}}}]
+                p["status"]["containerStatuses"] = [
+                    {"state": {"terminated": {"finishedAt": format_time(self.now)}}}
+                ]
 
     def job_gone(self, stage: str) -> None:
         job = self.job(stage)
@@ -120,13 +158,29 @@ class World:
         del self.jobs[job["metadata"]["name"]]
         self.pods = [p for p in self.pods if p["metadata"]["ownerReferences"][0]["uid"] != uid]
 
-    def progress(self, stage: str, *, step: int, total: int, final: bool = False,
-                 energy: float = 0.0, **extra: Any) -> None:
-        record = {"step": step, "totalSteps": total, "tokens": step * 1000, "loss": 2.5,
-                  "tokensPerSecond": 1000.0, "energyJoules": energy, "energySource": "nvml",
-                  "checkpoint": f"s3://ckpt/runs/ml/demo/{stage}/checkpoints/step-{step:06d}",
-                  "phase": "completed" if final else "running",
-                  "updatedAt": format_time(self.now), **extra}
+    def progress(
+        self,
+        stage: str,
+        *,
+        step: int,
+        total: int,
+        final: bool = False,
+        energy: float = 0.0,
+        **extra: Any,
+    ) -> None:
+        record = {
+            "step": step,
+            "totalSteps": total,
+            "tokens": step * 1000,
+            "loss": 2.5,
+            "tokensPerSecond": 1000.0,
+            "energyJoules": energy,
+            "energySource": "nvml",
+            "checkpoint": f"s3://ckpt/runs/ml/demo/{stage}/checkpoints/step-{step:06d}",
+            "phase": "completed" if final else "running",
+            "updatedAt": format_time(self.now),
+            **extra,
+        }
         self.records[stage] = StageRecords(progress=record, final=final)
 
     def tick(self, seconds: float) -> None:
@@ -137,8 +191,7 @@ class World:
         return self.run.get("status") or {}
 
     def condition(self, type_: str) -> dict[str, Any] | None:
-        return next((c for c in self.status.get("conditions", []) if c["type"] == type_),
-                    None)
+        return next((c for c in self.status.get("conditions", []) if c["type"] == type_), None)
 
     def stage_status(self, name: str) -> dict[str, Any]:
         return next(s for s in self.status["stages"] if s["name"] == name)

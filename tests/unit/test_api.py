@@ -56,57 +56,127 @@ def test_defaults_are_filled_in() -> None:
 
 # (case id, manifest, field path the message must name, words the message must contain)
 BAD: list[tuple[str, dict[str, Any], str, str]] = [
-    ("layers-wrong-type", with_change("spec.model.layers", "two"), "spec.model.layers",
-     "integer"),
-    ("unknown-stage-type", with_change("spec.stages[0].type", "rlhf"), "spec.stages[0].type",
-     "pretrain"),
-    ("negative-steps", with_change("spec.stages[0].hyperparameters.maxSteps", -5),
-     "spec.stages[0].hyperparameters.maxSteps", "greater than or equal to 1"),
-    ("zero-batch", with_change("spec.stages[1].hyperparameters.batchSize", 0),
-     "spec.stages[1].hyperparameters.batchSize", "greater than or equal to 1"),
-    ("duplicate-names", with_change("spec.stages[1].name", "pretrain"), "spec.stages[1].name",
-     "unique"),
-    ("missing-bucket", with_change("spec.storage.s3.bucket", None), "spec.storage.s3.bucket",
-     "required"),
-    ("huge-name", with_change("spec.stages[0].name", "p" * 300), "spec.stages[0].name",
-     "at most 20"),
-    ("unicode-name", with_change("spec.stages[0].name", "prétrain"), "spec.stages[0].name",
-     "lowercase letters"),
+    ("layers-wrong-type", with_change("spec.model.layers", "two"), "spec.model.layers", "integer"),
+    (
+        "unknown-stage-type",
+        with_change("spec.stages[0].type", "rlhf"),
+        "spec.stages[0].type",
+        "pretrain",
+    ),
+    (
+        "negative-steps",
+        with_change("spec.stages[0].hyperparameters.maxSteps", -5),
+        "spec.stages[0].hyperparameters.maxSteps",
+        "greater than or equal to 1",
+    ),
+    (
+        "zero-batch",
+        with_change("spec.stages[1].hyperparameters.batchSize", 0),
+        "spec.stages[1].hyperparameters.batchSize",
+        "greater than or equal to 1",
+    ),
+    (
+        "duplicate-names",
+        with_change("spec.stages[1].name", "pretrain"),
+        "spec.stages[1].name",
+        "unique",
+    ),
+    (
+        "missing-bucket",
+        with_change("spec.storage.s3.bucket", None),
+        "spec.storage.s3.bucket",
+        "required",
+    ),
+    (
+        "huge-name",
+        with_change("spec.stages[0].name", "p" * 300),
+        "spec.stages[0].name",
+        "at most 20",
+    ),
+    (
+        "unicode-name",
+        with_change("spec.stages[0].name", "prétrain"),
+        "spec.stages[0].name",
+        "lowercase letters",
+    ),
     ("empty-stages", with_change("spec.stages", []), "spec.stages", "at least 1"),
     ("no-stages", with_change("spec.stages", None), "spec.stages", "required"),
-    ("dpo-without-sft", with_change("spec.stages", [{"name": "d", "type": "dpo"}]),
-     "spec.stages[0]", "sft"),
+    (
+        "dpo-without-sft",
+        with_change("spec.stages", [{"name": "d", "type": "dpo"}]),
+        "spec.stages[0]",
+        "sft",
+    ),
     ("heads-do-not-divide", with_change("spec.model.heads", 3), "model.heads", "divide"),
-    ("seq-longer-than-context", with_change("spec.stages[0].hyperparameters.seqLen", 4096),
-     "spec.stages[0].hyperparameters.seqLen", "contextLength"),
-    ("steps-and-tokens", with_change("spec.stages[0].hyperparameters.tokens", 1000),
-     "spec.stages[0].hyperparameters", "at most one"),
-    ("unknown-field", with_change("spec.stages[0].learningRate", 0.1),
-     "spec.stages[0].learningRate", "hyperparameters"),
-    ("bad-schedule", with_change("spec.stages[0].hyperparameters.schedule", "step"),
-     "spec.stages[0].hyperparameters.schedule", "cosine"),
-    ("too-many-gpus", with_change("spec.stages[0].resources.gpusPerNode", 64),
-     "spec.stages[0].resources.gpusPerNode", "less than or equal to 16"),
-    ("bad-memory-quantity", with_change("spec.stages[0].resources.memory", "lots"),
-     "spec.stages[0].resources.memory", "64Gi"),
-    ("bad-from-uri", with_change("spec.model.from", "http://x/y"), "spec.model.from",
-     "s3"),
-    ("small-vocab", with_change("spec.model.vocabSize", 100), "spec.model.vocabSize",
-     "greater than or equal to 260"),
-    ("bad-budget-action", with_change("spec.budget.action", "Explode"),
-     "spec.budget.action", "Suspend"),
-    ("negative-price", with_change("spec.pricing.gpuHourUSD", -1), "spec.pricing.gpuHourUSD",
-     "greater than or equal to 0"),
+    (
+        "seq-longer-than-context",
+        with_change("spec.stages[0].hyperparameters.seqLen", 4096),
+        "spec.stages[0].hyperparameters.seqLen",
+        "contextLength",
+    ),
+    (
+        "steps-and-tokens",
+        with_change("spec.stages[0].hyperparameters.tokens", 1000),
+        "spec.stages[0].hyperparameters",
+        "at most one",
+    ),
+    (
+        "unknown-field",
+        with_change("spec.stages[0].learningRate", 0.1),
+        "spec.stages[0].learningRate",
+        "hyperparameters",
+    ),
+    (
+        "bad-schedule",
+        with_change("spec.stages[0].hyperparameters.schedule", "step"),
+        "spec.stages[0].hyperparameters.schedule",
+        "cosine",
+    ),
+    (
+        "too-many-gpus",
+        with_change("spec.stages[0].resources.gpusPerNode", 64),
+        "spec.stages[0].resources.gpusPerNode",
+        "less than or equal to 16",
+    ),
+    (
+        "bad-memory-quantity",
+        with_change("spec.stages[0].resources.memory", "lots"),
+        "spec.stages[0].resources.memory",
+        "64Gi",
+    ),
+    ("bad-from-uri", with_change("spec.model.from", "http://x/y"), "spec.model.from", "s3"),
+    (
+        "small-vocab",
+        with_change("spec.model.vocabSize", 100),
+        "spec.model.vocabSize",
+        "greater than or equal to 260",
+    ),
+    (
+        "bad-budget-action",
+        with_change("spec.budget.action", "Explode"),
+        "spec.budget.action",
+        "Suspend",
+    ),
+    (
+        "negative-price",
+        with_change("spec.pricing.gpuHourUSD", -1),
+        "spec.pricing.gpuHourUSD",
+        "greater than or equal to 0",
+    ),
     ("long-run-name", with_change("metadata.name", "r" * 41), "metadata.name", "at most 40"),
-    ("bad-data-source", with_change("spec.stages[0].data.source", "hf://gsm8k"),
-     "spec.stages[0].data.source", "synthetic"),
+    (
+        "bad-data-source",
+        with_change("spec.stages[0].data.source", "hf://gsm8k"),
+        "spec.stages[0].data.source",
+        "synthetic",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("manifest", "field", "words"), [b[1:] for b in BAD],
-                         ids=[b[0] for b in BAD])
-def test_bad_manifest_message_names_field(manifest: dict[str, Any], field: str,
-                                          words: str) -> None:
+@pytest.mark.parametrize(
+    ("manifest", "field", "words"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
+)
+def test_bad_manifest_message_names_field(manifest: dict[str, Any], field: str, words: str) -> None:
     with pytest.raises(ManifestError) as exc:
         parse_run(manifest)
     message = str(exc.value)

@@ -28,62 +28,130 @@ from tests.support.chart import (
 )
 
 MONITORS_ON = {
-    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
-                "podMonitor": {"enabled": True}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "podMonitor": {"enabled": True},
+    },
     "prometheusRule": {"enabled": True, "additionalAlertLabels": {"team": "ml-platform"}},
 }
 NAMESPACED = {"watchNamespaces": ["team-a", "team-b"]}
-CUSTOM_PRICES = {"config": {"gpuPrices": {"h100": 2.1, "a100": 1.2}, "energyUSDPerKWh": 0.12,
-                            "pue": 1.3, "carbonGramsPerKWh": 350, "pollIntervalSeconds": 5,
-                            "stallTimeoutSeconds": 600, "image": "registry.example/trainer:1.2"}}
+CUSTOM_PRICES = {
+    "config": {
+        "gpuPrices": {"h100": 2.1, "a100": 1.2},
+        "energyUSDPerKWh": 0.12,
+        "pue": 1.3,
+        "carbonGramsPerKWh": 350,
+        "pollIntervalSeconds": 5,
+        "stallTimeoutSeconds": 600,
+        "image": "registry.example/trainer:1.2",
+    }
+}
 VARIANTS = {
     "default": None,
     "namespaced": NAMESPACED,
     "monitors": MONITORS_ON,
     "custom-prices": CUSTOM_PRICES,
-    "everything": {**NAMESPACED, **MONITORS_ON, **CUSTOM_PRICES,
-                   "serviceAccount": {"name": "trainer-operator"},
-                   "grafanaDashboard": {"namespace": "monitoring"}},
+    "everything": {
+        **NAMESPACED,
+        **MONITORS_ON,
+        **CUSTOM_PRICES,
+        "serviceAccount": {"name": "trainer-operator"},
+        "grafanaDashboard": {"namespace": "monitoring"},
+    },
 }
 
 # Structural checks of the Prometheus Operator's kinds, which kubernetes-validate has no
 # schemas for: the fields the Prometheus Operator needs to act on the object.
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
-_META = {"type": "object", "required": ["name", "namespace"],
-         "properties": {"name": {"type": "string"}, "labels": _LABELS}}
-_SELECTOR = {"type": "object", "required": ["matchLabels"],
-             "properties": {"matchLabels": {**_LABELS, "minProperties": 1}}}
-_NS_SELECTOR = {"type": "object", "properties": {
-    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}}
-_ENDPOINT = {"type": "object", "required": ["port"], "additionalProperties": False,
-             "properties": {"port": {"type": "string"}, "path": {"type": "string"},
-                            "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"}}}
-_RULE = {"type": "object", "required": ["alert", "expr", "labels", "annotations"],
-         "additionalProperties": False,
-         "properties": {"alert": {"type": "string"}, "expr": {"type": "string"},
-                        "for": {"type": "string"}, "labels": _LABELS,
-                        "annotations": _LABELS}}
+_META = {
+    "type": "object",
+    "required": ["name", "namespace"],
+    "properties": {"name": {"type": "string"}, "labels": _LABELS},
+}
+_SELECTOR = {
+    "type": "object",
+    "required": ["matchLabels"],
+    "properties": {"matchLabels": {**_LABELS, "minProperties": 1}},
+}
+_NS_SELECTOR = {
+    "type": "object",
+    "properties": {
+        "any": {"type": "boolean"},
+        "matchNames": {"type": "array", "items": {"type": "string"}},
+    },
+}
+_ENDPOINT = {
+    "type": "object",
+    "required": ["port"],
+    "additionalProperties": False,
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"type": "string"},
+        "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+    },
+}
+_RULE = {
+    "type": "object",
+    "required": ["alert", "expr", "labels", "annotations"],
+    "additionalProperties": False,
+    "properties": {
+        "alert": {"type": "string"},
+        "expr": {"type": "string"},
+        "for": {"type": "string"},
+        "labels": _LABELS,
+        "annotations": _LABELS,
+    },
+}
 MONITORING_SCHEMAS: dict[str, dict[str, Any]] = {
-    kind: {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-           "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"},
-                          "metadata": _META, "spec": spec}}
+    kind: {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "metadata": _META,
+            "spec": spec,
+        },
+    }
     for kind, spec in {
-        "ServiceMonitor": {"type": "object", "required": ["selector", "endpoints"],
-                           "additionalProperties": False,
-                           "properties": {"selector": _SELECTOR, "namespaceSelector": _NS_SELECTOR,
-                                          "endpoints": {"type": "array", "minItems": 1,
-                                                        "items": _ENDPOINT}}},
-        "PodMonitor": {"type": "object", "required": ["selector", "podMetricsEndpoints"],
-                       "additionalProperties": False,
-                       "properties": {"selector": _SELECTOR, "namespaceSelector": _NS_SELECTOR,
-                                      "podMetricsEndpoints": {"type": "array", "minItems": 1,
-                                                              "items": _ENDPOINT}}},
-        "PrometheusRule": {"type": "object", "required": ["groups"], "additionalProperties": False,
-                           "properties": {"groups": {"type": "array", "minItems": 1, "items": {
-                               "type": "object", "required": ["name", "rules"],
-                               "properties": {"name": {"type": "string"},
-                                              "rules": {"type": "array", "minItems": 1,
-                                                        "items": _RULE}}}}}},
+        "ServiceMonitor": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": _SELECTOR,
+                "namespaceSelector": _NS_SELECTOR,
+                "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            },
+        },
+        "PodMonitor": {
+            "type": "object",
+            "required": ["selector", "podMetricsEndpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": _SELECTOR,
+                "namespaceSelector": _NS_SELECTOR,
+                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            },
+        },
+        "PrometheusRule": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "rules": {"type": "array", "minItems": 1, "items": _RULE},
+                        },
+                    },
+                }
+            },
+        },
     }.items()
 }
 
@@ -95,14 +163,21 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
 
 def _rules(obj: dict[str, Any]) -> set[tuple[str, str, str]]:
     """(apiGroup, resource, verb) triples a Role or ClusterRole grants."""
-    return {(g, r, v) for rule in obj["rules"] for g in rule["apiGroups"]
-            for r in rule["resources"] for v in rule["verbs"]}
+    return {
+        (g, r, v)
+        for rule in obj["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
 
 
 # kopf's scanning of CRDs and namespaces, needed in both modes.
-OPERATOR_CLUSTER = {*(("apiextensions.k8s.io", "customresourcedefinitions", v)
-                      for v in ("get", "list", "watch")),
-                    ("", "namespaces", "list"), ("", "namespaces", "watch")}
+OPERATOR_CLUSTER = {
+    *(("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+}
 
 
 def test_pinned_helm_defaults_to_the_test_clusters_kubernetes(tmp_path: Path) -> None:
@@ -113,10 +188,12 @@ def test_pinned_helm_defaults_to_the_test_clusters_kubernetes(tmp_path: Path) ->
     (chart / "templates").mkdir(parents=True)
     (chart / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
     (chart / "templates" / "version.yaml").write_text(
-        "kubeVersion: {{ .Capabilities.KubeVersion.Version | quote }}\n")
+        "kubeVersion: {{ .Capabilities.KubeVersion.Version | quote }}\n"
+    )
     out = run_helm("template", str(chart)).stdout
     assert yaml.safe_load(out) == {"kubeVersion": f"v{KUBE_VERSION}"}, (
-        "the Helm client in .cache/bin predates this default: run `make cluster-bin`")
+        "the Helm client in .cache/bin predates this default: run `make cluster-bin`"
+    )
 
 
 def test_helm_lint_passes_with_default_and_non_default_values() -> None:
@@ -126,8 +203,9 @@ def test_helm_lint_passes_with_default_and_non_default_values() -> None:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_rendered_object_is_valid(variant: str,
-                                        rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_every_rendered_object_is_valid(
+    variant: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
     objects = rendered[variant]
     assert objects
     for obj in objects:
@@ -143,15 +221,25 @@ def test_every_rendered_object_is_valid(variant: str,
 def test_chart_crd_is_the_generated_one() -> None:
     chart_crd = CHART / "crds" / "trainingrun.yaml"
     assert chart_crd.read_text() == (REPO / "crds" / "trainingrun.yaml").read_text(), (
-        "charts/kubetrain/crds/trainingrun.yaml differs from crds/: run `make crd`")
+        "charts/kubetrain/crds/trainingrun.yaml differs from crds/: run `make crd`"
+    )
 
 
 def test_default_install_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
     objects = rendered["default"]
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ConfigMap",
-                            "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Service",
-                            "Deployment"])
+    assert kinds == sorted(
+        [
+            "CustomResourceDefinition",
+            "ServiceAccount",
+            "ConfigMap",
+            "ConfigMap",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Service",
+            "Deployment",
+        ]
+    )
     # The monitoring kinds need the Prometheus Operator's CRDs: off unless asked for.
     assert not {"ServiceMonitor", "PodMonitor", "PrometheusRule"} & set(kinds)
     sa = one(objects, "ServiceAccount")
@@ -202,19 +290,22 @@ def test_dockerfile_matches_the_deployment(rendered: dict[str, list[dict[str, An
 
 
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(
-        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
     objects = rendered["default"]
     role = one(objects, "ClusterRole")
     assert _rules(role) == OPERATOR_NAMESPACED | OPERATOR_CLUSTER
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetrain",
-                                    "namespace": "kubetrain"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubetrain", "namespace": "kubetrain"}
+    ]
     assert not by_kind(objects, "Role")
 
 
 def test_namespaced_mode_grants_only_the_watched_namespaces(
-        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
     objects = rendered["namespaced"]
     assert _rules(one(objects, "ClusterRole")) == OPERATOR_CLUSTER
     roles = {r["metadata"]["namespace"]: r for r in by_kind(objects, "Role")}
@@ -222,8 +313,11 @@ def test_namespaced_mode_grants_only_the_watched_namespaces(
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     for ns, role in roles.items():
         assert _rules(role) == OPERATOR_NAMESPACED, ns
-        assert bindings[ns]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
-                                           "kind": "Role", "name": role["metadata"]["name"]}
+        assert bindings[ns]["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
         assert bindings[ns]["subjects"][0]["namespace"] == "kubetrain"
     (c,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     args = c["args"]
@@ -238,22 +332,22 @@ def _operator_config(objects: list[dict[str, Any]], tmp_path: Path) -> OperatorC
 
 
 def test_rendered_config_is_read_by_the_operator(
-        rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
     default = _operator_config(rendered["default"], tmp_path)
     assert default == OperatorConfig()  # the chart's defaults are the operator's
     custom = _operator_config(rendered["custom-prices"], tmp_path)
     assert custom.gpu_prices == {"h100": 2.1, "a100": 1.2}
-    assert (custom.energy_usd_per_kwh, custom.pue, custom.carbon_grams_per_kwh) == (
-        0.12, 1.3, 350)
+    assert (custom.energy_usd_per_kwh, custom.pue, custom.carbon_grams_per_kwh) == (0.12, 1.3, 350)
     assert (custom.poll_interval_seconds, custom.stall_timeout_seconds) == (5, 600)
     assert custom.image == "registry.example/trainer:1.2"
 
 
-def test_config_change_restarts_the_operator(
-        rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_config_change_restarts_the_operator(rendered: dict[str, list[dict[str, Any]]]) -> None:
     def checksum(variant: str) -> str:
         dep = one(rendered[variant], "Deployment")
         return dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
     assert checksum("default") != checksum("custom-prices")
 
 
@@ -266,16 +360,19 @@ def test_values_schema_knows_every_operator_setting() -> None:
     assert set(values["config"]) <= operator_keys
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"config": {"pue": 9}}, "/config/pue"),
-    ({"config": {"gpuPrices": {"h100": -1}}}, "/config/gpuPrices/h100"),
-    ({"config": {"gpuPrice": {"h100": 2}}}, "'gpuPrice' not allowed"),
-    ({"config": {"pollIntervalSeconds": "often"}}, "/config/pollIntervalSeconds"),
-    ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
-    ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
-    ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
-    ({"metrics": {"podMonitor": {"interval": "soon"}}}, "/metrics/podMonitor/interval"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"config": {"pue": 9}}, "/config/pue"),
+        ({"config": {"gpuPrices": {"h100": -1}}}, "/config/gpuPrices/h100"),
+        ({"config": {"gpuPrice": {"h100": 2}}}, "'gpuPrice' not allowed"),
+        ({"config": {"pollIntervalSeconds": "often"}}, "/config/pollIntervalSeconds"),
+        ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
+        ({"metrics": {"podMonitor": {"interval": "soon"}}}, "/metrics/podMonitor/interval"),
+    ],
+)
 def test_values_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
     proc = run_helm("template", "kubetrain", str(CHART), values=values, check=False)
     assert proc.returncode != 0
@@ -283,7 +380,8 @@ def test_values_schema_rejects_bad_values(values: dict[str, Any], message: str) 
 
 
 def test_monitors_select_the_operator_and_the_trainers(
-        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
     objects = rendered["monitors"]
     sm = one(objects, "ServiceMonitor")
     svc = one(objects, "Service", "kubetrain-metrics")
@@ -313,7 +411,8 @@ def test_trainer_pods_carry_what_the_pod_monitor_selects() -> None:
 
 
 def test_prometheus_rule_ships_the_tested_rules_file(
-        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
     rule = one(rendered["monitors"], "PrometheusRule")
     shipped = [r for g in rule["spec"]["groups"] for r in g["rules"]]
     expected = alert_rules()
@@ -324,11 +423,9 @@ def test_prometheus_rule_ships_the_tested_rules_file(
         assert got["labels"] == {**want["labels"], "team": "ml-platform"}
 
 
-def test_dashboard_configmap_holds_the_dashboard(
-        rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_dashboard_configmap_holds_the_dashboard(rendered: dict[str, list[dict[str, Any]]]) -> None:
     cm = one(rendered["default"], "ConfigMap", "kubetrain-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["kubetrain.json"]) == json.loads(DASHBOARD.read_text())
     moved = one(rendered["everything"], "ConfigMap", "kubetrain-dashboard")
     assert moved["metadata"]["namespace"] == "monitoring"
-

@@ -14,8 +14,13 @@ import yaml
 from tests.support.chart import ALERTS, alert_rules
 
 PROMTOOL_TESTS = Path(__file__).resolve().parent / "promtool" / "alerts_test.yaml"
-ALERT_NAMES = {"KubetrainRunFailed", "KubetrainStageStalled", "KubetrainBudget80Percent",
-               "KubetrainTrainerRestartsRising", "KubetrainOperatorDown"}
+ALERT_NAMES = {
+    "KubetrainRunFailed",
+    "KubetrainStageStalled",
+    "KubetrainBudget80Percent",
+    "KubetrainTrainerRestartsRising",
+    "KubetrainOperatorDown",
+}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -35,10 +40,18 @@ def test_every_alert_fires_in_its_promtool_unit_test() -> None:
     proc = promtool("test", "rules", str(PROMTOOL_TESTS))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tests = yaml.safe_load(PROMTOOL_TESTS.read_text())["tests"]
-    fired = {case["alertname"] for t in tests for case in t.get("alert_rule_test", [])
-             if case.get("exp_alerts")}
-    quiet = {case["alertname"] for t in tests for case in t.get("alert_rule_test", [])
-             if not case.get("exp_alerts")}
+    fired = {
+        case["alertname"]
+        for t in tests
+        for case in t.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    quiet = {
+        case["alertname"]
+        for t in tests
+        for case in t.get("alert_rule_test", [])
+        if not case.get("exp_alerts")
+    }
     assert fired == quiet == ALERT_NAMES
 
 

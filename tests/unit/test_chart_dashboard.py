@@ -45,14 +45,34 @@ def test_dashboard_shows_what_users_look_for() -> None:
     titles = {p["title"] for p in dash["panels"]}
     rows = {p["title"] for p in dash["panels"] if p["type"] == "row"}
     assert rows == {"Runs", "Training", "Energy, cost and carbon", "Reliability"}
-    assert {"Runs by phase", "Progress", "ETA", "Stage timeline", "Loss", "Eval accuracy",
-            "Throughput", "MFU", "Power", "Energy", "Cost", "CO2", "Restarts"} <= titles
+    assert {
+        "Runs by phase",
+        "Progress",
+        "ETA",
+        "Stage timeline",
+        "Loss",
+        "Eval accuracy",
+        "Throughput",
+        "MFU",
+        "Power",
+        "Energy",
+        "Cost",
+        "CO2",
+        "Restarts",
+    } <= titles
     kinds = {p["title"]: p["type"] for p in dash["panels"]}
     assert kinds["Stage timeline"] == "state-timeline"
-    units = {p["title"]: p["fieldConfig"]["defaults"].get("unit") for p in dash["panels"]
-             if p["type"] != "row"}
+    units = {
+        p["title"]: p["fieldConfig"]["defaults"].get("unit")
+        for p in dash["panels"]
+        if p["type"] != "row"
+    }
     assert (units["Power"], units["Energy"], units["Cost"], units["CO2"]) == (
-        "watt", "kwatth", "currencyUSD", "masskg")
+        "watt",
+        "kwatth",
+        "currencyUSD",
+        "masskg",
+    )
     power = next(e for t, e in dashboard_exprs() if t == "Power")
     assert "rate(kubetrain_trainer_energy_joules_total" in power
 
@@ -67,27 +87,54 @@ def test_stage_timeline_shows_each_stage_phase_and_stalled(tmp_path: Path) -> No
     assert set(names.values()) == {p.value for p in StagePhase} | {"Stalled"}
     (expr,) = [e for t, e in dashboard_exprs() if t == "Stage timeline"]
     stages = {"pretrain": "Succeeded", "sft": "Running", "dpo": "Pending"}
-    series = [{"series": f'kubetrain_operator_stage_phase{{namespace="ml", run="demo", '
-                         f'stage="{stage}", phase="{phase.value}", job="kubetrain"}}',
-               "values": "1" if phase.value == current else "0"}
-              for stage, current in stages.items() for phase in StagePhase]
-    series += [{"series": f'kubetrain_operator_stage_stalled{{namespace="ml", run="demo", '
-                          f'stage="{stage}", job="kubetrain"}}',
-                "values": "1" if stage == "sft" else "0"} for stage in stages]
+    series = [
+        {
+            "series": f'kubetrain_operator_stage_phase{{namespace="ml", run="demo", '
+            f'stage="{stage}", phase="{phase.value}", job="kubetrain"}}',
+            "values": "1" if phase.value == current else "0",
+        }
+        for stage, current in stages.items()
+        for phase in StagePhase
+    ]
+    series += [
+        {
+            "series": f'kubetrain_operator_stage_stalled{{namespace="ml", run="demo", '
+            f'stage="{stage}", job="kubetrain"}}',
+            "values": "1" if stage == "sft" else "0",
+        }
+        for stage in stages
+    ]
     value = {name: v for v, name in names.items()}
-    expected = [{"labels": f'{{namespace="ml", run="demo", stage="{stage}"}}',
-                 "value": value["Stalled" if stage == "sft" else phase]}
-                for stage, phase in stages.items()]
-    test = {"tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
-        {"expr": expr.replace("$namespace", "ml").replace("$run", "demo"), "eval_time": "0m",
-         "exp_samples": expected}]}]}
+    expected = [
+        {
+            "labels": f'{{namespace="ml", run="demo", stage="{stage}"}}',
+            "value": value["Stalled" if stage == "sft" else phase],
+        }
+        for stage, phase in stages.items()
+    ]
+    test = {
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": expr.replace("$namespace", "ml").replace("$run", "demo"),
+                        "eval_time": "0m",
+                        "exp_samples": expected,
+                    }
+                ],
+            }
+        ]
+    }
     path = tmp_path / "timeline_test.yaml"
     path.write_text(yaml.safe_dump(test))
     exe = shutil.which("promtool")
     if exe is None:
         pytest.fail("promtool is missing: run `make prometheus`")
-    proc = subprocess.run([exe, "test", "rules", str(path)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [exe, "test", "rules", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -105,7 +152,9 @@ def test_dashboard_variables_filter_every_run_panel() -> None:
             expr = target["expr"]
             if re.search(r"\b(run|namespace)\b", expr) and "by (phase)" not in expr:
                 assert 'namespace=~"$namespace"' in expr and 'run=~"$run"' in expr, (
-                    panel["title"], expr)
+                    panel["title"],
+                    expr,
+                )
 
 
 def test_dashboard_panels_do_not_overlap() -> None:
@@ -114,8 +163,9 @@ def test_dashboard_panels_do_not_overlap() -> None:
     for panel in dashboard()["panels"]:
         g = panel["gridPos"]
         assert g["x"] + g["w"] <= 24, panel["title"]
-        cells = {(x, y) for x in range(g["x"], g["x"] + g["w"])
-                 for y in range(g["y"], g["y"] + g["h"])}
+        cells = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
         assert not cells & taken, f"{panel['title']} overlaps another panel"
         taken |= cells
         assert panel["id"] not in ids
@@ -126,8 +176,10 @@ def test_metrics_table_lists_every_metric_with_labels() -> None:
     table = metrics_table()
     for d in metric_docs():
         assert f"`{d.name}`" in table
-    assert "| `kubetrain_trainer_energy_joules_total` | counter | `run`, `namespace`, " \
-           "`stage`, `source` | trainer |" in table
+    assert (
+        "| `kubetrain_trainer_energy_joules_total` | counter | `run`, `namespace`, "
+        "`stage`, `source` | trainer |" in table
+    )
 
 
 def test_readme_metrics_table_is_fresh() -> None:

@@ -17,8 +17,10 @@ def test_defaults_without_a_file() -> None:
 
 def test_camel_case_file(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text("image: my/trainer:2\ngpuPrices: {h100: 1.9}\npollIntervalSeconds: 5\n"
-                    "stallTimeoutSeconds: 0\npue: 1.1\n")
+    path.write_text(
+        "image: my/trainer:2\ngpuPrices: {h100: 1.9}\npollIntervalSeconds: 5\n"
+        "stallTimeoutSeconds: 0\npue: 1.1\n"
+    )
     cfg = load_config(str(path))
     assert cfg.image == "my/trainer:2" and cfg.gpu_prices == {"h100": 1.9}
     assert cfg.poll_interval_seconds == 5 and cfg.stall_timeout_seconds == 0
@@ -34,18 +36,23 @@ def test_units_spelled_as_in_the_trainingrun_api(tmp_path: Path) -> None:
     pricing_names = {f.alias for f in Pricing.model_fields.values()}
     assert {"energyUSDPerKWh", "carbonGramsPerKWh"} <= pricing_names
     assert {f.alias for f in OperatorConfig.model_fields.values()} >= {
-        "energyUSDPerKWh", "carbonGramsPerKWh"}
+        "energyUSDPerKWh",
+        "carbonGramsPerKWh",
+    }
     path.write_text("energyUsdPerKwh: 0.2\n")
     with pytest.raises(ConfigError, match="energyUsdPerKwh"):
         load_config(str(path))
 
 
-@pytest.mark.parametrize(("text", "match"), [
-    ("pollIntervalSeconds: -1\n", "pollIntervalSeconds"),
-    ("imagePullPolicy: Sometimes\n", "imagePullPolicy"),
-    ("surprise: 1\n", "surprise"),
-    ("- a list\n", "mapping"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("pollIntervalSeconds: -1\n", "pollIntervalSeconds"),
+        ("imagePullPolicy: Sometimes\n", "imagePullPolicy"),
+        ("surprise: 1\n", "surprise"),
+        ("- a list\n", "mapping"),
+    ],
+)
 def test_invalid_file_names_the_field(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(text)
@@ -67,8 +74,8 @@ def test_manifest_pricing_wins_over_operator_defaults() -> None:
 
 
 def test_operator_and_status_without_cluster_fail_in_one_line(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kubetrain.cli.main import main
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
@@ -81,7 +88,8 @@ def test_operator_and_status_without_cluster_fail_in_one_line(
 
 
 def test_operator_with_bad_config_fails_in_one_line(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kubetrain.cli.main import main
 
     path = tmp_path / "c.yaml"

@@ -16,14 +16,21 @@ from tests.unit.test_api import BAD, EXAMPLES
 ROOT = Path(__file__).resolve().parents[2]
 # Rules the API server enforces with CEL (checked against a real API server in e2e), not
 # with the OpenAPI keywords a JSON-Schema validator understands.
-CEL_ONLY = {"duplicate-names", "dpo-without-sft", "heads-do-not-divide",
-            "seq-longer-than-context", "steps-and-tokens", "long-run-name"}
+CEL_ONLY = {
+    "duplicate-names",
+    "dpo-without-sft",
+    "heads-do-not-divide",
+    "seq-longer-than-context",
+    "steps-and-tokens",
+    "long-run-name",
+}
 # The API server prunes unknown fields rather than rejecting them; kubectl warns.
 PRUNED = {"unknown-field"}
 
 
-@pytest.mark.parametrize("path", ["crds/trainingrun.yaml",
-                                  "charts/kubetrain/crds/trainingrun.yaml"])
+@pytest.mark.parametrize(
+    "path", ["crds/trainingrun.yaml", "charts/kubetrain/crds/trainingrun.yaml"]
+)
 def test_committed_crd_is_fresh(path: str) -> None:
     committed = (ROOT / path).read_text()
     assert committed == render_crd(), f"{path} is stale: run `make crd`"
@@ -47,12 +54,23 @@ def schema() -> dict[str, Any]:
 
 
 def test_schema_is_structural() -> None:
-    forbidden = {"$ref", "anyOf", "oneOf", "allOf", "not", "title", "const", "$defs",
-                 "definitions", "nullable"}
+    forbidden = {
+        "$ref",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "not",
+        "title",
+        "const",
+        "$defs",
+        "definitions",
+        "nullable",
+    }
     for path, node in _walk(schema()):
         assert not forbidden & node.keys(), f"{path or '.'} carries {forbidden & node.keys()}"
-        assert "type" in node or node.get("x-kubernetes-int-or-string"), \
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), (
             f"{path} has no type (structural schemas need one everywhere)"
+        )
         assert node.get("additionalProperties") is not False, f"{path}: additionalProperties"
         if "properties" in node:
             assert "additionalProperties" not in node, f"{path}: both kinds of properties"
@@ -72,8 +90,13 @@ def test_crd_names_and_columns() -> None:
     assert names["shortNames"] == ["tr"] and "kubetrain" in names["categories"]
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == \
-        ["Phase", "Stage", "Progress", "Cost", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Stage",
+        "Progress",
+        "Cost",
+        "Age",
+    ]
 
 
 def test_cel_rules_present() -> None:
@@ -95,16 +118,19 @@ def test_schema_accepts_examples(path: Path) -> None:
     assert not errors, [e.message for e in errors]
 
 
-@pytest.mark.parametrize(("case", "manifest"),
-                         [(b[0], b[1]) for b in BAD if b[0] not in CEL_ONLY | PRUNED],
-                         ids=[b[0] for b in BAD if b[0] not in CEL_ONLY | PRUNED])
+@pytest.mark.parametrize(
+    ("case", "manifest"),
+    [(b[0], b[1]) for b in BAD if b[0] not in CEL_ONLY | PRUNED],
+    ids=[b[0] for b in BAD if b[0] not in CEL_ONLY | PRUNED],
+)
 def test_schema_rejects_bad_manifests(case: str, manifest: dict[str, Any]) -> None:
     assert list(_validator().iter_errors(manifest)), f"the CRD schema accepts {case}"
 
 
 def test_defaults_match_the_model() -> None:
     hp = schema()["properties"]["spec"]["properties"]["stages"]["items"]["properties"][
-        "hyperparameters"]
+        "hyperparameters"
+    ]
     assert hp["default"]["beta"] == 0.1 and hp["default"]["batchSize"] == 16
     assert hp["properties"]["beta"]["default"] == 0.1
     assert hp["properties"]["schedule"]["default"] == "cosine"

@@ -15,6 +15,11 @@ def test_readme_field_reference_is_fresh() -> None:
 def test_reference_lists_every_stage_field() -> None:
     ref = field_reference()
     assert ref.startswith(BEGIN) and END in ref
-    for field in ("spec.stages[].hyperparameters.beta", "spec.storage.s3.credentialsSecret",
-                  "spec.budget.maxCostUSD", "spec.model.from", "status.totals.costUSD"):
+    for field in (
+        "spec.stages[].hyperparameters.beta",
+        "spec.storage.s3.credentialsSecret",
+        "spec.budget.maxCostUSD",
+        "spec.model.from",
+        "status.totals.costUSD",
+    ):
         assert f"`{field}`" in ref, field

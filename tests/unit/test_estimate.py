@@ -32,9 +32,13 @@ def test_flops_per_token_by_hand() -> None:
 
 def test_frontier_pretraining_by_hand() -> None:
     """70B parameters on 15T tokens on H100s at 40% MFU."""
-    est = estimate_params_tokens(70e9, 15e12, gpu="h100", mfu=0.4,
-                                 pricing=Pricing(energy_usd_per_kwh=0.1, pue=1.2,
-                                                 carbon_grams_per_kwh=400))
+    est = estimate_params_tokens(
+        70e9,
+        15e12,
+        gpu="h100",
+        mfu=0.4,
+        pricing=Pricing(energy_usd_per_kwh=0.1, pue=1.2, carbon_grams_per_kwh=400),
+    )
     flops = 6 * 70e9 * 15e12  # 6.3e24
     gpu_hours = flops / (989e12 * 0.4) / 3600  # ≈ 4.42 million
     kwh = gpu_hours * 0.7 * 1.2  # 700 W boards, PUE 1.2
@@ -47,13 +51,20 @@ def test_frontier_pretraining_by_hand() -> None:
 
 
 def test_manifest_estimate_by_hand() -> None:
-    spec = parse_spec({
-        "model": {"layers": 2, "heads": 2, "dim": 64, "contextLength": 64},
-        "stages": [{"name": "pre", "type": "pretrain",
+    spec = parse_spec(
+        {
+            "model": {"layers": 2, "heads": 2, "dim": 64, "contextLength": 64},
+            "stages": [
+                {
+                    "name": "pre",
+                    "type": "pretrain",
                     "hyperparameters": {"maxSteps": 10, "batchSize": 4},
-                    "resources": {"gpusPerNode": 8, "nodes": 2, "gpuType": "a100"}}],
-        "pricing": {"gpuHourUSD": 2.0, "pue": 1.0, "carbonGramsPerKWh": 100},
-    })
+                    "resources": {"gpusPerNode": 8, "nodes": 2, "gpuType": "a100"},
+                }
+            ],
+            "pricing": {"gpuHourUSD": 2.0, "pue": 1.0, "carbonGramsPerKWh": 100},
+        }
+    )
     est = estimate_run(spec, mfu=0.5)
     stage = est.stages[0]
     tokens = 10 * 4 * 8 * 2 * 64  # steps · batch · processes · nodes · seq
@@ -68,8 +79,17 @@ def test_manifest_estimate_by_hand() -> None:
 
 
 def test_tokens_convert_to_steps() -> None:
-    spec = parse_spec({"stages": [{"name": "s", "type": "pretrain",
-                                   "hyperparameters": {"tokens": 10_000, "batchSize": 8}}]})
+    spec = parse_spec(
+        {
+            "stages": [
+                {
+                    "name": "s",
+                    "type": "pretrain",
+                    "hyperparameters": {"tokens": 10_000, "batchSize": 8},
+                }
+            ]
+        }
+    )
     # 8 sequences · 64 tokens = 512 tokens per step -> ceil(10000 / 512) = 20 steps
     assert estimate_run(spec).stages[0].steps == 20
 

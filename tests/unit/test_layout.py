@@ -31,10 +31,18 @@ ALLOWED = {
     "kubetrain_trainer": {"kubetrain.core"},
     "kubetrain.operator": {"kubetrain.core"},
     "kubetrain.local": {"kubetrain.core"},
-    "kubetrain.cli": {"kubetrain.core", "kubetrain.operator", "kubetrain.local",
-                      "kubetrain.docgen"},
-    "kubetrain.docgen": {"kubetrain.core", "kubetrain.operator", "kubetrain.local",
-                         "kubetrain_trainer"},
+    "kubetrain.cli": {
+        "kubetrain.core",
+        "kubetrain.operator",
+        "kubetrain.local",
+        "kubetrain.docgen",
+    },
+    "kubetrain.docgen": {
+        "kubetrain.core",
+        "kubetrain.operator",
+        "kubetrain.local",
+        "kubetrain_trainer",
+    },
 }
 # Third-party libraries that would drag a heavy or cluster-only dependency into a layer.
 FORBIDDEN_LIBRARIES = {
@@ -55,8 +63,11 @@ def _module_name(package: str, root: Path, path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(pkg, root, path): path
-            for pkg, root in PACKAGES.items() for path in sorted(root.rglob("*.py"))}
+    return {
+        _module_name(pkg, root, path): path
+        for pkg, root in PACKAGES.items()
+        for path in sorted(root.rglob("*.py"))
+    }
 
 
 def _imports(module: str, path: Path, known: set[str]) -> set[str]:
@@ -88,8 +99,9 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
 
 
 def _layer(module: str) -> str | None:
-    return next((layer for layer in ALLOWED
-                 if module == layer or module.startswith(layer + ".")), None)
+    return next(
+        (layer for layer in ALLOWED if module == layer or module.startswith(layer + ".")), None
+    )
 
 
 def _graph() -> dict[str, set[str]]:
@@ -100,8 +112,9 @@ def _graph() -> dict[str, set[str]]:
 
 def test_every_module_belongs_to_a_layer() -> None:
     strays = [m for m in _modules() if _layer(m) is None and m != "kubetrain"]
-    assert not strays, (f"modules outside the layers (core, operator, local, cli, docgen, "
-                        f"trainer): {strays}")
+    assert not strays, (
+        f"modules outside the layers (core, operator, local, cli, docgen, trainer): {strays}"
+    )
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
@@ -112,16 +125,22 @@ def test_layers_import_only_what_they_may(layer: str) -> None:
             continue
         for target in sorted(imports):
             target_layer = _layer(target)
-            if target_layer is not None and target_layer != layer \
-                    and target_layer not in ALLOWED[layer]:
+            if (
+                target_layer is not None
+                and target_layer != layer
+                and target_layer not in ALLOWED[layer]
+            ):
                 bad.append(f"{module} imports {target}")
-            if target.split(".")[0] in FORBIDDEN_LIBRARIES.get(layer, set()) \
-                    and target_layer is None:
+            if (
+                target.split(".")[0] in FORBIDDEN_LIBRARIES.get(layer, set())
+                and target_layer is None
+            ):
                 bad.append(f"{module} imports the library {target}")
             if target in FORBIDDEN_LIBRARIES.get(layer, set()):
                 bad.append(f"{module} imports {target}")
-    assert not bad, f"{layer} may import only {sorted(ALLOWED[layer]) or 'itself'}:\n" + \
-        "\n".join(sorted(set(bad)))
+    assert not bad, f"{layer} may import only {sorted(ALLOWED[layer]) or 'itself'}:\n" + "\n".join(
+        sorted(set(bad))
+    )
 
 
 def test_no_import_cycles() -> None:
@@ -172,5 +191,6 @@ def test_no_function_is_longer_than_a_screenful_or_two() -> None:
                 lines = (node.end_lineno or node.lineno) - node.lineno + 1
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{module}.{node.name}: {lines} lines")
-    assert not long, (f"functions over {MAX_FUNCTION_LINES} lines (split them into named "
-                      f"steps): {long}")
+    assert not long, (
+        f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {long}"
+    )

@@ -9,17 +9,39 @@ from kubetrain.operator.metrics import OperatorMetrics
 
 
 def status(phase: str = "Running", stage_phase: str = "Running", stalled: bool = False) -> dict:
-    conditions = [{"type": "Stalled", "status": "True", "reason": "ProgressStalled",
-                   "message": "stage 'pretrain': no progress for 1900s"}] if stalled else []
+    conditions = (
+        [
+            {
+                "type": "Stalled",
+                "status": "True",
+                "reason": "ProgressStalled",
+                "message": "stage 'pretrain': no progress for 1900s",
+            }
+        ]
+        if stalled
+        else []
+    )
     return {
         "phase": phase,
         "currentStage": "pretrain",
         "conditions": conditions,
-        "stages": [{"name": "pretrain", "phase": stage_phase, "restarts": 2,
-                    "energySource": "nvml", "startTime": "2025-01-01T00:00:00Z",
-                    "completionTime": "2025-01-01T01:00:00Z"}],
-        "totals": {"progress": 0.25, "gpuSeconds": 3600.0, "energyJoules": 7.2e6,
-                   "costUSD": 2.5, "co2Grams": 960.0},
+        "stages": [
+            {
+                "name": "pretrain",
+                "phase": stage_phase,
+                "restarts": 2,
+                "energySource": "nvml",
+                "startTime": "2025-01-01T00:00:00Z",
+                "completionTime": "2025-01-01T01:00:00Z",
+            }
+        ],
+        "totals": {
+            "progress": 0.25,
+            "gpuSeconds": 3600.0,
+            "energyJoules": 7.2e6,
+            "costUSD": 2.5,
+            "co2Grams": 960.0,
+        },
     }
 
 
@@ -61,16 +83,18 @@ def test_phases_are_state_sets_read_from_the_status() -> None:
     before: a Failed run read on the first reconcile after an operator restart is
     Failed."""
     m = OperatorMetrics()
-    m.observe_run("ml", "demo", status("Failed", "Failed"), status("Failed", "Failed"), {},
-                  {})
-    samples = [line for line in scrape(m).splitlines()
-               if line.startswith(("kubetrain_operator_run_phase{",
-                                   "kubetrain_operator_stage_phase{"))]
+    m.observe_run("ml", "demo", status("Failed", "Failed"), status("Failed", "Failed"), {}, {})
+    samples = [
+        line
+        for line in scrape(m).splitlines()
+        if line.startswith(("kubetrain_operator_run_phase{", "kubetrain_operator_stage_phase{"))
+    ]
     ones = [line for line in samples if line.endswith(" 1.0")]
     assert ones == [
         'kubetrain_operator_run_phase{namespace="ml",phase="Failed",run="demo"} 1.0',
         'kubetrain_operator_stage_phase{namespace="ml",phase="Failed",run="demo",'
-        'stage="pretrain"} 1.0']
+        'stage="pretrain"} 1.0',
+    ]
     assert len(samples) == 2 * 5  # one series per phase, run and stage
 
 
@@ -80,8 +104,9 @@ def test_stalled_follows_the_condition() -> None:
     m.observe_run("ml", "demo", {}, status(stalled=True), {}, {})
     assert f"{series} 1.0" in scrape(m)
     recovered = status()
-    recovered["conditions"] = [{"type": "Stalled", "status": "False",
-                                "reason": "Progressing", "message": "progress"}]
+    recovered["conditions"] = [
+        {"type": "Stalled", "status": "False", "reason": "Progressing", "message": "progress"}
+    ]
     m.observe_run("ml", "demo", status(stalled=True), recovered, {}, {})
     assert f"{series} 0.0" in scrape(m)
 
@@ -90,19 +115,20 @@ def test_transition_counted_once_and_duration_observed_on_success() -> None:
     m = OperatorMetrics()
     m.observe_run("ml", "demo", {}, status(), {}, {"pretrain": "pretrain"})
     m.observe_run("ml", "demo", status(), status(), {}, {"pretrain": "pretrain"})
-    m.observe_run("ml", "demo", status(), status("Succeeded", "Succeeded"), {},
-                  {"pretrain": "pretrain"})
+    m.observe_run(
+        "ml", "demo", status(), status("Succeeded", "Succeeded"), {}, {"pretrain": "pretrain"}
+    )
     text = scrape(m)
-    assert ('kubetrain_operator_stage_transitions_total{namespace="ml",phase="Running",'
-            'run="demo",stage="pretrain"} 1.0') in text
-    assert ('kubetrain_operator_stage_duration_seconds_sum{stage_type="pretrain"} 3600.0'
-            in text)
+    assert (
+        'kubetrain_operator_stage_transitions_total{namespace="ml",phase="Running",'
+        'run="demo",stage="pretrain"} 1.0'
+    ) in text
+    assert 'kubetrain_operator_stage_duration_seconds_sum{stage_type="pretrain"} 3600.0' in text
 
 
 def test_deleted_run_series_removed() -> None:
     m = OperatorMetrics()
-    m.observe_run("ml", "demo", {}, status(stalled=True), {"cost": 0.1},
-                  {"pretrain": "pretrain"})
+    m.observe_run("ml", "demo", {}, status(stalled=True), {"cost": 0.1}, {"pretrain": "pretrain"})
     m.observe_run("ml", "other", {}, status(), {}, {"pretrain": "pretrain"})
     assert 'kubetrain_operator_stage_stalled{namespace="ml",run="demo"' in scrape(m)
     m.forget_run("ml", "demo")

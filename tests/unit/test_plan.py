@@ -115,8 +115,12 @@ def budget_fail() -> World:
 
 
 def budget_projected() -> World:
-    w = World(manifest(budget={"maxCostUSD": 0.5, "projected": True},
-                       model={"layers": 24, "heads": 16, "dim": 2048, "contextLength": 2048}))
+    w = World(
+        manifest(
+            budget={"maxCostUSD": 0.5, "projected": True},
+            model={"layers": 24, "heads": 16, "dim": 2048, "contextLength": 2048},
+        )
+    )
     return w
 
 
@@ -164,9 +168,12 @@ def no_storage() -> World:
 
 
 def finished_with_ttl() -> World:
-    w = World(manifest(ttlSecondsAfterFinished=60,
-                       stages=[{"name": "sft", "type": "sft",
-                                "hyperparameters": {"maxSteps": 10}}]))
+    w = World(
+        manifest(
+            ttlSecondsAfterFinished=60,
+            stages=[{"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 10}}],
+        )
+    )
     w.reconcile()
     w.pods_running("sft")
     w.progress("sft", step=10, total=10, final=True)
@@ -216,8 +223,9 @@ def _check_done(w: World, p: planner.Plan) -> None:
     assert _stage(w, "pretrain")["progress"] == 1.0
     assert w.status["currentStage"] == "sft"
     job = next(o for o in p.create if o["kind"] == "Job")
-    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]
-           ["env"]}
+    env = {
+        e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["KUBETRAIN_INIT_URI"] == "s3://ckpt/runs/ml/demo/pretrain"
 
 
@@ -296,70 +304,120 @@ def _check_storage(w: World, p: planner.Plan) -> None:
 
 
 ROWS = {
-    "fresh run": Row(fresh, "Pending", creates=["Service/demo-pretrain", "Job/demo-pretrain"],
-                     condition=("Created", "True", "Created"), events=["Created", "StageStarted"],
-                     check=_check_fresh),
-    "stage running": Row(stage_running, "Running", condition=("Running", "True", "Running"),
-                         check=_check_running),
-    "stage done -> next stage": Row(stage_done, "Pending",
-                                    creates=["Service/demo-sft", "Job/demo-sft"],
-                                    condition=("Succeeded", "False", "StageSucceeded"),
-                                    events=["StageSucceeded", "StageStarted"],
-                                    check=_check_done),
-    "job complete without FINAL -> recreate": Row(interrupted, "Running",
-                                                  deletes=["Job/demo-pretrain"],
-                                                  events=["StageInterrupted"]),
-    "pod failed, retrying": Row(pod_failed_retrying, "Running", deletes=["Job/demo-pretrain"],
-                                events=["StageRestarting"], check=_check_restart_counted),
+    "fresh run": Row(
+        fresh,
+        "Pending",
+        creates=["Service/demo-pretrain", "Job/demo-pretrain"],
+        condition=("Created", "True", "Created"),
+        events=["Created", "StageStarted"],
+        check=_check_fresh,
+    ),
+    "stage running": Row(
+        stage_running, "Running", condition=("Running", "True", "Running"), check=_check_running
+    ),
+    "stage done -> next stage": Row(
+        stage_done,
+        "Pending",
+        creates=["Service/demo-sft", "Job/demo-sft"],
+        condition=("Succeeded", "False", "StageSucceeded"),
+        events=["StageSucceeded", "StageStarted"],
+        check=_check_done,
+    ),
+    "job complete without FINAL -> recreate": Row(
+        interrupted, "Running", deletes=["Job/demo-pretrain"], events=["StageInterrupted"]
+    ),
+    "pod failed, retrying": Row(
+        pod_failed_retrying,
+        "Running",
+        deletes=["Job/demo-pretrain"],
+        events=["StageRestarting"],
+        check=_check_restart_counted,
+    ),
     "failed job gone -> recreated at attempt 1": Row(
-        recreated_after_failure, "Pending",
-        creates=["Service/demo-pretrain", "Job/demo-pretrain"], events=["StageResumed"],
-        check=_check_recreated),
-    "out of restarts": Row(out_of_restarts, "Failed",
-                           condition=("Failed", "True", "ReachedMaxRestarts"),
-                           events=["ReachedMaxRestarts"], check=_check_max_restarts),
-    "suspend -> job deleted": Row(suspended, "Suspended", deletes=["Job/demo-pretrain"],
-                                  condition=("Suspended", "True", "Suspended"),
-                                  events=["Suspending", "Suspended"]),
-    "suspended, pods gone": Row(suspended_and_stopped, "Suspended",
-                                condition=("Running", "False", "Suspended"),
-                                check=_check_suspended_stage),
-    "unsuspended -> recreated": Row(unsuspended, "Pending",
-                                    creates=["Service/demo-pretrain", "Job/demo-pretrain"],
-                                    events=["StageResumed"], check=_check_resumed),
-    "budget hit (accrued), Suspend": Row(budget_accrued, "Suspended",
-                                         deletes=["Job/demo-pretrain"],
-                                         condition=("BudgetExceeded", "True", "BudgetExceeded"),
-                                         events=["BudgetExceeded", "Suspending", "Suspended"],
-                                         check=_check_budget),
-    "budget hit, Fail": Row(budget_fail, "Failed", deletes=["Job/demo-pretrain"],
-                            condition=("Failed", "True", "BudgetExceeded"),
-                            events=["BudgetExceeded", "Suspending", "BudgetExceeded"]),
-    "budget projected over before start": Row(budget_projected, "Suspended",
-                                              condition=("BudgetExceeded", "True",
-                                                         "BudgetExceeded"),
-                                              events=["Created", "BudgetExceeded", "Suspended"],
-                                              check=_check_projected),
-    "budget raised -> resumes": Row(budget_raised, "Pending",
-                                    creates=["Service/demo-pretrain", "Job/demo-pretrain"],
-                                    condition=("BudgetExceeded", "False", "WithinBudget"),
-                                    events=["StageResumed"]),
-    "finished stage changed -> refused": Row(finished_stage_changed, "Pending",
-                                             condition=("SpecChangeRefused", "True",
-                                                        "SpecChangeRefused"),
-                                             events=["SpecChangeRefused"],
-                                             check=_check_refused),
-    "future stage changed -> applied": Row(future_stage_changed, "Running",
-                                           check=_check_future_applied),
-    "operator restarted mid-stage": Row(operator_restarted, "Running",
-                                        check=_check_no_duplicate),
+        recreated_after_failure,
+        "Pending",
+        creates=["Service/demo-pretrain", "Job/demo-pretrain"],
+        events=["StageResumed"],
+        check=_check_recreated,
+    ),
+    "out of restarts": Row(
+        out_of_restarts,
+        "Failed",
+        condition=("Failed", "True", "ReachedMaxRestarts"),
+        events=["ReachedMaxRestarts"],
+        check=_check_max_restarts,
+    ),
+    "suspend -> job deleted": Row(
+        suspended,
+        "Suspended",
+        deletes=["Job/demo-pretrain"],
+        condition=("Suspended", "True", "Suspended"),
+        events=["Suspending", "Suspended"],
+    ),
+    "suspended, pods gone": Row(
+        suspended_and_stopped,
+        "Suspended",
+        condition=("Running", "False", "Suspended"),
+        check=_check_suspended_stage,
+    ),
+    "unsuspended -> recreated": Row(
+        unsuspended,
+        "Pending",
+        creates=["Service/demo-pretrain", "Job/demo-pretrain"],
+        events=["StageResumed"],
+        check=_check_resumed,
+    ),
+    "budget hit (accrued), Suspend": Row(
+        budget_accrued,
+        "Suspended",
+        deletes=["Job/demo-pretrain"],
+        condition=("BudgetExceeded", "True", "BudgetExceeded"),
+        events=["BudgetExceeded", "Suspending", "Suspended"],
+        check=_check_budget,
+    ),
+    "budget hit, Fail": Row(
+        budget_fail,
+        "Failed",
+        deletes=["Job/demo-pretrain"],
+        condition=("Failed", "True", "BudgetExceeded"),
+        events=["BudgetExceeded", "Suspending", "BudgetExceeded"],
+    ),
+    "budget projected over before start": Row(
+        budget_projected,
+        "Suspended",
+        condition=("BudgetExceeded", "True", "BudgetExceeded"),
+        events=["Created", "BudgetExceeded", "Suspended"],
+        check=_check_projected,
+    ),
+    "budget raised -> resumes": Row(
+        budget_raised,
+        "Pending",
+        creates=["Service/demo-pretrain", "Job/demo-pretrain"],
+        condition=("BudgetExceeded", "False", "WithinBudget"),
+        events=["StageResumed"],
+    ),
+    "finished stage changed -> refused": Row(
+        finished_stage_changed,
+        "Pending",
+        condition=("SpecChangeRefused", "True", "SpecChangeRefused"),
+        events=["SpecChangeRefused"],
+        check=_check_refused,
+    ),
+    "future stage changed -> applied": Row(
+        future_stage_changed, "Running", check=_check_future_applied
+    ),
+    "operator restarted mid-stage": Row(operator_restarted, "Running", check=_check_no_duplicate),
     "deleted": Row(deleted, "Running", check=_check_deleted),
-    "missing storage.s3": Row(no_storage, "Pending",
-                              condition=("StorageConfigured", "False", "MissingS3Storage"),
-                              events=["Created"], check=_check_storage),
+    "missing storage.s3": Row(
+        no_storage,
+        "Pending",
+        condition=("StorageConfigured", "False", "MissingS3Storage"),
+        events=["Created"],
+        check=_check_storage,
+    ),
     "finished, ttl passed -> children deleted": Row(
-        finished_with_ttl, "Succeeded",
-        deletes=["Job/demo-sft", "Service/demo-sft"]),
+        finished_with_ttl, "Succeeded", deletes=["Job/demo-sft", "Service/demo-sft"]
+    ),
 }
 
 

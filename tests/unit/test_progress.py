@@ -18,19 +18,39 @@ from kubetrain.operator.progress import (
     read_stage_records,
 )
 
-SPEC = parse_spec({"stages": [{"name": "pretrain", "type": "pretrain",
-                               "hyperparameters": {"maxSteps": 100, "batchSize": 4},
-                               "resources": {"nodes": 2, "gpusPerNode": 4,
-                                             "gpuType": "a100"}}]})
+SPEC = parse_spec(
+    {
+        "stages": [
+            {
+                "name": "pretrain",
+                "type": "pretrain",
+                "hyperparameters": {"maxSteps": 100, "batchSize": 4},
+                "resources": {"nodes": 2, "gpusPerNode": 4, "gpuType": "a100"},
+            }
+        ]
+    }
+)
 STAGE = SPEC.stages[0]
 NOW = datetime(2025, 1, 1, 1, 0, 0, tzinfo=UTC)
 
 
 def test_record_applied() -> None:
-    st = apply_record(STAGE, SPEC.model, StageStatus(name="pretrain"), {
-        "step": 25, "totalSteps": 100, "tokens": 51200, "loss": 2.0, "eval": {"accuracy": 0.5,
-        "bad": "x"}, "tokensPerSecond": 2048.0, "energyJoules": 1e6, "energySource": "rapl",
-        "checkpoint": "s3://b/p/ml/r/pretrain/checkpoints/step-000025"})
+    st = apply_record(
+        STAGE,
+        SPEC.model,
+        StageStatus(name="pretrain"),
+        {
+            "step": 25,
+            "totalSteps": 100,
+            "tokens": 51200,
+            "loss": 2.0,
+            "eval": {"accuracy": 0.5, "bad": "x"},
+            "tokensPerSecond": 2048.0,
+            "energyJoules": 1e6,
+            "energySource": "rapl",
+            "checkpoint": "s3://b/p/ml/r/pretrain/checkpoints/step-000025",
+        },
+    )
     assert (st.step, st.total_steps, st.progress, st.tokens) == (25, 100, 0.25, 51200)
     assert st.eval == {"accuracy": 0.5} and st.energy_source == "rapl"
     # 75 steps × (4 seq × 8 processes × 64 tokens) / 2048 tokens/s
@@ -53,9 +73,15 @@ def test_missing_or_torn_record_keeps_status() -> None:
 def test_gpu_seconds_from_pods() -> None:
     pods = [
         {"status": {"phase": "Running", "startTime": "2025-01-01T00:00:00Z"}},
-        {"status": {"phase": "Failed", "startTime": "2025-01-01T00:00:00Z",
-                    "containerStatuses": [{"state": {"terminated": {
-                        "finishedAt": "2025-01-01T00:30:00Z"}}}]}},
+        {
+            "status": {
+                "phase": "Failed",
+                "startTime": "2025-01-01T00:00:00Z",
+                "containerStatuses": [
+                    {"state": {"terminated": {"finishedAt": "2025-01-01T00:30:00Z"}}}
+                ],
+            }
+        },
         {"status": {"phase": "Pending"}},  # not scheduled: no GPUs held
     ]
     assert pod_gpu_seconds(pods, 4, NOW) == 4 * (3600 + 1800)
@@ -73,8 +99,7 @@ def test_bank_moves_to_next_attempt_once() -> None:
 
 def test_costs_priced_by_gpu_type_and_table() -> None:
     st = StageStatus(name="pretrain", energy_joules=3.6e6)
-    out = apply_costs(STAGE, st, 3600.0, Pricing(pue=1.5, carbon_grams_per_kwh=100),
-                      {"a100": 2.0})
+    out = apply_costs(STAGE, st, 3600.0, Pricing(pue=1.5, carbon_grams_per_kwh=100), {"a100": 2.0})
     assert out.cost_usd == pytest.approx(2.0)
     assert out.co2_grams == pytest.approx(150.0)
     pinned = apply_costs(STAGE, st, 3600.0, Pricing(gpu_hour_usd=5.0), {"a100": 2.0})
@@ -86,7 +111,8 @@ def test_read_records_from_store(tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     (folder / "progress.json").write_text(json.dumps({"step": 3}))
     (folder / "FINAL").write_text("checkpoints/step-000003")
-    records = read_stage_records(open_store(f"file://{tmp_path}"), "ml", "demo",
-                                 ["pretrain", "sft"])
+    records = read_stage_records(
+        open_store(f"file://{tmp_path}"), "ml", "demo", ["pretrain", "sft"]
+    )
     assert records["pretrain"].progress == {"step": 3} and records["pretrain"].final
     assert records["sft"].progress is None and not records["sft"].final

@@ -22,21 +22,37 @@ SECRET_VALUES = ("AKIAEXAMPLESECRETID", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKE
 def spec_dict(**stage_resources: Any) -> dict[str, Any]:
     return {
         "image": "registry.example/trainer:1.2",
-        "storage": {"s3": {"bucket": "ckpt", "prefix": "runs",
-                           "endpoint": "http://minio.storage:9000",
-                           "credentialsSecret": "s3-creds"}},
+        "storage": {
+            "s3": {
+                "bucket": "ckpt",
+                "prefix": "runs",
+                "endpoint": "http://minio.storage:9000",
+                "credentialsSecret": "s3-creds",
+            }
+        },
         "stages": [
-            {"name": "pretrain", "type": "pretrain", "hyperparameters": {"maxSteps": 100},
-             "resources": {"nodes": 2, "gpusPerNode": 8, "gpuType": "h100", "cpu": "32",
-                           "memory": "256Gi", **stage_resources}},
+            {
+                "name": "pretrain",
+                "type": "pretrain",
+                "hyperparameters": {"maxSteps": 100},
+                "resources": {
+                    "nodes": 2,
+                    "gpusPerNode": 8,
+                    "gpuType": "h100",
+                    "cpu": "32",
+                    "memory": "256Gi",
+                    **stage_resources,
+                },
+            },
             {"name": "sft", "type": "sft", "resources": {"cpu": "2", "memory": "4Gi"}},
         ],
     }
 
 
 def job(spec: dict[str, Any], index: int = 0, run: str = "demo", **kw: Any) -> dict[str, Any]:
-    return resources.build_job(parse_spec(spec), index, run=run, namespace="ml", uid="uid-1",
-                               config=OperatorConfig(), **kw)
+    return resources.build_job(
+        parse_spec(spec), index, run=run, namespace="ml", uid="uid-1", config=OperatorConfig(), **kw
+    )
 
 
 def pod(obj: dict[str, Any]) -> dict[str, Any]:
@@ -52,17 +68,30 @@ def check_golden(name: str, obj: dict[str, Any]) -> None:
     assert text == path.read_text(), f"{path} differs (UPDATE_GOLDEN=1 regenerates it)"
 
 
-@pytest.mark.parametrize("obj", [
-    job(spec_dict()), job(spec_dict(), index=1),
-    resources.build_service(run="demo", namespace="ml", uid="u", stage="sft")],
-    ids=["gpu-job", "cpu-job", "service"])
+@pytest.mark.parametrize(
+    "obj",
+    [
+        job(spec_dict()),
+        job(spec_dict(), index=1),
+        resources.build_service(run="demo", namespace="ml", uid="u", stage="sft"),
+    ],
+    ids=["gpu-job", "cpu-job", "service"],
+)
 def test_objects_valid_against_kubernetes_schema(obj: dict[str, Any]) -> None:
     kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
 
 
 def test_golden_multinode_gpu_job() -> None:
-    check_golden("job-multinode-gpu", job(spec_dict(tolerations=[
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])))
+    check_golden(
+        "job-multinode-gpu",
+        job(
+            spec_dict(
+                tolerations=[
+                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                ]
+            )
+        ),
+    )
 
 
 def test_golden_cpu_job() -> None:
@@ -70,8 +99,10 @@ def test_golden_cpu_job() -> None:
 
 
 def test_golden_service() -> None:
-    check_golden("service", resources.build_service(run="demo", namespace="ml", uid="uid-1",
-                                                    stage="pretrain"))
+    check_golden(
+        "service",
+        resources.build_service(run="demo", namespace="ml", uid="uid-1", stage="pretrain"),
+    )
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 64])
@@ -83,7 +114,8 @@ def test_indexed_job_one_pod_per_node(nodes: int) -> None:
     assert env["PET_NNODES"]["value"] == str(nodes)
     assert env["PET_MASTER_ADDR"]["value"] == "demo-pretrain-0.demo-pretrain"
     assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
 
 
 @pytest.mark.parametrize(("gpus", "expected"), [(0, None), (1, "1"), (8, "8")])
@@ -140,7 +172,9 @@ def test_no_credentials_secret_means_no_secret_refs() -> None:
 def test_credentials_by_reference_only() -> None:
     env = {e["name"]: e for e in pod(job(spec_dict()))["containers"][0]["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
-        "name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
+        "name": "s3-creds",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
     assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
     text = yaml.safe_dump(job(spec_dict()))
     assert not any(v in text for v in SECRET_VALUES)
@@ -150,8 +184,7 @@ def test_pod_security_and_runtime_settings() -> None:
     cfg = OperatorConfig(termination_grace_seconds=900, image="default/trainer:0")
     raw = spec_dict()
     del raw["image"]
-    obj = resources.build_job(parse_spec(raw), 0, run="demo", namespace="ml", uid="u",
-                              config=cfg)
+    obj = resources.build_job(parse_spec(raw), 0, run="demo", namespace="ml", uid="u", config=cfg)
     p = pod(obj)
     c = p["containers"][0]
     assert c["image"] == "default/trainer:0"
@@ -160,8 +193,11 @@ def test_pod_security_and_runtime_settings() -> None:
     assert p["restartPolicy"] == "Never"
     assert p["securityContext"]["runAsNonRoot"] and p["securityContext"]["runAsUser"] == 1000
     assert p["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert c["securityContext"] == {"allowPrivilegeEscalation": False,
-                                    "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+    }
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
     assert obj["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9400"
     assert p["volumes"][0]["emptyDir"]["medium"] == "Memory"
@@ -169,8 +205,10 @@ def test_pod_security_and_runtime_settings() -> None:
 
 
 def test_children_owned_by_run_and_labelled() -> None:
-    for obj in (job(spec_dict()), resources.build_service(run="demo", namespace="ml",
-                                                          uid="uid-1", stage="pretrain")):
+    for obj in (
+        job(spec_dict()),
+        resources.build_service(run="demo", namespace="ml", uid="uid-1", stage="pretrain"),
+    ):
         ref = obj["metadata"]["ownerReferences"][0]
         assert ref["uid"] == "uid-1" and ref["controller"] is True
         assert ref["kind"] == "TrainingRun" and ref["apiVersion"] == "kubetrain.dev/v1alpha1"

@@ -63,7 +63,8 @@ def test_a_checkpoint_without_manifest_does_not_exist(ckpt: Checkpointer) -> Non
 
 
 def test_corrupt_checkpoint_is_skipped_for_the_previous_one(
-        ckpt: Checkpointer, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt: Checkpointer, caplog: pytest.LogCaptureFixture
+) -> None:
     ckpt.save(10, _payload(10))
     ckpt.save(20, _payload(20))
     path = Path(ckpt.store.base) / "checkpoints/step-000020/model.pt"  # type: ignore[attr-defined]
@@ -83,8 +84,7 @@ def test_no_checkpoint_means_none(ckpt: Checkpointer) -> None:
     assert ckpt.load_latest() is None
 
 
-def test_init_weights_come_from_final_of_a_stage_or_a_checkpoint_folder(
-        ckpt: Checkpointer) -> None:
+def test_init_weights_come_from_final_of_a_stage_or_a_checkpoint_folder(ckpt: Checkpointer) -> None:
     ckpt.save(10, _payload(10))
     ckpt.save(20, _payload(20))
     ckpt.mark_final(10)  # FINAL wins over LATEST

@@ -50,8 +50,7 @@ def test_eval_problems_are_disjoint_from_training_in_every_stage() -> None:
     # Whole lines of each window (its last line may be cut off mid-number).
     rows = ArithmeticPretrain(0, 64, 0).batch(0, 200).inputs.tolist()
     text = "\n".join(line for row in rows for line in tok.decode(row).split("\n")[:-1])
-    stated = re.findall(r"(?<!\d)(\d+) ?(?:\+|plus|and) ?(\d+)(?= ?(?:=|is|equals|gives) )",
-                        text)
+    stated = re.findall(r"(?<!\d)(\d+) ?(?:\+|plus|and) ?(\d+)(?= ?(?:=|is|equals|gives) )", text)
     assert len(stated) > 300
     assert not any(held_out(int(a), int(b)) for a, b in stated)
 
@@ -77,8 +76,9 @@ def test_dpo_rejected_answers_are_wrong_and_chosen_right() -> None:
 
 def test_user_jsonl_and_text_sources(tmp_path: Path) -> None:
     sft = tmp_path / "sft.jsonl"
-    sft.write_text("\n".join(json.dumps({"prompt": f"say {i}: ", "response": str(i)})
-                             for i in range(50)))
+    sft.write_text(
+        "\n".join(json.dumps({"prompt": f"say {i}: ", "response": str(i)}) for i in range(50))
+    )
     ds = build_dataset("sft", sft.as_uri(), seed=0, seq_len=32, eval_examples=5)
     assert len(ds.eval_set.qa) == 5
     trained = {tok.decode(t[t != IGNORE].tolist()) for t in ds.batch(0, 45).targets}
@@ -87,8 +87,12 @@ def test_user_jsonl_and_text_sources(tmp_path: Path) -> None:
 
     dpo = tmp_path / "dpo.jsonl"
     dpo.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
-    assert build_dataset("dpo", dpo.as_uri(), seed=0, seq_len=8, eval_examples=0
-                         ).batch(0, 2).chosen.inputs.shape[0] == 2
+    assert (
+        build_dataset("dpo", dpo.as_uri(), seed=0, seq_len=8, eval_examples=0)
+        .batch(0, 2)
+        .chosen.inputs.shape[0]
+        == 2
+    )
 
     text = tmp_path / "corpus.txt"
     text.write_text("hello world " * 200)
@@ -102,7 +106,8 @@ def test_user_data_errors_name_the_source_and_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: .*prompt, response"):
         build_dataset("sft", bad.as_uri(), seed=0, seq_len=8, eval_examples=0)
     with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
-        build_dataset("sft", (tmp_path / "missing.jsonl").as_uri(), seed=0, seq_len=8,
-                      eval_examples=0)
+        build_dataset(
+            "sft", (tmp_path / "missing.jsonl").as_uri(), seed=0, seq_len=8, eval_examples=0
+        )
     with pytest.raises(ValueError, match="synthetic:arithmetic"):
         build_dataset("sft", "synthetic:chess", seed=0, seq_len=8, eval_examples=0)

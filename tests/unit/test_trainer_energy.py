@@ -83,8 +83,9 @@ def test_estimate_uses_configured_watts(tmp_path: Path) -> None:
 
 
 def test_open_meter_labels_its_source_and_counts_a_node_once() -> None:
-    main = open_meter(cuda_index=None, local_rank=0, default_watts=65.0,
-                      environ={"KUBETRAIN_POWER_WATTS": "80"})
+    main = open_meter(
+        cuda_index=None, local_rank=0, default_watts=65.0, environ={"KUBETRAIN_POWER_WATTS": "80"}
+    )
     assert main.source in ("rapl", "estimate")
     if isinstance(main, EstimateMeter):
         assert main.watts == 80.0

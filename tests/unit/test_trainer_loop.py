@@ -26,16 +26,20 @@ def test_linear_and_constant_schedules() -> None:
     assert constant(1) == pytest.approx(0.5) and constant(99) == 1.0
 
 
-@pytest.mark.parametrize("env,launches", [
-    ({}, False),
-    ({"PET_NPROC_PER_NODE": "1", "PET_NNODES": "1"}, False),
-    ({"PET_NPROC_PER_NODE": "2", "PET_NNODES": "1"}, True),
-    ({"PET_NPROC_PER_NODE": "1", "PET_NNODES": "4"}, True),
-    # Already a torchrun worker: never launch again.
-    ({"PET_NPROC_PER_NODE": "2", "LOCAL_RANK": "0"}, False),
-])
-def test_torchrun_only_when_the_stage_needs_several_processes(env: dict[str, str],
-                                                              launches: bool) -> None:
+@pytest.mark.parametrize(
+    "env,launches",
+    [
+        ({}, False),
+        ({"PET_NPROC_PER_NODE": "1", "PET_NNODES": "1"}, False),
+        ({"PET_NPROC_PER_NODE": "2", "PET_NNODES": "1"}, True),
+        ({"PET_NPROC_PER_NODE": "1", "PET_NNODES": "4"}, True),
+        # Already a torchrun worker: never launch again.
+        ({"PET_NPROC_PER_NODE": "2", "LOCAL_RANK": "0"}, False),
+    ],
+)
+def test_torchrun_only_when_the_stage_needs_several_processes(
+    env: dict[str, str], launches: bool
+) -> None:
     command = torchrun_command(env)
     assert (command is not None) == launches
     if command:

@@ -34,13 +34,19 @@ def test_tokenizer_fits_the_smallest_vocabulary_the_api_allows() -> None:
     assert tok.VOCAB_SIZE == ModelSpec().vocab_size == 260
 
 
-@pytest.mark.parametrize("layers,heads,dim,context,vocab", [
-    (1, 1, 8, 8, 260), (2, 2, 64, 64, 260), (3, 4, 96, 128, 512), (4, 8, 128, 32, 300),
-])
-def test_parameter_count_matches_accounting(layers: int, heads: int, dim: int, context: int,
-                                            vocab: int) -> None:
-    spec = ModelSpec(layers=layers, heads=heads, dim=dim, contextLength=context,
-                     vocabSize=vocab)
+@pytest.mark.parametrize(
+    "layers,heads,dim,context,vocab",
+    [
+        (1, 1, 8, 8, 260),
+        (2, 2, 64, 64, 260),
+        (3, 4, 96, 128, 512),
+        (4, 8, 128, 32, 300),
+    ],
+)
+def test_parameter_count_matches_accounting(
+    layers: int, heads: int, dim: int, context: int, vocab: int
+) -> None:
+    spec = ModelSpec(layers=layers, heads=heads, dim=dim, contextLength=context, vocabSize=vocab)
     assert build_model(spec).num_parameters() == parameter_count(spec)
 
 
@@ -74,7 +80,8 @@ def test_sft_loss_counts_response_tokens_only() -> None:
         def forward(self, idx: torch.Tensor) -> torch.Tensor:
             logits = model(idx).clone()
             logits[batch.targets == IGNORE] += 100 * torch.randn_like(
-                logits[batch.targets == IGNORE])
+                logits[batch.targets == IGNORE]
+            )
             return logits
 
     assert torch.allclose(lm_loss(PromptNoise(), batch), base)

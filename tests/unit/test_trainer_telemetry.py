@@ -12,15 +12,32 @@ from kubetrain.core import contract
 from kubetrain.core.store import open_store
 from kubetrain_trainer.telemetry import Telemetry
 
-BASE = {"run": "tiny", "namespace": "ml", "stage": "sft", "totalSteps": 30, "attempt": 1,
-        "startedAt": "2026-01-01T00:00:00Z"}
+BASE = {
+    "run": "tiny",
+    "namespace": "ml",
+    "stage": "sft",
+    "totalSteps": 30,
+    "attempt": 1,
+    "startedAt": "2026-01-01T00:00:00Z",
+}
 
 
 def _record(step: int, **extra: object) -> dict[str, object]:
-    return {"step": step, "tokens": step * 100, "tokensPerSecond": 50.0, "loss": 1.0 / step,
-            "eval": {}, "energyJoules": 2.0 * step, "energySource": "estimate",
-            "powerWatts": 65.0, "mfu": 0.01, "checkpoint": None, "phase": "running",
-            "wallSeconds": float(step), **extra}
+    return {
+        "step": step,
+        "tokens": step * 100,
+        "tokensPerSecond": 50.0,
+        "loss": 1.0 / step,
+        "eval": {},
+        "energyJoules": 2.0 * step,
+        "energySource": "estimate",
+        "powerWatts": 65.0,
+        "mfu": 0.01,
+        "checkpoint": None,
+        "phase": "running",
+        "wallSeconds": float(step),
+        **extra,
+    }
 
 
 def test_progress_and_history_are_written_and_trimmed_on_resume(tmp_path: Path) -> None:
@@ -58,18 +75,25 @@ def test_unknown_phase_is_refused(tmp_path: Path) -> None:
 def test_prometheus_endpoint_exposes_the_trainer_metrics(tmp_path: Path) -> None:
     from tests.support.services import free_port
 
-    t = Telemetry(open_store(tmp_path.as_uri()), base=BASE, enabled=True,
-                  metrics_port=free_port(), serve_metrics=True)
+    t = Telemetry(
+        open_store(tmp_path.as_uri()),
+        base=BASE,
+        enabled=True,
+        metrics_port=free_port(),
+        serve_metrics=True,
+    )
     t.write(**_record(10, eval={"accuracy": 0.25}))
     body = urllib.request.urlopen(f"http://127.0.0.1:{t.port}/metrics", timeout=5).read().decode()
     labels = 'namespace="ml",run="tiny",stage="sft"'
-    for line in (f"kubetrain_trainer_step{{{labels}}} 10.0",
-                 f"kubetrain_trainer_tokens_total{{{labels}}} 1000.0",
-                 f"kubetrain_trainer_loss{{{labels}}} 0.1",
-                 f"kubetrain_trainer_tokens_per_second{{{labels}}} 50.0",
-                 f"kubetrain_trainer_mfu_ratio{{{labels}}} 0.01",
-                 'kubetrain_trainer_energy_joules_total{namespace="ml",run="tiny",source="estimate",'
-                 'stage="sft"} 20.0',
-                 f"kubetrain_trainer_power_watts{{{labels}}} 65.0",
-                 f"kubetrain_trainer_eval_accuracy{{{labels}}} 0.25"):
+    for line in (
+        f"kubetrain_trainer_step{{{labels}}} 10.0",
+        f"kubetrain_trainer_tokens_total{{{labels}}} 1000.0",
+        f"kubetrain_trainer_loss{{{labels}}} 0.1",
+        f"kubetrain_trainer_tokens_per_second{{{labels}}} 50.0",
+        f"kubetrain_trainer_mfu_ratio{{{labels}}} 0.01",
+        'kubetrain_trainer_energy_joules_total{namespace="ml",run="tiny",source="estimate",'
+        'stage="sft"} 20.0',
+        f"kubetrain_trainer_power_watts{{{labels}}} 65.0",
+        f"kubetrain_trainer_eval_accuracy{{{labels}}} 0.25",
+    ):
         assert line in body, f"{line!r} missing from\n{body}"

@@ -84,15 +84,18 @@ class Loaded:
     state: dict[str, Any]  # file name (without .pt) -> the object saved
 
 
-def save_files(store: ObjectStore, key: str, payloads: dict[str, Any],
-               meta: dict[str, Any] | None = None) -> int:
+def save_files(
+    store: ObjectStore, key: str, payloads: dict[str, Any], meta: dict[str, Any] | None = None
+) -> int:
     """Write ``payloads`` (name -> object for torch.save) as ``<key>/<name>.pt`` and then
     the manifest. Returns the bytes written."""
     # A previous, abandoned attempt at the same step (e.g. a corrupt checkpoint that was
     # skipped) must not mix its files with this one.
     store.delete_prefix(key + "/")
-    with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as tmp, \
-            ThreadPoolExecutor(max_workers=max(1, len(payloads))) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as tmp,
+        ThreadPoolExecutor(max_workers=max(1, len(payloads))) as pool,
+    ):
         entries: dict[str, dict[str, Any]] = {}
         uploads = []
         for name, obj in payloads.items():
@@ -106,14 +109,22 @@ def save_files(store: ObjectStore, key: str, payloads: dict[str, Any],
             uploads.append(pool.submit(store.put_file, f"{key}/{path.name}", path))
         for upload in uploads:
             upload.result()
-    manifest = {"format": FORMAT, "files": entries,
-                "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(meta or {})}
+    manifest = {
+        "format": FORMAT,
+        "files": entries,
+        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(meta or {}),
+    }
     store.put_bytes(f"{key}/{contract.MANIFEST}", json.dumps(manifest, indent=1).encode())
     return sum(e["bytes"] for e in entries.values())
 
 
-def load_files(store: ObjectStore, key: str, names: tuple[str, ...] | None = None,
-               map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_files(
+    store: ObjectStore,
+    key: str,
+    names: tuple[str, ...] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
     """Verify and load the files of the checkpoint at ``key`` ('' = the store root).
 
     ``names`` limits loading to some files (e.g. only ``model`` to initialise a stage).
@@ -123,11 +134,15 @@ def load_files(store: ObjectStore, key: str, names: tuple[str, ...] | None = Non
     manifest = store.get_json(f"{prefix}{contract.MANIFEST}")
     if not isinstance(manifest, dict) or "files" not in manifest:
         raise CheckpointError(f"{store.uri(key)} has no complete {contract.MANIFEST}")
-    files = {f: e for f, e in manifest["files"].items()
-             if names is None or f.removesuffix(".pt") in names}
+    files = {
+        f: e
+        for f, e in manifest["files"].items()
+        if names is None or f.removesuffix(".pt") in names
+    }
     if names is not None and len(files) < len(names):
         raise CheckpointError(f"{store.uri(key)} lacks {', '.join(names)}")
     with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as tmp:
+
         def fetch(item: tuple[str, dict[str, Any]]) -> tuple[str, Path]:
             fname, entry = item
             path = Path(tmp) / fname
@@ -137,16 +152,21 @@ def load_files(store: ObjectStore, key: str, names: tuple[str, ...] | None = Non
                 raise CorruptCheckpoint(f"{store.uri(prefix + fname)} is missing") from None
             size = path.stat().st_size
             if size != entry["bytes"] or _sha256(path) != entry["sha256"]:
-                raise CorruptCheckpoint(f"{store.uri(prefix + fname)} does not match "
-                                        f"{contract.MANIFEST} (size {size}, "
-                                        f"expected {entry['bytes']}; or sha256 differs)")
+                raise CorruptCheckpoint(
+                    f"{store.uri(prefix + fname)} does not match "
+                    f"{contract.MANIFEST} (size {size}, "
+                    f"expected {entry['bytes']}; or sha256 differs)"
+                )
             return fname, path
 
         with ThreadPoolExecutor(max_workers=max(1, len(files))) as pool:
             fetched = list(pool.map(fetch, files.items()))
-        return {fname.removesuffix(".pt"): torch.load(path, map_location=map_location,
-                                                      weights_only=True)
-                for fname, path in fetched}
+        return {
+            fname.removesuffix(".pt"): torch.load(
+                path, map_location=map_location, weights_only=True
+            )
+            for fname, path in fetched
+        }
 
 
 class Checkpointer:
@@ -169,8 +189,7 @@ class Checkpointer:
         incomplete = sorted((s for s, ok in has_manifest.items() if not ok), reverse=True)
         return complete, incomplete
 
-    def save(self, step: int, payloads: dict[str, Any],
-             meta: dict[str, Any] | None = None) -> str:
+    def save(self, step: int, payloads: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
         """Write a complete checkpoint, move LATEST to it, prune old ones; its URI."""
         key = checkpoint_key(step)
         save_files(self.store, key, payloads, {"step": step, **(meta or {})})
@@ -185,7 +204,7 @@ class Checkpointer:
     def prune(self, keep_step: int) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop older partial saves."""
         complete, incomplete = self.steps()
-        for step in complete[self.keep:]:
+        for step in complete[self.keep :]:
             if step != keep_step:
                 self.store.delete_prefix(checkpoint_key(step) + "/")
         for step in incomplete:
@@ -216,16 +235,18 @@ class Checkpointer:
         return None
 
 
-def load_model_weights(uri: str, map_location: str | torch.device = "cpu"
-                       ) -> tuple[dict[str, torch.Tensor], str]:
+def load_model_weights(
+    uri: str, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], str]:
     """Model weights from a checkpoint folder or a stage folder (its FINAL, else LATEST
     pointer), and the URI of the checkpoint they came from."""
     store = open_store(uri)
     key = resolve_checkpoint(store)
     if key is None:
-        raise CheckpointError(f"{uri} holds no complete checkpoint (no {contract.MANIFEST}, "
-                              f"{contract.FINAL} or {contract.LATEST}); expected a stage "
-                              "folder that finished or a checkpoint folder")
+        raise CheckpointError(
+            f"{uri} holds no complete checkpoint (no {contract.MANIFEST}, "
+            f"{contract.FINAL} or {contract.LATEST}); expected a stage "
+            "folder that finished or a checkpoint folder"
+        )
     state = load_files(store, key, names=("model",), map_location=map_location)
     return state["model"], store.uri(key)
-

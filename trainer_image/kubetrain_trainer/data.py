@@ -35,6 +35,7 @@ MAX_OPERAND = 99
 
 # --------------------------------------------------------------------------- arithmetic
 
+
 def held_out(a: int, b: int) -> bool:
     """Whether a problem belongs to the evaluation split (about one in ten)."""
     return zlib.crc32(f"{a}+{b}".encode()) % 10 == 0
@@ -64,21 +65,29 @@ def _train_problem(rng: random.Random) -> tuple[int, int]:
 def wrong_answer(a: int, b: int, rng: random.Random) -> str:
     """A plausible wrong sum: off by one or ten, digits swapped, or a carry dropped."""
     c = a + b
-    candidates = {c + 1, c - 1, c + 10, c - 10, int(str(c)[::-1]),
-                  (a % 10 + b % 10) % 10 + 10 * ((a // 10 + b // 10) % 10)}
+    candidates = {
+        c + 1,
+        c - 1,
+        c + 10,
+        c - 10,
+        int(str(c)[::-1]),
+        (a % 10 + b % 10) % 10 + 10 * ((a // 10 + b // 10) % 10),
+    }
     candidates = sorted(x for x in candidates if x >= 0 and x != c)
     return str(rng.choice(candidates))
 
 
 def eval_problems(n: int, seed: int) -> list[tuple[int, int]]:
     """``n`` distinct held-out problems, in a seeded order."""
-    pool = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)
-            if held_out(a, b)]
+    pool = [
+        (a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1) if held_out(a, b)
+    ]
     random.Random(f"eval:{seed}").shuffle(pool)
     return pool[:n]
 
 
 # --------------------------------------------------------------------------- batches
+
 
 @dataclass
 class LMBatch:
@@ -88,8 +97,9 @@ class LMBatch:
     targets: torch.Tensor
 
     def to(self, device: torch.device) -> LMBatch:
-        return LMBatch(self.inputs.to(device, non_blocking=True),
-                       self.targets.to(device, non_blocking=True))
+        return LMBatch(
+            self.inputs.to(device, non_blocking=True), self.targets.to(device, non_blocking=True)
+        )
 
     @property
     def tokens(self) -> int:
@@ -137,6 +147,7 @@ def collate(seqs: list[tuple[list[int], list[int]]]) -> LMBatch:
 
 # --------------------------------------------------------------------------- eval set
 
+
 @dataclass
 class EvalSet:
     """Held-out data. ``qa``: (prompt, answer) for exact match and answer loss;
@@ -149,6 +160,7 @@ class EvalSet:
 
 
 # --------------------------------------------------------------------------- datasets
+
 
 class Dataset:
     """Maps a global sample index to an example; ``batch`` collates a run of them."""
@@ -190,8 +202,7 @@ class ArithmeticSFT(Dataset):
         return qa_prompt(a, b), str(a + b)
 
     def batch(self, start: int, size: int) -> LMBatch:
-        return collate([_sequence(*self.example(start + j), self.seq_len)
-                        for j in range(size)])
+        return collate([_sequence(*self.example(start + j), self.seq_len) for j in range(size)])
 
 
 class ArithmeticDPO(Dataset):
@@ -215,8 +226,9 @@ def _pair_batch(examples: list[tuple[str, str, str]], seq_len: int) -> PairBatch
     seqs += [_sequence(p, r, seq_len) for p, _, r in examples]
     both = collate(seqs)
     n = len(examples)
-    return PairBatch(LMBatch(both.inputs[:n], both.targets[:n]),
-                     LMBatch(both.inputs[n:], both.targets[n:]))
+    return PairBatch(
+        LMBatch(both.inputs[:n], both.targets[:n]), LMBatch(both.inputs[n:], both.targets[n:])
+    )
 
 
 @lru_cache(maxsize=8)
@@ -272,8 +284,9 @@ def _jsonl(uri: str, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
             obj = json.loads(line)
             out.append(tuple(str(obj[k]) for k in keys))
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"data.source {uri} line {n}: expected a JSON object with "
-                             f"keys {', '.join(keys)}") from None
+            raise ValueError(
+                f"data.source {uri} line {n}: expected a JSON object with keys {', '.join(keys)}"
+            ) from None
     return out
 
 
@@ -282,7 +295,7 @@ class TextPretrain(Dataset):
 
     def __init__(self, uri: str, seed: int, seq_len: int, eval_examples: int):
         ids = tok.encode(read_source(uri).decode("utf-8", errors="replace"))
-        windows = [ids[i:i + seq_len + 1] for i in range(0, len(ids) - seq_len, seq_len)]
+        windows = [ids[i : i + seq_len + 1] for i in range(0, len(ids) - seq_len, seq_len)]
         train, held = _split(windows, eval_examples, seed)
         self.windows, self.order = train, _Shuffled(len(train), seed)
         self.eval_set = EvalSet(text=held)
@@ -299,8 +312,9 @@ class JsonlSFT(Dataset):
         self.eval_set = EvalSet(qa=[(p, r) for p, r in held])
 
     def batch(self, start: int, size: int) -> LMBatch:
-        return collate([_sequence(*self.records[self.order(start + j)], self.seq_len)
-                        for j in range(size)])
+        return collate(
+            [_sequence(*self.records[self.order(start + j)], self.seq_len) for j in range(size)]
+        )
 
 
 class JsonlDPO(Dataset):
@@ -311,21 +325,22 @@ class JsonlDPO(Dataset):
         self.eval_set = EvalSet(qa=[(p, c) for p, c, _ in held], pairs=list(held))
 
     def batch(self, start: int, size: int) -> PairBatch:
-        return _pair_batch([self.records[self.order(start + j)] for j in range(size)],
-                           self.seq_len)
+        return _pair_batch([self.records[self.order(start + j)] for j in range(size)], self.seq_len)
 
 
 SYNTHETIC = {"pretrain": ArithmeticPretrain, "sft": ArithmeticSFT, "dpo": ArithmeticDPO}
 FROM_URI = {"pretrain": TextPretrain, "sft": JsonlSFT, "dpo": JsonlDPO}
 
 
-def build_dataset(stage_type: str, source: str, *, seed: int, seq_len: int,
-                  eval_examples: int) -> Dataset:
+def build_dataset(
+    stage_type: str, source: str, *, seed: int, seq_len: int, eval_examples: int
+) -> Dataset:
     """The dataset of a stage from its ``data.source``."""
     if source.startswith("synthetic:"):
         task = source.removeprefix("synthetic:")
         if task != "arithmetic":
-            raise ValueError(f"data.source {source!r}: unknown synthetic task "
-                             "(accepted: synthetic:arithmetic)")
+            raise ValueError(
+                f"data.source {source!r}: unknown synthetic task (accepted: synthetic:arithmetic)"
+            )
         return SYNTHETIC[stage_type](seed, seq_len, eval_examples)
     return FROM_URI[stage_type](source, seed, seq_len, eval_examples)

@@ -115,7 +115,8 @@ class RaplMeter(EnergyMeter):
 
         self.counters = [
             WrappingCounter(reader(z), int(z.joinpath("max_energy_range_uj").read_text()))
-            for z in zones]
+            for z in zones
+        ]
 
     def _joules(self) -> float:
         return sum(c.update() for c in self.counters) / 1e6
@@ -135,10 +136,12 @@ class NvmlMeter(EnergyMeter):
         try:
             # Millijoules since the driver loaded; a 64-bit counter that does not wrap.
             self.counter = WrappingCounter(
-                lambda: int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)))
+                lambda: int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+            )
         except pynvml.NVMLError:
             self.integrator = PowerIntegrator(
-                lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, clock)
+                lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, clock
+            )
 
     def _joules(self) -> float:
         if self.counter is not None:
@@ -174,8 +177,13 @@ class ZeroMeter(EnergyMeter):
         return 0.0
 
 
-def open_meter(*, cuda_index: int | None, local_rank: int, default_watts: float,
-               environ: dict[str, str] | None = None) -> EnergyMeter:
+def open_meter(
+    *,
+    cuda_index: int | None,
+    local_rank: int,
+    default_watts: float,
+    environ: dict[str, str] | None = None,
+) -> EnergyMeter:
     """The best meter this process can have (see the module docstring)."""
     env = os.environ if environ is None else environ
     configured = env.get(contract.ENV_POWER_WATTS)

@@ -19,8 +19,9 @@ BATCH = 64
 
 
 @torch.no_grad()
-def greedy_answers(model: nn.Module, prompts: list[str], max_new_tokens: int,
-                   device: torch.device) -> list[str]:
+def greedy_answers(
+    model: nn.Module, prompts: list[str], max_new_tokens: int, device: torch.device
+) -> list[str]:
     """Greedy continuations of ``prompts`` until EOS or ``max_new_tokens``.
 
     Prompts are grouped by token length so a batch needs no padding (positions stay
@@ -34,7 +35,7 @@ def greedy_answers(model: nn.Module, prompts: list[str], max_new_tokens: int,
     out = [""] * len(prompts)
     for length, members in by_len.items():
         for s in range(0, len(members), BATCH):
-            idx = members[s:s + BATCH]
+            idx = members[s : s + BATCH]
             seq = torch.tensor([encoded[i] for i in idx], device=device)
             done = torch.zeros(len(idx), dtype=torch.bool, device=device)
             for _ in range(min(max_new_tokens, context - length)):
@@ -50,8 +51,9 @@ def greedy_answers(model: nn.Module, prompts: list[str], max_new_tokens: int,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, eval_set: EvalSet, seq_len: int,
-             device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, eval_set: EvalSet, seq_len: int, device: torch.device
+) -> dict[str, float]:
     """Metrics on the held-out set: ``accuracy`` (exact match), ``loss`` (mean CE on
     answer tokens, or on held-out text), ``preferenceAccuracy``, ``examples``."""
     was_training = model.training
@@ -66,16 +68,16 @@ def evaluate(model: nn.Module, eval_set: EvalSet, seq_len: int,
             hits = sum(g.strip() == a.strip() for g, a in zip(got, answers, strict=True))
             metrics["accuracy"] = hits / len(answers)
             metrics["examples"] = float(len(answers))
-            metrics["loss"] = _mean_loss(model, [_sequence(p, a, seq_len)
-                                                 for p, a in eval_set.qa], device)
+            metrics["loss"] = _mean_loss(
+                model, [_sequence(p, a, seq_len) for p, a in eval_set.qa], device
+            )
         elif eval_set.text:
-            metrics["loss"] = _mean_loss(model, [(w, [1] * len(w)) for w in eval_set.text],
-                                         device)
+            metrics["loss"] = _mean_loss(model, [(w, [1] * len(w)) for w in eval_set.text], device)
             metrics["examples"] = float(len(eval_set.text))
         if eval_set.pairs:
             wins = 0
             for s in range(0, len(eval_set.pairs), BATCH):
-                batch = _pair_batch(eval_set.pairs[s:s + BATCH], seq_len).to(device)
+                batch = _pair_batch(eval_set.pairs[s : s + BATCH], seq_len).to(device)
                 chosen, rejected = pair_logprobs(model, batch)
                 wins += int((chosen > rejected).sum())
             metrics["preferenceAccuracy"] = wins / len(eval_set.pairs)
@@ -84,13 +86,20 @@ def evaluate(model: nn.Module, eval_set: EvalSet, seq_len: int,
     return metrics
 
 
-def _mean_loss(model: nn.Module, seqs: list[tuple[list[int], list[int]]],
-               device: torch.device) -> float:
+def _mean_loss(
+    model: nn.Module, seqs: list[tuple[list[int], list[int]]], device: torch.device
+) -> float:
     total, count = 0.0, 0
     for s in range(0, len(seqs), BATCH):
-        batch = collate(seqs[s:s + BATCH]).to(device)
+        batch = collate(seqs[s : s + BATCH]).to(device)
         logits = model(batch.inputs)
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
-                                       ignore_index=IGNORE, reduction="sum"))
+        total += float(
+            F.cross_entropy(
+                logits.flatten(0, 1).float(),
+                batch.targets.flatten(),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+        )
         count += int((batch.targets != IGNORE).sum())
     return total / count if count else math.nan

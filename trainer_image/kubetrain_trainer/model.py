@@ -28,8 +28,13 @@ class GPTConfig:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> GPTConfig:
-        return cls(layers=spec.layers, heads=spec.heads, dim=spec.dim,
-                   context_length=spec.context_length, vocab_size=spec.vocab_size)
+        return cls(
+            layers=spec.layers,
+            heads=spec.heads,
+            dim=spec.dim,
+            context_length=spec.context_length,
+            vocab_size=spec.vocab_size,
+        )
 
 
 class Attention(nn.Module):
@@ -49,8 +54,9 @@ class Attention(nn.Module):
             return y.view(b, t, h, d // h).transpose(1, 2)
 
         # The fused kernel (flash / memory-efficient on GPU) with the causal mask built in.
-        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
-                                           is_causal=True)
+        y = F.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True
+        )
         return self.o(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -101,8 +107,9 @@ class GPT(nn.Module):
         """Logits (B, T, V) for token ids (B, T), T ≤ context length."""
         t = idx.shape[1]
         if t > self.cfg.context_length:
-            raise ValueError(f"sequence of {t} tokens exceeds model.contextLength="
-                             f"{self.cfg.context_length}")
+            raise ValueError(
+                f"sequence of {t} tokens exceeds model.contextLength={self.cfg.context_length}"
+            )
         pos = torch.arange(t, device=idx.device)
         x = self.tok(idx) + self.pos(pos)
         for block in self.blocks:

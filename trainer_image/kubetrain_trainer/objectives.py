@@ -17,8 +17,9 @@ from kubetrain_trainer.data import IGNORE, LMBatch, PairBatch
 def lm_loss(model: nn.Module, batch: LMBatch) -> torch.Tensor:
     """Mean cross-entropy over the target positions that are not IGNORE."""
     logits = model(batch.inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
-                           ignore_index=IGNORE)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE
+    )
 
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -37,9 +38,13 @@ def pair_logprobs(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, tor
     return logps[:n], logps[n:]
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-             reference_chosen: torch.Tensor, reference_rejected: torch.Tensor,
-             beta: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO sigmoid loss and its diagnostics.
 
     The implicit reward of a response is β·(log π(y|x) − log π_ref(y|x)); the loss is
@@ -60,8 +65,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return loss, metrics
 
 
-def dpo_step_loss(policy: nn.Module, reference: nn.Module, batch: PairBatch,
-                  beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dpo_step_loss(
+    policy: nn.Module, reference: nn.Module, batch: PairBatch, beta: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO loss of one micro-batch; the reference runs without building a graph."""
     pc, pr = pair_logprobs(policy, batch)
     with torch.no_grad():

@@ -61,8 +61,9 @@ class TrainerCollector:
             g.add_metric(values, float(value))
             return g
 
-        def counter(name: str, doc: str, value: Any, extra: dict[str, str] | None = None
-                    ) -> CounterMetricFamily:
+        def counter(
+            name: str, doc: str, value: Any, extra: dict[str, str] | None = None
+        ) -> CounterMetricFamily:
             extra = extra or {}
             c = CounterMetricFamily(name, doc, labels=names + list(extra))
             c.add_metric(values + list(extra.values()), float(value or 0.0))
@@ -72,16 +73,28 @@ class TrainerCollector:
             gauge("kubetrain_trainer_step", "Optimizer steps done.", r.get("step")),
             counter("kubetrain_trainer_tokens", "Tokens trained on.", r.get("tokens")),
             gauge("kubetrain_trainer_loss", "Training loss of the last step.", r.get("loss")),
-            gauge("kubetrain_trainer_tokens_per_second", "Training throughput.",
-                  r.get("tokensPerSecond")),
-            gauge("kubetrain_trainer_mfu_ratio", "Model FLOPs utilisation, 0..1.",
-                  r.get("mfu")),
-            counter("kubetrain_trainer_energy_joules", "Energy of the stage's devices.",
-                    r.get("energyJoules"), {"source": str(r.get("energySource", "estimate"))}),
-            gauge("kubetrain_trainer_power_watts", "Mean power over the last interval.",
-                  r.get("powerWatts")),
-            gauge("kubetrain_trainer_eval_accuracy", "Held-out exact-match accuracy, 0..1.",
-                  (r.get("eval") or {}).get("accuracy")),
+            gauge(
+                "kubetrain_trainer_tokens_per_second",
+                "Training throughput.",
+                r.get("tokensPerSecond"),
+            ),
+            gauge("kubetrain_trainer_mfu_ratio", "Model FLOPs utilisation, 0..1.", r.get("mfu")),
+            counter(
+                "kubetrain_trainer_energy_joules",
+                "Energy of the stage's devices.",
+                r.get("energyJoules"),
+                {"source": str(r.get("energySource", "estimate"))},
+            ),
+            gauge(
+                "kubetrain_trainer_power_watts",
+                "Mean power over the last interval.",
+                r.get("powerWatts"),
+            ),
+            gauge(
+                "kubetrain_trainer_eval_accuracy",
+                "Held-out exact-match accuracy, 0..1.",
+                (r.get("eval") or {}).get("accuracy"),
+            ),
         ]
         yield from (f for f in families if f is not None)
 
@@ -89,16 +102,27 @@ class TrainerCollector:
 class Telemetry:
     """Writes progress records (rank 0 only: ``enabled``) and serves metrics."""
 
-    def __init__(self, store: ObjectStore, *, base: dict[str, Any], enabled: bool,
-                 metrics_port: int = 0, serve_metrics: bool = False):
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        base: dict[str, Any],
+        enabled: bool,
+        metrics_port: int = 0,
+        serve_metrics: bool = False,
+    ):
         self.store = store
         self.base = base  # run, namespace, stage, totalSteps, attempt, startedAt, ...
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
         self.last: dict[str, Any] = {}
-        self.collector = TrainerCollector({"run": str(base.get("run", "")),
-                                           "namespace": str(base.get("namespace", "")),
-                                           "stage": str(base.get("stage", ""))})
+        self.collector = TrainerCollector(
+            {
+                "run": str(base.get("run", "")),
+                "namespace": str(base.get("namespace", "")),
+                "stage": str(base.get("stage", "")),
+            }
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)  # type: ignore[arg-type]
         self.port: int | None = None
@@ -137,8 +161,9 @@ class Telemetry:
         else:
             self.history.append(record)
         started = time.monotonic()
-        self.store.put_bytes(METRICS, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                              for r in self.history).encode())
+        self.store.put_bytes(
+            METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history).encode()
+        )
         self.store.put_json(contract.PROGRESS, record)
         elapsed = time.monotonic() - started
         if elapsed > 5:

@@ -87,12 +87,17 @@ def init_distributed(environ: Mapping[str, str]) -> Dist:
         device = torch.device("cpu")
         # Processes of one node share its cores; oversubscription slows every rank.
         if "OMP_NUM_THREADS" not in environ:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            cores = (
+                len(os.sched_getaffinity(0))
+                if hasattr(os, "sched_getaffinity")
                 else (os.cpu_count() or 1)
+            )
             torch.set_num_threads(max(1, cores // max(local_world, 1)))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+        )
     return Dist(rank, world, local_rank, local_world, device)
 
 
@@ -103,15 +108,18 @@ class StopRequest:
         # A signal that arrived while the trainer was starting up counts too.
         self.signal: int | None = early_signals.pending[0] if early_signals.pending else None
         if self.signal is not None:
-            log.warning("received %s while starting: stopping after the first step, with a "
-                        "checkpoint", signal.Signals(self.signal).name)
+            log.warning(
+                "received %s while starting: stopping after the first step, with a checkpoint",
+                signal.Signals(self.signal).name,
+            )
         for sig in early_signals.STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signal is None:
-            log.warning("received %s: finishing the step, then checkpointing",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: finishing the step, then checkpointing", signal.Signals(signum).name
+            )
         self.signal = signum
 
 
@@ -134,15 +142,21 @@ def lr_factor(hp: Hyperparameters, total: int) -> Callable[[int], float]:
     return factor
 
 
-def build_optimizer(model: nn.Module, hp: Hyperparameters, device: torch.device
-                    ) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, hp: Hyperparameters, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (norm weights are gains, not features)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": hp.weight_decay},
-         {"params": other, "weight_decay": 0.0}],
-        lr=hp.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
+        [
+            {"params": decay, "weight_decay": hp.weight_decay},
+            {"params": other, "weight_decay": 0.0},
+        ],
+        lr=hp.learning_rate,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
 
 
 def _load_weights(model: GPT, uri: str, what: str, device: torch.device) -> str:
@@ -150,9 +164,11 @@ def _load_weights(model: GPT, uri: str, what: str, device: torch.device) -> str:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise StageError(f"{what} {uri}: its weights do not fit spec.model (layers, heads, "
-                         f"dim, contextLength, vocabSize must match the checkpoint): "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise StageError(
+            f"{what} {uri}: its weights do not fit spec.model (layers, heads, "
+            f"dim, contextLength, vocabSize must match the checkpoint): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     return source
 
 
@@ -167,14 +183,18 @@ class Trainer:
         self.kind = self.stage.type.value
         self.seq_len = self.hp.seq_len or self.spec.context_length
         if self.seq_len > self.spec.context_length:
-            raise StageError(f"hyperparameters.seqLen={self.seq_len} exceeds "
-                             f"model.contextLength={self.spec.context_length} "
-                             f"(accepted: at most {self.spec.context_length})")
+            raise StageError(
+                f"hyperparameters.seqLen={self.seq_len} exceeds "
+                f"model.contextLength={self.spec.context_length} "
+                f"(accepted: at most {self.spec.context_length})"
+            )
         self.total = accounting.total_steps(self.stage, self.spec)
         folder = environ.get(contract.ENV_CHECKPOINT_URI)
         if not folder:
-            raise StageError(f"{contract.ENV_CHECKPOINT_URI} is not set (the stage folder "
-                             "for checkpoints and progress)")
+            raise StageError(
+                f"{contract.ENV_CHECKPOINT_URI} is not set (the stage folder "
+                "for checkpoints and progress)"
+            )
         self.store = open_store(folder)
         self.checkpointer = ckpt.Checkpointer(self.store, self.stage.keep_checkpoints)
 
@@ -187,8 +207,9 @@ class Trainer:
         self.model = build_model(self.spec).to(device)
         expected = accounting.parameter_count(self.spec)
         if self.model.num_parameters() != expected:
-            raise StageError(f"model has {self.model.num_parameters()} parameters, "
-                             f"accounting says {expected}")
+            raise StageError(
+                f"model has {self.model.num_parameters()} parameters, accounting says {expected}"
+            )
         self.init_source: str | None = None
         init_uri = environ.get(contract.ENV_INIT_URI)
         if init_uri:
@@ -204,12 +225,17 @@ class Trainer:
                 self.reference.load_state_dict(self.model.state_dict())
             self.reference.eval().requires_grad_(False)
 
-        self.data = build_dataset(self.kind, self.stage.data.source, seed=self.stage.data.seed,
-                                  seq_len=self.seq_len,
-                                  eval_examples=self.stage.data.eval_examples)
+        self.data = build_dataset(
+            self.kind,
+            self.stage.data.source,
+            seed=self.stage.data.seed,
+            seq_len=self.seq_len,
+            eval_examples=self.stage.data.eval_examples,
+        )
         self.optimizer = build_optimizer(self.model, self.hp, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(self.hp, self.total))
+            self.optimizer, lr_factor(self.hp, self.total)
+        )
 
         # FLOPs: accounting's formula, so MFU here and the estimate agree.
         res = self.stage.resources
@@ -220,7 +246,10 @@ class Trainer:
         self.matmul_params = expected - self.spec.context_length * self.spec.dim
         self.energy: EnergyMeter = open_meter(
             cuda_index=device.index if device.type == "cuda" else None,
-            local_rank=self.d.local_rank, default_watts=acc.watts, environ=dict(environ))
+            local_rank=self.d.local_rank,
+            default_watts=acc.watts,
+            environ=dict(environ),
+        )
 
         self.step = 0
         self.cursor = 0
@@ -270,13 +299,27 @@ class Trainer:
             rng: dict[str, Any] = {"torch": torch.get_rng_state()}
             if self.d.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
-            trainer = {"step": self.step, "cursor": self.cursor, "tokens": self.tokens,
-                       "energyJoules": energy, "wallSeconds": wall, "rng": rng,
-                       "eval": self.eval, "totalSteps": self.total, "stageType": self.kind}
+            trainer = {
+                "step": self.step,
+                "cursor": self.cursor,
+                "tokens": self.tokens,
+                "energyJoules": energy,
+                "wallSeconds": wall,
+                "rng": rng,
+                "eval": self.eval,
+                "totalSteps": self.total,
+                "stageType": self.kind,
+            }
             self.checkpoint_uri = self.checkpointer.save(
-                self.step, {"model": raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-                            "scheduler": self.scheduler.state_dict(), "trainer": trainer},
-                meta={"run": self.cfg.run, "stage": self.stage.name})
+                self.step,
+                {
+                    "model": raw.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "trainer": trainer,
+                },
+                meta={"run": self.cfg.run, "stage": self.stage.name},
+            )
         self.saved_step = self.step
 
     # ------------------------------------------------------------------ steps
@@ -295,13 +338,20 @@ class Trainer:
         self.resume()
         prev = self.telemetry_prev if isinstance(self.telemetry_prev, dict) else {}
         telemetry = Telemetry(
-            self.store, enabled=d.is_main,
+            self.store,
+            enabled=d.is_main,
             metrics_port=int(self.env.get(contract.ENV_METRICS_PORT, "0") or 0),
             serve_metrics=d.local_rank == 0,
-            base={"run": self.cfg.run, "namespace": self.cfg.namespace,
-                  "stage": self.stage.name, "stageType": self.kind, "totalSteps": self.total,
-                  "attempt": int(prev.get("attempt", 0)) + 1,
-                  "startedAt": prev.get("startedAt") or utc_now()})
+            base={
+                "run": self.cfg.run,
+                "namespace": self.cfg.namespace,
+                "stage": self.stage.name,
+                "stageType": self.kind,
+                "totalSteps": self.total,
+                "attempt": int(prev.get("attempt", 0)) + 1,
+                "startedAt": prev.get("startedAt") or utc_now(),
+            },
+        )
         self.telemetry = telemetry
         if d.is_main:
             telemetry.restore_history(self.step)
@@ -309,11 +359,15 @@ class Trainer:
         model: nn.Module = self.model
         if d.world > 1:
             model = DistributedDataParallel(
-                model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+                model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+            )
         if hp.compile:
             model = torch.compile(model)
-        autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16)
-                    if self.precision == "bf16" else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(d.device.type, dtype=torch.bfloat16)
+            if self.precision == "bf16"
+            else contextlib.nullcontext()
+        )
 
         started = time.monotonic()
         window_t, window_tokens, window_flops = started, 0.0, 0.0
@@ -331,25 +385,41 @@ class Trainer:
             # A record with no step since the previous one (eval, end) repeats the
             # last throughput rather than reporting none.
             tps = window_tokens / dt if window_tokens else telemetry.last.get("tokensPerSecond")
-            mfu = (window_flops / dt / self.peak_flops if window_flops
-                   else telemetry.last.get("mfu"))
+            mfu = window_flops / dt / self.peak_flops if window_flops else telemetry.last.get("mfu")
             telemetry.write(
-                step=self.step, tokens=self.tokens, tokensPerSecond=tps,
-                loss=None if math.isnan(loss_value) else loss_value, eval=self.eval,
-                energyJoules=self.energy_base + joules, energySource=self.energy.source,
-                powerWatts=self.energy.power_watts, mfu=mfu, checkpoint=self.checkpoint_uri,
-                phase=phase, wallSeconds=wall(), train=self.train_metrics,
+                step=self.step,
+                tokens=self.tokens,
+                tokensPerSecond=tps,
+                loss=None if math.isnan(loss_value) else loss_value,
+                eval=self.eval,
+                energyJoules=self.energy_base + joules,
+                energySource=self.energy.source,
+                powerWatts=self.energy.power_watts,
+                mfu=mfu,
+                checkpoint=self.checkpoint_uri,
+                phase=phase,
+                wallSeconds=wall(),
+                train=self.train_metrics,
                 learningRate=self.scheduler.get_last_lr()[0],
-                **({"initFrom": self.init_source} if self.init_source else {}))
+                **({"initFrom": self.init_source} if self.init_source else {}),
+            )
             window_t, window_tokens, window_flops = now, 0.0, 0.0
 
         def checkpoint() -> None:
             self.save(self.energy_base + self._energy_total(), wall())
 
         if d.is_main:
-            log.info("stage %s (%s): %d parameters, steps %d/%d, %s on %s, world %d",
-                     self.stage.name, self.kind, self.model.num_parameters(), self.step,
-                     self.total, self.precision, d.device, d.world)
+            log.info(
+                "stage %s (%s): %d parameters, steps %d/%d, %s on %s, world %d",
+                self.stage.name,
+                self.kind,
+                self.model.num_parameters(),
+                self.step,
+                self.total,
+                self.precision,
+                d.device,
+                d.world,
+            )
         publish("running")
 
         ga, bsz = hp.gradient_accumulation, hp.batch_size
@@ -359,8 +429,11 @@ class Trainer:
             for micro in range(ga):
                 batch = self.data.batch(self.cursor + d.rank * bsz, bsz).to(d.device)
                 self.cursor += bsz * d.world
-                sync = (model.no_sync() if isinstance(model, DistributedDataParallel)
-                        and micro < ga - 1 else contextlib.nullcontext())
+                sync = (
+                    model.no_sync()
+                    if isinstance(model, DistributedDataParallel) and micro < ga - 1
+                    else contextlib.nullcontext()
+                )
                 with sync:
                     with autocast:
                         if isinstance(batch, PairBatch):
@@ -371,8 +444,10 @@ class Trainer:
                         else:
                             loss = lm_loss(model, batch)
                     (loss / ga).backward()
-                stats += torch.tensor([float(loss.detach()) / ga, batch.tokens,
-                                       self.flops(batch)], dtype=torch.float64)
+                stats += torch.tensor(
+                    [float(loss.detach()) / ga, batch.tokens, self.flops(batch)],
+                    dtype=torch.float64,
+                )
             if hp.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
             self.optimizer.step()
@@ -388,8 +463,10 @@ class Trainer:
             window_flops += float(stats[2])
             self.train_metrics = metric_sums
             if not math.isfinite(loss_value):
-                raise StageError(f"loss became {loss_value} at step {self.step} (lower "
-                                 "hyperparameters.learningRate or set gradClip)")
+                raise StageError(
+                    f"loss became {loss_value} at step {self.step} (lower "
+                    "hyperparameters.learningRate or set gradClip)"
+                )
 
             last = self.step == self.total
             evaluated = saved = False
@@ -402,15 +479,24 @@ class Trainer:
             if self.step % hp.log_every == 0 or evaluated or saved:
                 publish("running")
             if d.is_main and (self.step % hp.log_every == 0 or evaluated):
-                log.info("step %d/%d loss %.4f%s", self.step, self.total, loss_value,
-                         f" eval {self.eval}" if evaluated else "")
+                log.info(
+                    "step %d/%d loss %.4f%s",
+                    self.step,
+                    self.total,
+                    loss_value,
+                    f" eval {self.eval}" if evaluated else "",
+                )
 
         if self.step < self.total:
             checkpoint()
             publish("interrupted")
             if d.is_main:
-                log.warning("interrupted at step %d/%d; checkpoint %s", self.step,
-                            self.total, self.checkpoint_uri)
+                log.warning(
+                    "interrupted at step %d/%d; checkpoint %s",
+                    self.step,
+                    self.total,
+                    self.checkpoint_uri,
+                )
             return 0
         self._evaluate()
         checkpoint()
@@ -418,8 +504,12 @@ class Trainer:
             self.checkpointer.mark_final(self.step)
         publish("completed")
         if d.is_main:
-            log.info("completed %d steps: eval %s, checkpoint %s", self.step, self.eval,
-                     self.checkpoint_uri)
+            log.info(
+                "completed %d steps: eval %s, checkpoint %s",
+                self.step,
+                self.eval,
+                self.checkpoint_uri,
+            )
         if d.world > 1:
             dist.barrier()
         return 0
@@ -448,15 +538,17 @@ class Trainer:
             self.eval = evaluate(self.model, self.data.eval_set, self.seq_len, self.d.device)
 
 
-EXPECTED_ERRORS = (StageError, ckpt.CheckpointError, StoreError, FileNotFoundError,
-                   ValueError)
+EXPECTED_ERRORS = (StageError, ckpt.CheckpointError, StoreError, FileNotFoundError, ValueError)
 
 
 def main(environ: Mapping[str, str] | None = None) -> int:
     """Run the stage the environment describes; the process exit code."""
     env = os.environ if environ is None else environ
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     trainer: Trainer | None = None
     # Handlers first: a preemption during start-up (loading a big init checkpoint)
     # must still end in a clean, checkpointed exit.
@@ -477,8 +569,7 @@ def main(environ: Mapping[str, str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _report_failure(trainer: Trainer | None, reason: str,
-                    environ: Mapping[str, str]) -> None:
+def _report_failure(trainer: Trainer | None, reason: str, environ: Mapping[str, str]) -> None:
     """Best effort: tell the progress reader why the stage failed."""
     telemetry = getattr(trainer, "telemetry", None)
     with contextlib.suppress(Exception):
@@ -491,5 +582,7 @@ def _report_failure(trainer: Trainer | None, reason: str,
             store = open_store(environ[contract.ENV_CHECKPOINT_URI])
             prev = store.get_json(contract.PROGRESS)
             record = prev if isinstance(prev, dict) else {}
-            store.put_json(contract.PROGRESS, {**record, "phase": "failed",
-                                               "message": reason, "updatedAt": utc_now()})
+            store.put_json(
+                contract.PROGRESS,
+                {**record, "phase": "failed", "message": reason, "updatedAt": utc_now()},
+            )

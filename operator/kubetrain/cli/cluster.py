@@ -48,27 +48,42 @@ def _duration(seconds: float | None) -> str:
 def status_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     """One row per run: namespace, name, phase, stage, progress, ETA, cost, energy."""
     rows = []
-    for run in sorted(runs, key=lambda r: (r["metadata"].get("namespace", ""),
-                                           r["metadata"]["name"])):
+    for run in sorted(
+        runs, key=lambda r: (r["metadata"].get("namespace", ""), r["metadata"]["name"])
+    ):
         st = run.get("status") or {}
         totals = st.get("totals") or {}
         stage = st.get("currentStage") or "-"
-        eta = next((s.get("etaSeconds") for s in st.get("stages") or []
-                    if s.get("name") == stage and s.get("phase") == "Running"), None)
-        rows.append([
-            run["metadata"].get("namespace", ""), run["metadata"]["name"],
-            st.get("phase") or "Pending", stage, st.get("progress") or "-", _duration(eta),
-            f"${float(totals.get('costUSD') or 0):.2f}",
-            f"{float(totals.get('energyJoules') or 0) / 3.6e6:.3g} kWh",
-        ])
+        eta = next(
+            (
+                s.get("etaSeconds")
+                for s in st.get("stages") or []
+                if s.get("name") == stage and s.get("phase") == "Running"
+            ),
+            None,
+        )
+        rows.append(
+            [
+                run["metadata"].get("namespace", ""),
+                run["metadata"]["name"],
+                st.get("phase") or "Pending",
+                stage,
+                st.get("progress") or "-",
+                _duration(eta),
+                f"${float(totals.get('costUSD') or 0):.2f}",
+                f"{float(totals.get('energyJoules') or 0) / 3.6e6:.3g} kWh",
+            ]
+        )
     return rows
 
 
 def render_table(rows: list[list[str]]) -> str:
     header = ["NAMESPACE", "NAME", "PHASE", "STAGE", "PROGRESS", "ETA", "COST", "ENERGY"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in [header, *rows])
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    )
 
 
 def cli_status(args: argparse.Namespace) -> int:
@@ -81,8 +96,9 @@ def cli_status(args: argparse.Namespace) -> int:
         if args.run:
             run = kube.get_run(ns or "default", args.run)
             if run is None:
-                raise UserError(f"TrainingRun {args.run!r} not found in namespace "
-                                f"{ns or 'default'!r}")
+                raise UserError(
+                    f"TrainingRun {args.run!r} not found in namespace {ns or 'default'!r}"
+                )
             runs = [run]
         else:
             runs = kube.list_runs(ns)
@@ -114,20 +130,23 @@ def cli_logs(args: argparse.Namespace) -> int:
     selector = f"{LABEL_RUN}={args.run},{LABEL_STAGE}={stage}"
     pods = kube.core.list_namespaced_pod(ns, label_selector=selector).items
     if not pods:
-        raise UserError(f"no pods for stage {stage!r} of {args.run!r} (finished and cleaned "
-                        "up, or not scheduled yet)")
+        raise UserError(
+            f"no pods for stage {stage!r} of {args.run!r} (finished and cleaned "
+            "up, or not scheduled yet)"
+        )
 
     def rank(pod: Any) -> tuple[int, str]:
         index = (pod.metadata.annotations or {}).get(
-            "batch.kubernetes.io/job-completion-index", "0")
+            "batch.kubernetes.io/job-completion-index", "0"
+        )
         alive = 0 if pod.status.phase in ("Running", "Pending") else 1
         return (alive, f"{int(index) if index.isdigit() else 0:06d}{pod.metadata.name}")
 
     pod = sorted(pods, key=rank)[0]
     try:
         stream = kube.core.read_namespaced_pod_log(
-            pod.metadata.name, ns, container="trainer", follow=args.follow,
-            _preload_content=False)
+            pod.metadata.name, ns, container="trainer", follow=args.follow, _preload_content=False
+        )
         for chunk in stream.stream():
             sys.stdout.write(chunk.decode(errors="replace"))
             sys.stdout.flush()

@@ -32,9 +32,11 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.files:
         run = load_manifest(path)
-        print(f"{path}: TrainingRun {run.metadata.name!r} is valid "
-              f"({len(run.spec.stages)} stages: "
-              f"{' -> '.join(f'{s.name} ({s.type.value})' for s in run.spec.stages)})")
+        print(
+            f"{path}: TrainingRun {run.metadata.name!r} is valid "
+            f"({len(run.spec.stages)} stages: "
+            f"{' -> '.join(f'{s.name} ({s.type.value})' for s in run.spec.stages)})"
+        )
     return 0
 
 
@@ -66,17 +68,24 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(estimate.render_run(run, mfu=args.mfu))
         return 0
     if not (args.params and args.tokens):
-        raise UserError("give a manifest FILE, or both --params and --tokens "
-                        "(e.g. --params 70e9 --tokens 15e12 --gpu h100)")
-    print(estimate.render_params_tokens(args.params, args.tokens, gpu=args.gpu, mfu=args.mfu,
-                                        gpus=args.gpus))
+        raise UserError(
+            "give a manifest FILE, or both --params and --tokens "
+            "(e.g. --params 70e9 --tokens 15e12 --gpu h100)"
+        )
+    print(
+        estimate.render_params_tokens(
+            args.params, args.tokens, gpu=args.gpu, mfu=args.mfu, gpus=args.gpus
+        )
+    )
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
-        raise UserError(f"to run {args.file} on this machine add --local; to run it on a "
-                        f"cluster with the operator installed: kubectl apply -f {args.file}")
+        raise UserError(
+            f"to run {args.file} on this machine add --local; to run it on a "
+            f"cluster with the operator installed: kubectl apply -f {args.file}"
+        )
     return _lazy("kubetrain.local.command:cli_run")(args)
 
 
@@ -107,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=_positive_float, help="parameters, e.g. 70e9")
     p.add_argument("--tokens", type=_positive_float, help="training tokens, e.g. 15e12")
     p.add_argument("--gpu", default="h100", help="accelerator type (default h100)")
-    p.add_argument("--gpus", type=int, default=1, help="accelerators in parallel, for "
-                   "wall time (default 1)")
-    p.add_argument("--mfu", type=float, default=0.4,
-                   help="model FLOPs utilisation assumed (default 0.4)")
+    p.add_argument(
+        "--gpus", type=int, default=1, help="accelerators in parallel, for wall time (default 1)"
+    )
+    p.add_argument(
+        "--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)"
+    )
     p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("crd", help="print the CustomResourceDefinition")
@@ -122,12 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a manifest's stages (--local: on this machine)")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--local", action="store_true",
-                   help="run on this machine (on a cluster: kubectl apply -f FILE)")
-    p.add_argument("--store", help="checkpoint store: s3://BUCKET/PREFIX or a folder "
-                   "(default file://.kubetrain/store; the manifest's S3 is for clusters)")
-    p.add_argument("--metrics-port", type=int, default=9400,
-                   help="Prometheus endpoint on localhost (0: off; default 9400)")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="run on this machine (on a cluster: kubectl apply -f FILE)",
+    )
+    p.add_argument(
+        "--store",
+        help="checkpoint store: s3://BUCKET/PREFIX or a folder "
+        "(default file://.kubetrain/store; the manifest's S3 is for clusters)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="Prometheus endpoint on localhost (0: off; default 9400)",
+    )
     p.add_argument("--plain", action="store_true", help="plain lines instead of live display")
     p.set_defaults(func=cmd_run)
 
@@ -152,8 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("kubetrain.cli.cluster:cli_logs"))
 
     p = sub.add_parser("operator", help="run the operator (what the Helm chart runs)")
-    p.add_argument("-n", "--namespace", action="append", default=[],
-                   help="watch this namespace (repeatable); default: all namespaces")
+    p.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable); default: all namespaces",
+    )
     p.add_argument("--config", help="operator configuration YAML (chart values)")
     p.add_argument("--metrics-port", type=int, default=8080)
     p.add_argument("--liveness-port", type=int, default=8081)

@@ -59,9 +59,7 @@ def accelerator(name: str | None, gpus: int = 1) -> Accelerator:
         return ACCELERATORS["cpu"]
     key = (name or DEFAULT_GPU).lower()
     if key not in ACCELERATORS:
-        raise ValueError(
-            f"unknown gpu type {name!r} (accepted: {', '.join(sorted(ACCELERATORS))})"
-        )
+        raise ValueError(f"unknown gpu type {name!r} (accepted: {', '.join(sorted(ACCELERATORS))})")
     return ACCELERATORS[key]
 
 
@@ -100,8 +98,9 @@ def total_steps(stage: Stage, model: ModelSpec) -> int:
     return DEFAULT_STEPS
 
 
-def gpu_hour_price(pricing: Pricing, acc: Accelerator,
-                   price_table: dict[str, float] | None = None) -> float:
+def gpu_hour_price(
+    pricing: Pricing, acc: Accelerator, price_table: dict[str, float] | None = None
+) -> float:
     """Price of one device-hour: the manifest's, the operator's table, or the default."""
     if pricing.gpu_hour_usd is not None:
         return pricing.gpu_hour_usd
@@ -110,8 +109,9 @@ def gpu_hour_price(pricing: Pricing, acc: Accelerator,
     return acc.usd_per_hour
 
 
-def accrue(gpu_seconds: float, energy_joules: float, pricing: Pricing,
-           gpu_hour_usd: float) -> tuple[float, float]:
+def accrue(
+    gpu_seconds: float, energy_joules: float, pricing: Pricing, gpu_hour_usd: float
+) -> tuple[float, float]:
     """Cost in USD and grams CO2 for GPU time and IT energy already spent."""
     facility_kwh = energy_joules / JOULES_PER_KWH * pricing.pue
     cost = gpu_seconds / 3600.0 * gpu_hour_usd + facility_kwh * pricing.energy_usd_per_kwh
@@ -166,8 +166,16 @@ class RunEstimate:
 
 
 def estimate_compute(
-    *, name: str, flops: float, tokens: int, steps: int, acc: Accelerator, gpus: int,
-    pricing: Pricing, mfu: float, price_table: dict[str, float] | None = None,
+    *,
+    name: str,
+    flops: float,
+    tokens: int,
+    steps: int,
+    acc: Accelerator,
+    gpus: int,
+    pricing: Pricing,
+    mfu: float,
+    price_table: dict[str, float] | None = None,
 ) -> StageEstimate:
     """Turn a FLOP count into GPU-hours, wall time, energy, cost and CO2."""
     device_count = max(gpus, 1)
@@ -176,14 +184,17 @@ def estimate_compute(
     it_joules = gpu_hours * 3600.0 * acc.watts
     facility_kwh = it_joules / JOULES_PER_KWH * pricing.pue
     billable_gpu_seconds = gpu_hours * 3600.0 if gpus else 0.0
-    cost, co2 = accrue(billable_gpu_seconds, it_joules, pricing,
-                       gpu_hour_price(pricing, acc, price_table))
-    return StageEstimate(name, acc.name, gpus, steps, tokens, flops, gpu_hours, wall_hours,
-                         facility_kwh, cost, co2)
+    cost, co2 = accrue(
+        billable_gpu_seconds, it_joules, pricing, gpu_hour_price(pricing, acc, price_table)
+    )
+    return StageEstimate(
+        name, acc.name, gpus, steps, tokens, flops, gpu_hours, wall_hours, facility_kwh, cost, co2
+    )
 
 
-def estimate_run(spec: TrainingRunSpec, mfu: float = DEFAULT_MFU,
-                 price_table: dict[str, float] | None = None) -> RunEstimate:
+def estimate_run(
+    spec: TrainingRunSpec, mfu: float = DEFAULT_MFU, price_table: dict[str, float] | None = None
+) -> RunEstimate:
     """Per-stage and total estimate of a manifest, before anything runs."""
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu={mfu} (accepted: 0 < mfu <= 1)")
@@ -199,17 +210,33 @@ def estimate_run(spec: TrainingRunSpec, mfu: float = DEFAULT_MFU,
         if stage.type.value == "dpo":
             # Policy forward+backward on chosen and rejected (tokens counts both), plus a
             # forward pass of the frozen reference: 2 more FLOPs per parameter per token.
-            per_token += 2.0 * (parameter_count(spec.model)
-                                - spec.model.context_length * spec.model.dim)
-        out.append(estimate_compute(name=stage.name, flops=per_token * tokens, tokens=tokens,
-                                    steps=steps, acc=acc, gpus=gpus, pricing=spec.pricing,
-                                    mfu=mfu, price_table=price_table))
+            per_token += 2.0 * (
+                parameter_count(spec.model) - spec.model.context_length * spec.model.dim
+            )
+        out.append(
+            estimate_compute(
+                name=stage.name,
+                flops=per_token * tokens,
+                tokens=tokens,
+                steps=steps,
+                acc=acc,
+                gpus=gpus,
+                pricing=spec.pricing,
+                mfu=mfu,
+                price_table=price_table,
+            )
+        )
     return RunEstimate(parameter_count(spec.model), out, mfu)
 
 
-def estimate_params_tokens(params: float, tokens: float, gpu: str = DEFAULT_GPU,
-                           mfu: float = DEFAULT_MFU, pricing: Pricing | None = None,
-                           gpus: int = 1) -> RunEstimate:
+def estimate_params_tokens(
+    params: float,
+    tokens: float,
+    gpu: str = DEFAULT_GPU,
+    mfu: float = DEFAULT_MFU,
+    pricing: Pricing | None = None,
+    gpus: int = 1,
+) -> RunEstimate:
     """Without a manifest: 6·N·D for N parameters and D tokens (attention term ignored,
     as in the scaling-law literature), on ``gpus`` accelerators of type ``gpu``."""
     if params <= 0 or tokens <= 0:
@@ -217,8 +244,16 @@ def estimate_params_tokens(params: float, tokens: float, gpu: str = DEFAULT_GPU,
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu={mfu} (accepted: 0 < mfu <= 1)")
     acc = accelerator(gpu)
-    est = estimate_compute(name="pretrain", flops=6.0 * params * tokens, tokens=int(tokens),
-                           steps=0, acc=acc, gpus=gpus, pricing=pricing or Pricing(), mfu=mfu)
+    est = estimate_compute(
+        name="pretrain",
+        flops=6.0 * params * tokens,
+        tokens=int(tokens),
+        steps=0,
+        acc=acc,
+        gpus=gpus,
+        pricing=pricing or Pricing(),
+        mfu=mfu,
+    )
     return RunEstimate(int(params), [est], mfu)
 
 

@@ -95,8 +95,11 @@ class ModelSpec(_Model):
     )
 
     CEL_RULES: ClassVar[list[dict[str, str]]] = [
-        {"rule": "self.dim % self.heads == 0",
-         "message": "model.dim must be a multiple of model.heads", "fieldPath": ".heads"},
+        {
+            "rule": "self.dim % self.heads == 0",
+            "message": "model.dim must be a multiple of model.heads",
+            "fieldPath": ".heads",
+        },
     ]
 
     @model_validator(mode="after")
@@ -113,20 +116,28 @@ class S3Storage(_Model):
     """An S3 bucket (or S3-compatible store) for checkpoints and progress."""
 
     bucket: str = Field(
-        ..., min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$",
+        ...,
+        min_length=3,
+        max_length=63,
+        pattern=r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$",
         description="Bucket that holds checkpoints and progress records.",
     )
     prefix: str = Field(
-        "kubetrain", max_length=512, pattern=r"^[A-Za-z0-9._/-]*$",
+        "kubetrain",
+        max_length=512,
+        pattern=r"^[A-Za-z0-9._/-]*$",
         description="Key prefix; objects live under `<prefix>/<namespace>/<run>/<stage>/`.",
     )
     endpoint: str | None = Field(
-        None, pattern=r"^https?://.+$",
+        None,
+        pattern=r"^https?://.+$",
         description="Endpoint URL of an S3-compatible store (MinIO, Ceph ...); AWS when unset.",
     )
     region: str = Field("us-east-1", max_length=64, description="Region of the bucket.")
     credentials_secret: str | None = Field(
-        None, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description=(
             "Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, passed to pods by secretKeyRef (never copied). When "
@@ -175,12 +186,16 @@ class Hyperparameters(_Model):
     """Optimisation settings of a stage."""
 
     max_steps: int | None = Field(
-        None, ge=1, le=10_000_000,
+        None,
+        ge=1,
+        le=10_000_000,
         description="Optimizer steps to train. Set at most one of `maxSteps` and `tokens`; "
         "with neither, 100 steps.",
     )
     tokens: int | None = Field(
-        None, ge=1, le=10**15,
+        None,
+        ge=1,
+        le=10**15,
         description="Train until this many tokens were seen (converted to steps from the "
         "global batch and `seqLen`).",
     )
@@ -190,9 +205,7 @@ class Hyperparameters(_Model):
     gradient_accumulation: int = Field(
         1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step."
     )
-    learning_rate: float = Field(
-        1e-3, gt=0, le=1, description="Peak learning rate (AdamW)."
-    )
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW).")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate decay after warm-up."
     )
@@ -200,8 +213,9 @@ class Hyperparameters(_Model):
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW decoupled weight decay.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0: off).")
     seq_len: int | None = Field(
-        None, ge=8, description="Training sequence length; at most `model.contextLength` "
-        "(its default).",
+        None,
+        ge=8,
+        description="Training sequence length; at most `model.contextLength` (its default).",
     )
     beta: float = Field(
         0.1, gt=0, le=10, description="DPO: strength of the KL penalty to the reference model."
@@ -217,8 +231,10 @@ class Hyperparameters(_Model):
     seed: int = Field(0, ge=0, description="Seed for initialisation and data order.")
 
     CEL_RULES: ClassVar[list[dict[str, str]]] = [
-        {"rule": "!(has(self.maxSteps) && has(self.tokens))",
-         "message": "set at most one of hyperparameters.maxSteps and hyperparameters.tokens"},
+        {
+            "rule": "!(has(self.maxSteps) && has(self.tokens))",
+            "message": "set at most one of hyperparameters.maxSteps and hyperparameters.tokens",
+        },
     ]
 
     @model_validator(mode="after")
@@ -253,11 +269,15 @@ class Resources(_Model):
         0, ge=0, le=16, description="`nvidia.com/gpu` per pod; 0 trains on CPU."
     )
     processes_per_node: int | None = Field(
-        None, ge=1, le=256,
+        None,
+        ge=1,
+        le=256,
         description="torchrun processes per pod; defaults to `gpusPerNode` (1 on CPU).",
     )
     gpu_type: str | None = Field(
-        None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="GPU model (e.g. `h100`, `a100`): prices the run, estimates power, and "
         "selects nodes labelled `kubetrain.dev/gpu-type=<gpuType>`.",
     )
@@ -284,12 +304,16 @@ class Stage(_Model):
     """One step of the curriculum, run as an Indexed Job."""
 
     name: str = Field(
-        ..., min_length=1, max_length=STAGE_NAME_MAX, pattern=STAGE_NAME_PATTERN,
+        ...,
+        min_length=1,
+        max_length=STAGE_NAME_MAX,
+        pattern=STAGE_NAME_PATTERN,
         description="Stage name, unique in the run (lowercase letters, digits, '-').",
     )
     # maxLength bounds the cost the API server estimates for the CEL rules over types.
     type: StageType = Field(
-        ..., json_schema_extra={"maxLength": 16},
+        ...,
+        json_schema_extra={"maxLength": 16},
         description="Objective: `pretrain` (next token), `sft` (response tokens only), "
         "`dpo` (preference pairs against the frozen previous stage).",
     )
@@ -305,7 +329,9 @@ class Stage(_Model):
         2, ge=1, le=100, description="Complete checkpoints kept; older ones are deleted."
     )
     max_restarts: int = Field(
-        3, ge=0, le=100,
+        3,
+        ge=0,
+        le=100,
         description="Pod failures retried (resuming from the last checkpoint) before the "
         "run fails.",
     )
@@ -315,16 +341,15 @@ class Pricing(_Model):
     """Prices and carbon intensity used for cost and CO2."""
 
     gpu_hour_usd: float | None = Field(
-        None, ge=0,
+        None,
+        ge=0,
         description="Price of one GPU-hour; when unset, the operator's price table by "
         "`gpuType` (chart values).",
     )
     energy_usd_per_kwh: float = Field(
         0.0, ge=0, description="Price of energy, added on top of GPU-hours (0: included)."
     )
-    pue: float = Field(
-        1.2, ge=1, le=5, description="Power usage effectiveness of the data centre."
-    )
+    pue: float = Field(1.2, ge=1, le=5, description="Power usage effectiveness of the data centre.")
     carbon_grams_per_kwh: float = Field(
         400.0, ge=0, le=2000, description="Grid carbon intensity, grams CO2 per kWh."
     )
@@ -372,7 +397,8 @@ class TrainingRunSpec(_Model):
         False, description="Stop the active stage after a checkpoint; `false` continues."
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0,
+        None,
+        ge=0,
         description="Delete the run's Jobs and Services this long after it finished.",
     )
 
@@ -582,7 +608,7 @@ _PATTERN_HINTS = {
     STAGE_NAME_PATTERN: "lowercase letters, digits and '-', starting with a letter",
     QUANTITY_PATTERN: "a Kubernetes quantity such as 8, 500m or 64Gi",
     DATA_SOURCE_PATTERN: "synthetic:<task> (e.g. synthetic:arithmetic), s3://bucket/key "
-                         "or file:///path",
+    "or file:///path",
     URI_PATTERN: "an s3://bucket/key or file:///path URI",
 }
 
@@ -600,8 +626,14 @@ def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
             return []
         tp = field.annotation
         while typing.get_args(tp) and not (isinstance(tp, type) and issubclass(tp, BaseModel)):
-            tp = next((a for a in typing.get_args(tp)
-                       if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            tp = next(
+                (
+                    a
+                    for a in typing.get_args(tp)
+                    if isinstance(a, type) and issubclass(a, BaseModel)
+                ),
+                None,
+            )
         if tp is None:
             return []
         model = tp
@@ -639,8 +671,9 @@ def format_errors(exc: ValidationError) -> list[str]:
             lines.append(f"{path}: is required but missing")
         else:
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"{path}: {shown} is invalid: {msg}"
-                         + (f" ({accepted})" if accepted else ""))
+            lines.append(
+                f"{path}: {shown} is invalid: {msg}" + (f" ({accepted})" if accepted else "")
+            )
     return lines
 
 
@@ -661,9 +694,9 @@ def parse_spec(spec: dict[str, Any]) -> TrainingRunSpec:
     try:
         return TrainingRunSpec.model_validate(spec)
     except ValidationError as exc:
-        raise ManifestError([
-            line if line.startswith("spec") else f"spec.{line}" for line in format_errors(exc)
-        ]) from None
+        raise ManifestError(
+            [line if line.startswith("spec") else f"spec.{line}" for line in format_errors(exc)]
+        ) from None
 
 
 def dump(model: BaseModel) -> dict[str, Any]:
@@ -672,9 +705,34 @@ def dump(model: BaseModel) -> dict[str, Any]:
 
 
 __all__ = [
-    "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "Budget", "BudgetAction", "Condition",
-    "DataSpec", "Estimate", "Hyperparameters", "ManifestError", "ModelSpec", "Pricing",
-    "Resources", "RunPhase", "S3Storage", "Stage", "StagePhase", "StageStatus", "StageType",
-    "Storage", "Toleration", "Totals", "TrainingRun", "TrainingRunSpec", "TrainingRunStatus",
-    "dump", "parse_run", "parse_spec",
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "VERSION",
+    "Budget",
+    "BudgetAction",
+    "Condition",
+    "DataSpec",
+    "Estimate",
+    "Hyperparameters",
+    "ManifestError",
+    "ModelSpec",
+    "Pricing",
+    "Resources",
+    "RunPhase",
+    "S3Storage",
+    "Stage",
+    "StagePhase",
+    "StageStatus",
+    "StageType",
+    "Storage",
+    "Toleration",
+    "Totals",
+    "TrainingRun",
+    "TrainingRunSpec",
+    "TrainingRunStatus",
+    "dump",
+    "parse_run",
+    "parse_spec",
 ]

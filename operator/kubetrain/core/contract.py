@@ -78,8 +78,10 @@ class EnvVar:
     def to_k8s(self) -> dict[str, Any]:
         """The V1EnvVar dict a pod spec takes."""
         if self.secret is not None:
-            return {"name": self.name, "valueFrom": {"secretKeyRef": {
-                "name": self.secret[0], "key": self.secret[1]}}}
+            return {
+                "name": self.name,
+                "valueFrom": {"secretKeyRef": {"name": self.secret[0], "key": self.secret[1]}},
+            }
         if self.field_path is not None:
             return {"name": self.name, "valueFrom": {"fieldRef": {"fieldPath": self.field_path}}}
         return {"name": self.name, "value": self.value or ""}
@@ -90,8 +92,9 @@ def stage_folder(store_root: str, namespace: str, run: str, stage: str) -> str:
     return f"{store_root.rstrip('/')}/{namespace}/{run}/{stage}"
 
 
-def init_uri(spec: TrainingRunSpec, index: int, store_root: str, namespace: str,
-             run: str) -> str | None:
+def init_uri(
+    spec: TrainingRunSpec, index: int, store_root: str, namespace: str, run: str
+) -> str | None:
     """Where stage ``index`` starts from: the previous stage's folder (its FINAL pointer)
     or ``model.from`` for the first stage; None means random initialisation."""
     if index > 0:
@@ -100,8 +103,9 @@ def init_uri(spec: TrainingRunSpec, index: int, store_root: str, namespace: str,
     return spec.model.from_
 
 
-def reference_uri(spec: TrainingRunSpec, index: int, store_root: str, namespace: str,
-                  run: str) -> str | None:
+def reference_uri(
+    spec: TrainingRunSpec, index: int, store_root: str, namespace: str, run: str
+) -> str | None:
     """DPO's frozen reference: the policy it starts from (the previous stage's FINAL)."""
     if spec.stages[index].type != StageType.dpo:
         return None
@@ -132,13 +136,21 @@ def stage_environment(
     Secret named in the spec, never values.
     """
     stage = spec.stages[index]
-    config = StageConfig(run=run, namespace=namespace, index=index,
-                         model=spec.model.model_copy(update={"from_": None}), stage=stage)
+    config = StageConfig(
+        run=run,
+        namespace=namespace,
+        index=index,
+        model=spec.model.model_copy(update={"from_": None}),
+        stage=stage,
+    )
     env = [
         EnvVar(PET_NNODES, str(stage.resources.nodes)),
         EnvVar(PET_NPROC_PER_NODE, str(stage.resources.processes)),
-        EnvVar(PET_NODE_RANK, node_rank) if node_rank is not None else EnvVar(
-            PET_NODE_RANK, field_path=f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"),
+        EnvVar(PET_NODE_RANK, node_rank)
+        if node_rank is not None
+        else EnvVar(
+            PET_NODE_RANK, field_path=f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"
+        ),
         EnvVar(PET_MASTER_ADDR, master_addr),
         EnvVar(PET_MASTER_PORT, str(MASTER_PORT)),
         EnvVar(ENV_STAGE_CONFIG, config.model_dump_json(by_alias=True, exclude_none=True)),
@@ -159,8 +171,10 @@ def stage_environment(
             env.append(EnvVar(ENV_S3_ENDPOINT, s3.endpoint))
         env += [EnvVar(ENV_AWS_REGION, s3.region), EnvVar(ENV_AWS_DEFAULT_REGION, s3.region)]
         if s3.credentials_secret:
-            env += [EnvVar(key, secret=(s3.credentials_secret, key))
-                    for key in (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY)]
+            env += [
+                EnvVar(key, secret=(s3.credentials_secret, key))
+                for key in (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY)
+            ]
     return env
 
 
@@ -169,6 +183,8 @@ def read_stage_config(environ: Mapping[str, str] | None = None) -> StageConfig:
     environ = os.environ if environ is None else environ
     raw = environ.get(ENV_STAGE_CONFIG)
     if not raw:
-        raise RuntimeError(f"{ENV_STAGE_CONFIG} is not set: the trainer is started by the "
-                           "operator or `kubetrain run --local`, which set it")
+        raise RuntimeError(
+            f"{ENV_STAGE_CONFIG} is not set: the trainer is started by the "
+            "operator or `kubetrain run --local`, which set it"
+        )
     return StageConfig.model_validate(json.loads(raw))

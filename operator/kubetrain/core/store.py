@@ -157,15 +157,19 @@ class S3Store(ObjectStore):
         endpoint = endpoint or os.environ.get(contract.ENV_S3_ENDPOINT) or None
         region = region or os.environ.get(contract.ENV_AWS_REGION) or "us-east-1"
         self.client = boto3.client(
-            "s3", endpoint_url=endpoint, region_name=region,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                          connect_timeout=5, read_timeout=60),
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            config=Config(
+                retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60
+            ),
         )
         # Parts of 16 MiB uploaded 10 at a time keep the link busy for checkpoint-sized
         # files (s3transfer enlarges parts itself where a file would need more than
         # S3's 10,000).
-        self.transfer = TransferConfig(multipart_threshold=16 * 2**20,
-                                       multipart_chunksize=16 * 2**20, max_concurrency=10)
+        self.transfer = TransferConfig(
+            multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=10
+        )
         self.endpoint = endpoint
 
     def _k(self, key: str) -> str:
@@ -184,15 +188,20 @@ class S3Store(ObjectStore):
             if code in ("NoSuchKey", "404", "NotFound"):
                 return FileNotFoundError(self.uri(key))
             if code == "NoSuchBucket":
-                return StoreError(f"bucket {self.bucket!r} does not exist "
-                                  f"(create it, or fix storage.s3.bucket)")
+                return StoreError(
+                    f"bucket {self.bucket!r} does not exist (create it, or fix storage.s3.bucket)"
+                )
             return StoreError(f"S3 refused {self.uri(key)}: {code}")
         if isinstance(exc, EndpointConnectionError):
-            return StoreError(f"cannot reach the S3 endpoint {self.endpoint or 'AWS'} "
-                              "(check storage.s3.endpoint and the network)")
+            return StoreError(
+                f"cannot reach the S3 endpoint {self.endpoint or 'AWS'} "
+                "(check storage.s3.endpoint and the network)"
+            )
         if isinstance(exc, NoCredentialsError):
-            return StoreError("no S3 credentials found (set storage.s3.credentialsSecret, or "
-                              "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment)")
+            return StoreError(
+                "no S3 credentials found (set storage.s3.credentialsSecret, or "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment)"
+            )
         if isinstance(exc, BotoCoreError):
             return StoreError(f"S3 request for {self.uri(key)} failed: {exc}")
         return exc
@@ -236,7 +245,8 @@ class S3Store(ObjectStore):
         strip = len(self.prefix) + 1 if self.prefix else 0
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=full)
+                Bucket=self.bucket, Prefix=full
+            )
             for page in pages:
                 for obj in page.get("Contents", []):
                     yield obj["Key"][strip:]
@@ -248,7 +258,8 @@ class S3Store(ObjectStore):
         for i in range(0, len(keys), 1000):
             self.client.delete_objects(
                 Bucket=self.bucket,
-                Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+                Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+            )
 
 
 def open_store(uri: str, endpoint: str | None = None, region: str | None = None) -> ObjectStore:

@@ -42,7 +42,8 @@ def _type_name(tp: Any) -> str:
         name = "map"
     else:
         name = {int: "integer", float: "number", str: "string", bool: "boolean"}.get(
-            inner, str(inner))
+            inner, str(inner)
+        )
     return f"list of {name}" if is_list else name
 
 
@@ -83,8 +84,14 @@ def _rows(model: type[BaseModel], prefix: str) -> list[list[str]]:
         path = f"{prefix}.{wire}"
         cons = _constraints(field)
         desc = (field.description or "") + (f" ({cons})" if cons else "")
-        rows.append([f"`{path}`", _type_name(field.annotation), _default(field),
-                     desc.replace("|", "\\|").replace("\n", " ")])
+        rows.append(
+            [
+                f"`{path}`",
+                _type_name(field.annotation),
+                _default(field),
+                desc.replace("|", "\\|").replace("\n", " "),
+            ]
+        )
         inner, is_list = _unwrap(field.annotation)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             rows.extend(_rows(inner, path + ("[]" if is_list else "")))
@@ -95,15 +102,24 @@ def field_reference() -> str:
     """Markdown tables of every spec field: path, type, default, description."""
     lines = [BEGIN, "", "| field | type | default | description |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(api.TrainingRunSpec, "spec")]
-    lines += ["", "Cross-field rules (checked by `kubetrain validate` and by the API server "
-              "as CEL):", ""]
+    lines += [
+        "",
+        "Cross-field rules (checked by `kubetrain validate` and by the API server as CEL):",
+        "",
+    ]
     for obj in vars(api).values():
         if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__dict__.get("CEL_RULES"):
             lines += [f"- {rule['message']}" for rule in obj.CEL_RULES]
-    lines += ["", "Status (written by the operator):", "",
-              "| field | type | description |", "|---|---|---|"]
-    lines += ["| " + " | ".join([r[0], r[1], r[3]]) + " |"
-              for r in _rows(api.TrainingRunStatus, "status")]
+    lines += [
+        "",
+        "Status (written by the operator):",
+        "",
+        "| field | type | description |",
+        "|---|---|---|",
+    ]
+    lines += [
+        "| " + " | ".join([r[0], r[1], r[3]]) + " |" for r in _rows(api.TrainingRunStatus, "status")
+    ]
     lines += ["", END, ""]
     return "\n".join(lines)
 
@@ -114,7 +130,7 @@ def replace_section(text: str, begin: str, end: str, section: str) -> str:
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < 0:
         raise ValueError(f"no generated-section markers ({begin!r} ... {end!r})")
-    return text[:start] + section.rstrip("\n") + text[stop + len(end):]
+    return text[:start] + section.rstrip("\n") + text[stop + len(end) :]
 
 
 def sync_readme(text: str) -> str:

@@ -23,17 +23,34 @@ END = "<!-- END METRICS -->"
 # family produces at least one sample.
 EXAMPLE_STATUS: dict[str, Any] = {
     "phase": "Running",
-    "totals": {"progress": 0.5, "gpuSeconds": 7200.0, "energyJoules": 3.6e6,
-               "costUSD": 5.0, "co2Grams": 400.0},
+    "totals": {
+        "progress": 0.5,
+        "gpuSeconds": 7200.0,
+        "energyJoules": 3.6e6,
+        "costUSD": 5.0,
+        "co2Grams": 400.0,
+    },
     "stages": [
-        {"name": "pretrain", "phase": "Succeeded", "restarts": 1, "energySource": "nvml",
-         "startTime": "2025-01-01T00:00:00Z", "completionTime": "2025-01-01T01:00:00Z"},
+        {
+            "name": "pretrain",
+            "phase": "Succeeded",
+            "restarts": 1,
+            "energySource": "nvml",
+            "startTime": "2025-01-01T00:00:00Z",
+            "completionTime": "2025-01-01T01:00:00Z",
+        },
         {"name": "sft", "phase": "Running", "restarts": 0, "energySource": "nvml"},
     ],
 }
 EXAMPLE_PROGRESS: dict[str, Any] = {
-    "step": 10, "tokens": 40960, "loss": 2.5, "tokensPerSecond": 1000.0, "mfu": 0.4,
-    "energyJoules": 500.0, "energySource": "nvml", "powerWatts": 350.0,
+    "step": 10,
+    "tokens": 40960,
+    "loss": 2.5,
+    "tokensPerSecond": 1000.0,
+    "mfu": 0.4,
+    "energyJoules": 500.0,
+    "energySource": "nvml",
+    "powerWatts": 350.0,
     "eval": {"accuracy": 0.5},
 }
 
@@ -53,15 +70,17 @@ def example_operator_metrics() -> OperatorMetrics:
     """Operator metrics holding one example run (namespace ``ml``, run ``demo``) that
     has had a stage succeed and a stage start."""
     metrics = OperatorMetrics()
-    metrics.observe_run("ml", "demo", {}, EXAMPLE_STATUS, {"cost": 0.5},
-                        {"pretrain": "pretrain", "sft": "sft"})
+    metrics.observe_run(
+        "ml", "demo", {}, EXAMPLE_STATUS, {"cost": 0.5}, {"pretrain": "pretrain", "sft": "sft"}
+    )
     metrics.reconcile_errors.inc(0)
     metrics.reconcile_duration.observe(0.05)
     return metrics
 
 
-def example_trainer_registry(run: str = "demo", namespace: str = "ml",
-                             stage: str = "sft") -> tuple[CollectorRegistry, Any]:
+def example_trainer_registry(
+    run: str = "demo", namespace: str = "ml", stage: str = "sft"
+) -> tuple[CollectorRegistry, Any]:
     """A registry serving the trainer's metrics and the collector whose ``record``
     (a progress record) sets their values."""
     from kubetrain_trainer.telemetry import TrainerCollector
@@ -85,21 +104,28 @@ def _docs(registry: CollectorRegistry, exported_by: str) -> Iterable[MetricDoc]:
 def metric_docs() -> list[MetricDoc]:
     """Every metric family of the operator and the trainer, sorted by name."""
     trainer_registry, _ = example_trainer_registry()
-    docs = [*_docs(example_operator_metrics().registry, "operator"),
-            *_docs(trainer_registry, "trainer")]
+    docs = [
+        *_docs(example_operator_metrics().registry, "operator"),
+        *_docs(trainer_registry, "trainer"),
+    ]
     return sorted(docs, key=lambda d: d.name)
 
 
 def metrics_table() -> str:
     """The README section: a Markdown table of every metric, between the markers."""
-    lines = [BEGIN, "", "| metric | type | labels | exported by | meaning |",
-             "|---|---|---|---|---|"]
+    lines = [
+        BEGIN,
+        "",
+        "| metric | type | labels | exported by | meaning |",
+        "|---|---|---|---|---|",
+    ]
     for d in metric_docs():
         labels = ", ".join(f"`{label}`" for label in d.labels)
-        name = f"`{d.name}`" + (" (`_bucket`, `_sum`, `_count`)" if d.type == "histogram"
-                                else "")
-        lines.append(f"| {name} | {d.type} | {labels} | {d.exported_by} | "
-                     f"{d.help.replace('|', chr(92) + '|')} |")
+        name = f"`{d.name}`" + (" (`_bucket`, `_sum`, `_count`)" if d.type == "histogram" else "")
+        lines.append(
+            f"| {name} | {d.type} | {labels} | {d.exported_by} | "
+            f"{d.help.replace('|', chr(92) + '|')} |"
+        )
     lines += ["", END, ""]
     return "\n".join(lines)
 

@@ -35,8 +35,10 @@ EXIT_INTERRUPTED = 130
 def check_trainer_installed() -> None:
     """Fail in one line, before anything starts, when this Python cannot train."""
     if importlib.util.find_spec("torch") is None:
-        raise UserError(f"PyTorch is not installed for {sys.executable}, and local runs "
-                        f"train with it: {INSTALL_TRAINER}")
+        raise UserError(
+            f"PyTorch is not installed for {sys.executable}, and local runs "
+            f"train with it: {INSTALL_TRAINER}"
+        )
     if importlib.util.find_spec(TRAINER_MODULE) is None:
         raise UserError(f"the trainer package is not installed: {INSTALL_TRAINER}")
 
@@ -51,9 +53,11 @@ def check_store(store: ObjectStore, uri: str) -> None:
         # botocore's credential and connection errors are not StoreErrors.
         name = type(exc).__name__
         if name == "NoCredentialsError":
-            raise UserError(f"store {uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY (and KUBETRAIN_S3_ENDPOINT for a "
-                            "non-AWS store), or drop --store to use a local folder") from None
+            raise UserError(
+                f"store {uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (and KUBETRAIN_S3_ENDPOINT for a "
+                "non-AWS store), or drop --store to use a local folder"
+            ) from None
         raise UserError(f"store {uri}: {name}: {exc}") from None
 
 
@@ -66,8 +70,7 @@ def cli_run(args: argparse.Namespace) -> int:
     name = run.metadata.name
     display = make_display(args.plain)
     try:
-        runner = LocalRunner(run, store_root, display,
-                             log_dir=Path(STATE_DIR) / "logs" / name)
+        runner = LocalRunner(run, store_root, display, log_dir=Path(STATE_DIR) / "logs" / name)
     except (StoreError, ValueError) as exc:
         display.close()
         raise UserError(f"--store {store_root}: {exc}") from None
@@ -100,32 +103,43 @@ def _intro(runner: LocalRunner, display: Display, args: argparse.Namespace) -> N
     stages = " -> ".join(s.name for s in run.spec.stages)
     params = accounting.parameter_count(run.spec.model)
     folder = f"{runner.store_root}/{run.metadata.namespace}/{run.metadata.name}/"
-    display.message(f"kubetrain: run {run.metadata.name!r}, {params / 1e6:.2f}M parameters, "
-                    f"stages {stages}")
+    display.message(
+        f"kubetrain: run {run.metadata.name!r}, {params / 1e6:.2f}M parameters, stages {stages}"
+    )
     display.message(f"  checkpoints: {folder}")
     s3 = run.spec.storage.s3
     if s3 is not None and not args.store:
-        display.message(f"  (the manifest's {s3.uri()} is used on a cluster; pass --store "
-                        f"{s3.uri()} to use it here)")
+        display.message(
+            f"  (the manifest's {s3.uri()} is used on a cluster; pass --store "
+            f"{s3.uri()} to use it here)"
+        )
     if args.metrics_port:
-        display.message(f"  metrics:     http://127.0.0.1:{args.metrics_port}/metrics "
-                        f"(trainer: http://127.0.0.1:{runner.trainer_metrics_port}/metrics)")
+        display.message(
+            f"  metrics:     http://127.0.0.1:{args.metrics_port}/metrics "
+            f"(trainer: http://127.0.0.1:{runner.trainer_metrics_port}/metrics)"
+        )
     display.message(f"  logs:        {runner.log_dir}/")
 
 
-def _conclude(runner: LocalRunner, display: Display, outcomes: list[StageOutcome],
-              args: argparse.Namespace, out: TextIO) -> int:
+def _conclude(
+    runner: LocalRunner,
+    display: Display,
+    outcomes: list[StageOutcome],
+    args: argparse.Namespace,
+    out: TextIO,
+) -> int:
     run = runner.run
-    again = f"kubetrain run {args.file} --local" + (f" --store {args.store}"
-                                                     if args.store else "")
+    again = f"kubetrain run {args.file} --local" + (f" --store {args.store}" if args.store else "")
     last = outcomes[-1] if outcomes else None
     if last is not None and last.result == "interrupted":
         where = ""
         if last.record and last.record.get("checkpoint"):
             where = f"; last checkpoint {last.record['checkpoint']}"
         display.close()
-        print(f"kubetrain: interrupted in stage {last.name!r}{where}; continue with: {again}",
-              file=sys.stderr)
+        print(
+            f"kubetrain: interrupted in stage {last.name!r}{where}; continue with: {again}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     if last is not None and last.result == "failed":
         display.close()
@@ -133,22 +147,33 @@ def _conclude(runner: LocalRunner, display: Display, outcomes: list[StageOutcome
         print(f"kubetrain: fix it, then continue with: {again}", file=sys.stderr)
         return EXIT_FAILED
 
-    display.summary(f"TrainingRun {run.metadata.name!r}: all "
-                    f"{len(run.spec.stages)} stages complete", runner.summary_lines())
+    display.summary(
+        f"TrainingRun {run.metadata.name!r}: all {len(run.spec.stages)} stages complete",
+        runner.summary_lines(),
+    )
     display.close()
     if outcomes and all(o.result == "skipped" for o in outcomes):
         folder = f"{runner.store_root}/{run.metadata.namespace}/{run.metadata.name}"
         if folder.startswith("file://"):
             folder = os.path.relpath(folder.removeprefix("file://"))
-        print(f"(nothing to train: every stage was already complete; to train again from "
-              f"scratch, delete {folder})", file=out)
+        print(
+            f"(nothing to train: every stage was already complete; to train again from "
+            f"scratch, delete {folder})",
+            file=out,
+        )
     try:
         from kubetrain.local.report import write_report
 
-        path = write_report(runner.store, run.metadata.namespace, run.metadata.name,
-                            Path(STATE_DIR) / "reports" / run.metadata.name, spec=run.spec)
+        path = write_report(
+            runner.store,
+            run.metadata.namespace,
+            run.metadata.name,
+            Path(STATE_DIR) / "reports" / run.metadata.name,
+            spec=run.spec,
+        )
         print(f"report: {path}  (loss curves: {path.parent / 'loss.png'})", file=out)
     except ImportError:
-        print("report: skipped, matplotlib is not installed: pip install 'kubetrain[local]'",
-              file=out)
+        print(
+            "report: skipped, matplotlib is not installed: pip install 'kubetrain[local]'", file=out
+        )
     return 0

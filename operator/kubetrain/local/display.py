@@ -40,9 +40,15 @@ class StageLine:
     checkpoint: str | None = None
 
 
-def stage_line(name: str, record: Mapping[str, Any] | None, *, phase: str | None = None,
-               cost_usd: float = 0.0, co2_grams: float = 0.0,
-               eta_seconds: float | None = None) -> StageLine:
+def stage_line(
+    name: str,
+    record: Mapping[str, Any] | None,
+    *,
+    phase: str | None = None,
+    cost_usd: float = 0.0,
+    co2_grams: float = 0.0,
+    eta_seconds: float | None = None,
+) -> StageLine:
     """A :class:`StageLine` from a trainer progress record (``progress.json``)."""
     if not record:
         return StageLine(name, phase or "pending")
@@ -138,27 +144,60 @@ def live_text(line: StageLine) -> str:
     parts = [f"loss {fmt_loss(line.loss)}"]
     if line.accuracy is not None:
         parts.append(f"eval acc {fmt_accuracy(line.accuracy)}")
-    parts += [fmt_rate(line.tokens_per_second), f"ETA {fmt_duration(line.eta_seconds)}",
-              fmt_energy(line.energy_joules, line.energy_source), fmt_cost(line.cost_usd)]
+    parts += [
+        fmt_rate(line.tokens_per_second),
+        f"ETA {fmt_duration(line.eta_seconds)}",
+        fmt_energy(line.energy_joules, line.energy_source),
+        fmt_cost(line.cost_usd),
+    ]
     return " · ".join(parts)
 
 
-SUMMARY_COLUMNS = ["stage", "steps", "loss", "eval acc", "tokens", "wall",
-                   "energy", "cost", "CO2", "checkpoint"]
+SUMMARY_COLUMNS = [
+    "stage",
+    "steps",
+    "loss",
+    "eval acc",
+    "tokens",
+    "wall",
+    "energy",
+    "cost",
+    "CO2",
+    "checkpoint",
+]
 
 
 def summary_rows(lines: Sequence[StageLine]) -> list[list[str]]:
     """The summary table's cells, one row per stage plus a total row."""
-    rows = [[line.name, fmt_steps(line), fmt_loss(line.loss), fmt_accuracy(line.accuracy),
-             f"{line.tokens:,}", fmt_duration(line.wall_seconds),
-             fmt_energy(line.energy_joules, line.energy_source), fmt_cost(line.cost_usd),
-             f"{line.co2_grams:.3g} g", line.checkpoint or "-"] for line in lines]
-    rows.append(["total", str(sum(line.step for line in lines)), "", "",
-                 f"{sum(line.tokens for line in lines):,}",
-                 fmt_duration(sum(line.wall_seconds for line in lines)),
-                 fmt_energy(sum(line.energy_joules for line in lines)),
-                 fmt_cost(sum(line.cost_usd for line in lines)),
-                 f"{sum(line.co2_grams for line in lines):.3g} g", ""])
+    rows = [
+        [
+            line.name,
+            fmt_steps(line),
+            fmt_loss(line.loss),
+            fmt_accuracy(line.accuracy),
+            f"{line.tokens:,}",
+            fmt_duration(line.wall_seconds),
+            fmt_energy(line.energy_joules, line.energy_source),
+            fmt_cost(line.cost_usd),
+            f"{line.co2_grams:.3g} g",
+            line.checkpoint or "-",
+        ]
+        for line in lines
+    ]
+    rows.append(
+        [
+            "total",
+            str(sum(line.step for line in lines)),
+            "",
+            "",
+            f"{sum(line.tokens for line in lines):,}",
+            fmt_duration(sum(line.wall_seconds for line in lines)),
+            fmt_energy(sum(line.energy_joules for line in lines)),
+            fmt_cost(sum(line.cost_usd for line in lines)),
+            f"{sum(line.co2_grams for line in lines):.3g} g",
+            "",
+        ]
+    )
     return rows
 
 
@@ -224,8 +263,10 @@ class PlainDisplay:
         self._print(f"[{line.name}] step {fmt_steps(line)}  {live_text(line)}")
 
     def stage_ended(self, line: StageLine, note: str = "") -> None:
-        self._print(f"[{line.name}] {note or line.phase}: step {fmt_steps(line)}  "
-                    f"loss {fmt_loss(line.loss)}  eval acc {fmt_accuracy(line.accuracy)}")
+        self._print(
+            f"[{line.name}] {note or line.phase}: step {fmt_steps(line)}  "
+            f"loss {fmt_loss(line.loss)}  eval acc {fmt_accuracy(line.accuracy)}"
+        )
 
     def summary(self, title: str, lines: Sequence[StageLine]) -> None:
         self._print("")
@@ -269,24 +310,35 @@ class RichDisplay:
 
     def stage_started(self, line: StageLine) -> None:
         self.tasks[line.name] = self.progress.add_task(
-            line.name, total=line.total_steps, completed=line.step,
-            info="resuming from the last checkpoint" if line.step else "starting")
+            line.name,
+            total=line.total_steps,
+            completed=line.step,
+            info="resuming from the last checkpoint" if line.step else "starting",
+        )
 
     def update(self, line: StageLine) -> None:
         task = self.tasks.get(line.name)
         if task is not None:
-            self.progress.update(task, completed=line.step, total=line.total_steps,
-                                 info=live_text(line))
+            self.progress.update(
+                task, completed=line.step, total=line.total_steps, info=live_text(line)
+            )
 
     def stage_ended(self, line: StageLine, note: str = "") -> None:
         task = self.tasks.get(line.name)
         if task is None:
             task = self.tasks[line.name] = self.progress.add_task(
-                line.name, total=line.total_steps or 1)
-        info = (f"{note or line.phase} · loss {fmt_loss(line.loss)} · "
-                f"eval acc {fmt_accuracy(line.accuracy)}")
-        self.progress.update(task, completed=line.step if line.total_steps else 1,
-                             total=line.total_steps or 1, info=info)
+                line.name, total=line.total_steps or 1
+            )
+        info = (
+            f"{note or line.phase} · loss {fmt_loss(line.loss)} · "
+            f"eval acc {fmt_accuracy(line.accuracy)}"
+        )
+        self.progress.update(
+            task,
+            completed=line.step if line.total_steps else 1,
+            total=line.total_steps or 1,
+            info=info,
+        )
         self.progress.stop_task(task)
 
     def summary(self, title: str, lines: Sequence[StageLine]) -> None:
@@ -295,9 +347,11 @@ class RichDisplay:
         self.progress.stop()
         table = Table(title=title, title_justify="left")
         for col in SUMMARY_COLUMNS:
-            table.add_column(col, justify="left" if col in ("stage", "checkpoint",
-                                                            "energy") else "right",
-                             overflow="fold")
+            table.add_column(
+                col,
+                justify="left" if col in ("stage", "checkpoint", "energy") else "right",
+                overflow="fold",
+            )
         rows = summary_rows(lines)
         for row in rows[:-1]:
             # On a terminal, a local checkpoint as a path from here fits on one line.

@@ -69,8 +69,11 @@ def parse_history(text: str) -> list[dict[str, Any]]:
 def discover_stages(store: ObjectStore, namespace: str, run: str) -> list[str]:
     """Stage folders of a run that have a history, in the order they started."""
     prefix = f"{namespace}/{run}/"
-    names = {key[len(prefix):].split("/", 1)[0] for key in store.list(prefix)
-             if key.endswith(f"/{METRICS}") and key.count("/") == prefix.count("/") + 1}
+    names = {
+        key[len(prefix) :].split("/", 1)[0]
+        for key in store.list(prefix)
+        if key.endswith(f"/{METRICS}") and key.count("/") == prefix.count("/") + 1
+    }
 
     def started(name: str) -> str:
         record = store.get_json(f"{prefix}{name}/{contract.PROGRESS}") or {}
@@ -79,8 +82,9 @@ def discover_stages(store: ObjectStore, namespace: str, run: str) -> list[str]:
     return sorted(names, key=lambda n: (started(n), n))
 
 
-def load_histories(store: ObjectStore, namespace: str, run: str,
-                   stages: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+def load_histories(
+    store: ObjectStore, namespace: str, run: str, stages: Sequence[str]
+) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for name in stages:
         text = store.get_text(f"{namespace}/{run}/{name}/{METRICS}")
@@ -89,16 +93,20 @@ def load_histories(store: ObjectStore, namespace: str, run: str,
     return out
 
 
-def _figure(histories: Mapping[str, list[dict[str, Any]]], panels: Sequence[tuple[str, str, str]],
-            title: str) -> bytes:
+def _figure(
+    histories: Mapping[str, list[dict[str, Any]]],
+    panels: Sequence[tuple[str, str, str]],
+    title: str,
+) -> bytes:
     """One PNG: a panel per metric, the stages side by side on the curriculum step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels) + 0.6),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(9, 2.8 * len(panels) + 0.6), sharex=True, squeeze=False
+    )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     offsets, offset = {}, 0
     for name, records in histories.items():
@@ -107,14 +115,18 @@ def _figure(histories: Mapping[str, list[dict[str, Any]]], panels: Sequence[tupl
     for ax, (key, label, path) in zip(axes[:, 0], panels, strict=True):
         stage_ends = []
         for i, (name, records) in enumerate(histories.items()):
-            points = [(offsets[name] + r["step"], v) for r in records
-                      if (v := _value(r, path)) is not None]
+            points = [
+                (offsets[name] + r["step"], v)
+                for r in records
+                if (v := _value(r, path)) is not None
+            ]
             if not points:
                 continue
             xs, ys = zip(*points, strict=True)
             sparse = len(points) < 8  # evaluations are few: show them as points
-            ax.plot(xs, ys, marker="o" if sparse else None, color=colours[i % len(colours)],
-                    label=name)
+            ax.plot(
+                xs, ys, marker="o" if sparse else None, color=colours[i % len(colours)], label=name
+            )
             stage_ends.append(points[-1])
             if offsets[name]:
                 ax.axvline(offsets[name], color="grey", linewidth=0.8, linestyle=":")
@@ -138,8 +150,13 @@ def _figure(histories: Mapping[str, list[dict[str, Any]]], panels: Sequence[tupl
     return buf.getvalue()
 
 
-def _summary_html(spec: TrainingRunSpec | None, store: ObjectStore, namespace: str, run: str,
-                  stages: Sequence[str]) -> str:
+def _summary_html(
+    spec: TrainingRunSpec | None,
+    store: ObjectStore,
+    namespace: str,
+    run: str,
+    stages: Sequence[str],
+) -> str:
     """The same table the runner prints, from the stored progress records."""
     lines = []
     for name in stages:
@@ -149,36 +166,46 @@ def _summary_html(spec: TrainingRunSpec | None, store: ObjectStore, namespace: s
             cost, co2 = record_cost(spec, spec.stage(name), record)
         lines.append(stage_line(name, record, cost_usd=cost, co2_grams=co2))
     columns = [c for c in SUMMARY_COLUMNS if spec is not None or c not in ("cost", "CO2")]
-    rows = [[cell for col, cell in zip(SUMMARY_COLUMNS, row, strict=True) if col in columns]
-            for row in summary_rows(lines)]
+    rows = [
+        [cell for col, cell in zip(SUMMARY_COLUMNS, row, strict=True) if col in columns]
+        for row in summary_rows(lines)
+    ]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                   for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_report(store: ObjectStore, namespace: str, run: str, out_dir: Path,
-                 spec: TrainingRunSpec | None = None) -> Path:
+def write_report(
+    store: ObjectStore, namespace: str, run: str, out_dir: Path, spec: TrainingRunSpec | None = None
+) -> Path:
     """Write ``report.html``, ``loss.png`` and ``curves.png`` to ``out_dir``; returns the
     HTML's path. Raises FileNotFoundError when the run has no history in the store."""
-    stages = [s.name for s in spec.stages] if spec is not None else \
-        discover_stages(store, namespace, run)
+    stages = (
+        [s.name for s in spec.stages]
+        if spec is not None
+        else discover_stages(store, namespace, run)
+    )
     histories = load_histories(store, namespace, run, stages)
     if not histories:
-        raise FileNotFoundError(f"no metrics for run {run!r} in namespace {namespace!r} "
-                                f"under {store.uri()}")
+        raise FileNotFoundError(
+            f"no metrics for run {run!r} in namespace {namespace!r} under {store.uri()}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     images = {
         "loss.png": _figure(histories, PANELS[:1], f"{run}: training loss per stage"),
-        "curves.png": _figure(histories, PANELS, f"{run}: loss, evaluation accuracy, "
-                              "throughput and energy"),
+        "curves.png": _figure(
+            histories, PANELS, f"{run}: loss, evaluation accuracy, throughput and energy"
+        ),
     }
     for name, data in images.items():
         (out_dir / name).write_bytes(data)
     imgs = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,'
         f'{base64.b64encode(data).decode()}"><figcaption>{name}</figcaption></figure>'
-        for name, data in images.items())
+        for name, data in images.items()
+    )
     table = _summary_html(spec, store, namespace, run, list(histories))
     title = html.escape(f"kubetrain report: {namespace}/{run}")
     page = f"""<!doctype html>
@@ -212,8 +239,7 @@ def cli_report(args: argparse.Namespace) -> int:
     name, namespace = args.run, args.namespace
     if args.run.endswith((".yaml", ".yml")) or Path(args.run).is_file():
         manifest = load_manifest(args.run)
-        spec, name, namespace = (manifest.spec, manifest.metadata.name,
-                                 manifest.metadata.namespace)
+        spec, name, namespace = (manifest.spec, manifest.metadata.name, manifest.metadata.namespace)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -223,8 +249,9 @@ def cli_report(args: argparse.Namespace) -> int:
     try:
         path = write_report(open_store(root), namespace, name, out_dir, spec=spec)
     except FileNotFoundError as exc:
-        raise UserError(f"{exc} (run it first: kubetrain run FILE --local, or pass --store "
-                        "and --namespace)") from None
+        raise UserError(
+            f"{exc} (run it first: kubetrain run FILE --local, or pass --store and --namespace)"
+        ) from None
     except (StoreError, ValueError) as exc:
         raise UserError(f"--store {root}: {exc}") from None
     print(f"report: {path}")

@@ -84,13 +84,32 @@ def trainer_command(stage: Stage, master_port: int, python: str = sys.executable
     procs = local_processes(stage)
     if procs == 1:
         return [python, "-m", TRAINER_MODULE]
-    return [python, "-m", "torch.distributed.run", "--nnodes", "1",
-            "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1",
-            "--master-port", str(master_port), "-m", TRAINER_MODULE]
+    return [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(procs),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(master_port),
+        "-m",
+        TRAINER_MODULE,
+    ]
 
 
-def local_environment(run: TrainingRun, index: int, *, store_root: str, metrics_port: int,
-                      master_port: int, base: Mapping[str, str]) -> dict[str, str]:
+def local_environment(
+    run: TrainingRun,
+    index: int,
+    *,
+    store_root: str,
+    metrics_port: int,
+    master_port: int,
+    base: Mapping[str, str],
+) -> dict[str, str]:
     """The trainer's environment: ``base`` (this shell) plus the stage contract with the
     values a cluster would supply resolved for this machine."""
     spec = run.spec
@@ -98,10 +117,16 @@ def local_environment(run: TrainingRun, index: int, *, store_root: str, metrics_
     acc = accounting.accelerator(stage.resources.gpu_type, stage.resources.gpus_per_node)
     env = dict(base)
     for var in contract.stage_environment(
-            spec, index, run=run.metadata.name, namespace=run.metadata.namespace,
-            store_root=store_root, master_addr="127.0.0.1", node_rank="0",
-            power_watts=acc.watts * max(stage.resources.gpus_per_node, 1),
-            metrics_port=metrics_port):
+        spec,
+        index,
+        run=run.metadata.name,
+        namespace=run.metadata.namespace,
+        store_root=store_root,
+        master_addr="127.0.0.1",
+        node_rank="0",
+        power_watts=acc.watts * max(stage.resources.gpus_per_node, 1),
+        metrics_port=metrics_port,
+    ):
         if var.secret is not None:
             # A Secret on a cluster; here, the user's own credentials if they have any.
             if var.name in base:
@@ -123,8 +148,7 @@ def failure_reason(stderr_lines: list[str]) -> str:
     text = "\n".join(stderr_lines)
     if "No module named 'torch'" in text or "No module named torch" in text:
         return f"PyTorch is not installed for {sys.executable}: {INSTALL_TRAINER}"
-    if f"No module named {TRAINER_MODULE}" in text or \
-            f"No module named '{TRAINER_MODULE}'" in text:
+    if f"No module named {TRAINER_MODULE}" in text or f"No module named '{TRAINER_MODULE}'" in text:
         return f"the trainer package is not installed: {INSTALL_TRAINER}"
     for line in reversed(stderr_lines):
         line = line.strip()
@@ -134,8 +158,9 @@ def failure_reason(stderr_lines: list[str]) -> str:
     return "the trainer exited without a message"
 
 
-def record_cost(spec: TrainingRunSpec, stage: Stage,
-                record: Mapping[str, Any] | None) -> tuple[float, float]:
+def record_cost(
+    spec: TrainingRunSpec, stage: Stage, record: Mapping[str, Any] | None
+) -> tuple[float, float]:
     """USD and grams CO2 of a progress record at the manifest's prices: GPU time is
     the stage's GPUs × the trainer's wall seconds (0 on CPU), energy its joules."""
     if not record:
@@ -144,8 +169,10 @@ def record_cost(spec: TrainingRunSpec, stage: Stage,
     acc = accounting.accelerator(res.gpu_type, res.gpus_per_node)
     return accounting.accrue(
         res.gpus_per_node * res.nodes * float(record.get("wallSeconds") or 0.0),
-        float(record.get("energyJoules") or 0.0), spec.pricing,
-        accounting.gpu_hour_price(spec.pricing, acc))
+        float(record.get("energyJoules") or 0.0),
+        spec.pricing,
+        accounting.gpu_hour_price(spec.pricing, acc),
+    )
 
 
 @dataclass
@@ -169,8 +196,9 @@ class LocalRunner:
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
     def __post_init__(self) -> None:
-        self.store = open_store(self.store_root, endpoint=self._s3_endpoint(),
-                                region=self._s3_region())
+        self.store = open_store(
+            self.store_root, endpoint=self._s3_endpoint(), region=self._s3_region()
+        )
         self.collector = RunCollector(self.run.metadata.name, self.run.metadata.namespace)
         self._signal: int | None = None
         self._child: subprocess.Popen[bytes] | None = None
@@ -190,12 +218,19 @@ class LocalRunner:
         the S3 endpoint and region; ``ObjectStore.child`` would not)."""
         return f"{self.run.metadata.namespace}/{self.run.metadata.name}/{stage.name}/{name}"
 
-    def line(self, stage: Stage, record: Mapping[str, Any] | None, *, phase: str | None = None,
-             eta_seconds: float | None = None) -> StageLine:
+    def line(
+        self,
+        stage: Stage,
+        record: Mapping[str, Any] | None,
+        *,
+        phase: str | None = None,
+        eta_seconds: float | None = None,
+    ) -> StageLine:
         """The display's view of a record, with cost and CO2 at the manifest's prices."""
         cost, co2 = record_cost(self.run.spec, stage, record)
-        return stage_line(stage.name, record, phase=phase, cost_usd=cost, co2_grams=co2,
-                          eta_seconds=eta_seconds)
+        return stage_line(
+            stage.name, record, phase=phase, cost_usd=cost, co2_grams=co2, eta_seconds=eta_seconds
+        )
 
     def progress_record(self, stage: Stage) -> dict[str, Any] | None:
         record = self.store.get_json(self.key(stage, contract.PROGRESS))
@@ -213,7 +248,8 @@ class LocalRunner:
             if child is not None and child.poll() is None:
                 self.display.message(
                     "stopping: the trainer is writing a checkpoint (Ctrl-C again to stop "
-                    "at once, losing the steps since the last checkpoint)")
+                    "at once, losing the steps since the last checkpoint)"
+                )
                 # Only the trainer (torchrun forwards to its workers): one signal each.
                 child.send_signal(signum)
         elif child is not None and child.poll() is None:
@@ -226,30 +262,43 @@ class LocalRunner:
         total = accounting.total_steps(stage, self.run.spec.model)
         if self.is_final(stage):
             record = self.progress_record(stage)
-            self.display.stage_ended(self.line(stage, record, phase="completed"),
-                                     note="already complete")
+            self.display.stage_ended(
+                self.line(stage, record, phase="completed"), note="already complete"
+            )
             return StageOutcome(stage.name, "skipped", record=record)
 
         previous = self.progress_record(stage)
-        self.display.stage_started(self.line(stage, previous)
-                                   if previous else StageLine(stage.name, "running", 0, total))
+        self.display.stage_started(
+            self.line(stage, previous) if previous else StageLine(stage.name, "running", 0, total)
+        )
         master_port = free_port()
-        env = local_environment(self.run, index, store_root=self.store_root,
-                                metrics_port=self.trainer_metrics_port,
-                                master_port=master_port, base=self.environ)
+        env = local_environment(
+            self.run,
+            index,
+            store_root=self.store_root,
+            metrics_port=self.trainer_metrics_port,
+            master_port=master_port,
+            base=self.environ,
+        )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{stage.name}.log"
         stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         with open(log_path, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} stage {stage.name}\n".encode())
             log.flush()
-            child = subprocess.Popen(trainer_command(stage, master_port), env=env,
-                                     stdout=log, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            child = subprocess.Popen(
+                trainer_command(stage, master_port),
+                env=env,
+                stdout=log,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             self._child = child
             assert child.stderr is not None
-            reader = threading.Thread(target=_copy_stderr, daemon=True,
-                                      args=(child.stderr, log, stderr_tail))
+            reader = threading.Thread(
+                target=_copy_stderr, daemon=True, args=(child.stderr, log, stderr_tail)
+            )
             reader.start()
             try:
                 record = self._follow(stage, child, previous, total)
@@ -267,8 +316,7 @@ class LocalRunner:
             self.display.stage_ended(self.line(stage, record, phase="completed"), "completed")
             return StageOutcome(stage.name, "completed", record=record)
         if self._signal is not None:
-            self.display.stage_ended(self.line(stage, record, phase="interrupted"),
-                                     "interrupted")
+            self.display.stage_ended(self.line(stage, record, phase="interrupted"), "interrupted")
             return StageOutcome(stage.name, "interrupted", record=record)
         if child.returncode != 0:
             reason = failure_reason(list(stderr_tail))
@@ -276,11 +324,17 @@ class LocalRunner:
             phase = (record or {}).get("phase", "unknown")
             reason = f"the trainer exited without completing the stage (phase {phase})"
         self.display.stage_ended(self.line(stage, record, phase="failed"), "failed")
-        return StageOutcome(stage.name, "failed", reason=f"{reason} (log: {log_path})",
-                            record=record)
+        return StageOutcome(
+            stage.name, "failed", reason=f"{reason} (log: {log_path})", record=record
+        )
 
-    def _follow(self, stage: Stage, child: subprocess.Popen[bytes],
-                previous: dict[str, Any] | None, total: int) -> dict[str, Any] | None:
+    def _follow(
+        self,
+        stage: Stage,
+        child: subprocess.Popen[bytes],
+        previous: dict[str, Any] | None,
+        total: int,
+    ) -> dict[str, Any] | None:
         """Poll the stage's progress record until the trainer exits; feed the display and
         the metrics. ETA comes from the step rate seen in this attempt."""
         # Compare whole records: updatedAt has one-second resolution, steps are faster.
@@ -293,8 +347,9 @@ class LocalRunner:
             if self._signal is not None:
                 stopping_since = stopping_since or time.monotonic()
                 if time.monotonic() - stopping_since > STOP_GRACE_SECONDS:
-                    self.display.message(f"the trainer did not stop within "
-                                         f"{STOP_GRACE_SECONDS:.0f}s; killing it")
+                    self.display.message(
+                        f"the trainer did not stop within {STOP_GRACE_SECONDS:.0f}s; killing it"
+                    )
                     _wait_or_kill(child, 0)
             try:
                 fresh = self.progress_record(stage)
@@ -325,15 +380,18 @@ class LocalRunner:
         try:
             for index, stage in enumerate(self.run.spec.stages):
                 if self._signal is not None:
-                    outcomes.append(StageOutcome(stage.name, "interrupted",
-                                                 record=self.progress_record(stage)))
+                    outcomes.append(
+                        StageOutcome(stage.name, "interrupted", record=self.progress_record(stage))
+                    )
                     break
                 outcome = self.run_stage(index)
                 outcomes.append(outcome)
                 if outcome.record:
                     total = accounting.total_steps(stage, self.run.spec.model)
-                    self.collector.observe(self.line(stage, outcome.record),
-                                           int(outcome.record.get("totalSteps") or total))
+                    self.collector.observe(
+                        self.line(stage, outcome.record),
+                        int(outcome.record.get("totalSteps") or total),
+                    )
                 if outcome.result in ("interrupted", "failed"):
                     break
         finally:
@@ -343,8 +401,7 @@ class LocalRunner:
 
     def summary_lines(self) -> list[StageLine]:
         """Every stage's numbers, read back from the stored progress records."""
-        return [self.line(stage, self.progress_record(stage))
-                for stage in self.run.spec.stages]
+        return [self.line(stage, self.progress_record(stage)) for stage in self.run.spec.stages]
 
 
 def _wait_or_kill(child: subprocess.Popen[bytes], grace: float) -> None:
@@ -375,6 +432,8 @@ def resolve_store_root(given: str | None) -> str:
     if given.startswith("file://"):
         return Path(given.removeprefix("file://")).resolve().as_uri()
     if "://" in given:
-        raise UserError(f"--store {given!r}: unsupported scheme (accepted: s3://BUCKET/PREFIX "
-                        "or file://PATH or a folder)")
+        raise UserError(
+            f"--store {given!r}: unsupported scheme (accepted: s3://BUCKET/PREFIX "
+            "or file://PATH or a folder)"
+        )
     return Path(given).resolve().as_uri()

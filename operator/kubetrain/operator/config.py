@@ -31,7 +31,8 @@ class OperatorConfig(BaseModel):
         description="Trainer image for runs that do not set spec.image.",
     )
     image_pull_policy: str = Field(
-        "IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$",
+        "IfNotPresent",
+        pattern=r"^(Always|IfNotPresent|Never)$",
         description="imagePullPolicy of trainer containers.",
     )
     gpu_prices: dict[str, float] = Field(
@@ -40,37 +41,52 @@ class OperatorConfig(BaseModel):
         "built-in list prices, overridden by spec.pricing.gpuHourUSD.",
     )
     energy_usd_per_kwh: float | None = Field(
-        None, ge=0, description="Energy price for runs that leave pricing.energyUSDPerKWh at 0.",
+        None,
+        ge=0,
+        description="Energy price for runs that leave pricing.energyUSDPerKWh at 0.",
     )
     pue: float | None = Field(
-        None, ge=1, le=5, description="PUE for runs that leave pricing.pue at its default.",
+        None,
+        ge=1,
+        le=5,
+        description="PUE for runs that leave pricing.pue at its default.",
     )
     carbon_grams_per_kwh: float | None = Field(
-        None, ge=0, le=2000,
+        None,
+        ge=0,
+        le=2000,
         description="Grid carbon intensity for runs that leave pricing at its default.",
     )
     mfu: float = Field(0.4, gt=0, le=1, description="MFU assumed by the up-front estimate.")
     poll_interval_seconds: float = Field(
-        15.0, gt=0, le=3600,
+        15.0,
+        gt=0,
+        le=3600,
         description="How often each run's progress is read from the store and its status "
         "refreshed (Job and Pod events trigger extra reconciles in between).",
     )
     stall_timeout_seconds: float = Field(
-        1800.0, ge=0,
+        1800.0,
+        ge=0,
         description="A running stage whose progress record has not changed for this long "
         "gets the condition Stalled (0: never).",
     )
     termination_grace_seconds: int = Field(
-        300, ge=1, le=86400,
+        300,
+        ge=1,
+        le=86400,
         description="Pod terminationGracePeriodSeconds: time the trainer has to write a "
         "checkpoint after SIGTERM (suspend, budget, node drain).",
     )
     shm_size: str = Field("8Gi", description="Size limit of the /dev/shm emptyDir (NCCL).")
     service_account: str | None = Field(
-        None, description="ServiceAccount of trainer pods (the namespace default when unset).",
+        None,
+        description="ServiceAccount of trainer pods (the namespace default when unset).",
     )
     server_timeout_seconds: int = Field(
-        300, ge=10, description="Watch requests are renewed after this long (kopf setting).",
+        300,
+        ge=10,
+        description="Watch requests are renewed after this long (kopf setting).",
     )
 
 

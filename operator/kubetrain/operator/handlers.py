@@ -51,12 +51,12 @@ class Api(Protocol):
     def list_services(self, namespace: str, run: str) -> list[str]: ...
     def create(self, obj: dict[str, Any]) -> bool: ...
     def delete(self, kind: str, namespace: str, name: str, propagation: str) -> bool: ...
-    def patch_run_annotations(self, namespace: str, name: str,
-                              annotations: dict[str, str]) -> None: ...
+    def patch_run_annotations(
+        self, namespace: str, name: str, annotations: dict[str, str]
+    ) -> None: ...
     def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
     def read_secret(self, namespace: str, name: str) -> dict[str, str]: ...
-    def emit_event(self, run: dict[str, Any], type_: str, reason: str,
-                   message: str) -> None: ...
+    def emit_event(self, run: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
 
 
 StoreFactory = Callable[[api.S3Storage, dict[str, str] | None], ObjectStore]
@@ -71,11 +71,14 @@ def open_run_store(s3: api.S3Storage, credentials: dict[str, str] | None) -> Obj
         from botocore.config import Config
 
         store.client = boto3.client(
-            "s3", endpoint_url=s3.endpoint, region_name=s3.region,
+            "s3",
+            endpoint_url=s3.endpoint,
+            region_name=s3.region,
             aws_access_key_id=credentials.get(ENV_AWS_ACCESS_KEY_ID),
             aws_secret_access_key=credentials.get(ENV_AWS_SECRET_ACCESS_KEY),
-            config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                          connect_timeout=5, read_timeout=20),
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=20
+            ),
         )
     return store
 
@@ -85,8 +88,11 @@ def stages_to_read(run: dict[str, Any]) -> list[str]:
     record and FINAL decide what happens next)."""
     spec = run.get("spec") or {}
     names = [s.get("name") for s in spec.get("stages") or [] if s.get("name")]
-    done = {s.get("name") for s in (run.get("status") or {}).get("stages") or []
-            if s.get("phase") == "Succeeded"}
+    done = {
+        s.get("name")
+        for s in (run.get("status") or {}).get("stages") or []
+        if s.get("phase") == "Succeeded"
+    }
     return [n for n in names if n not in done][:1]
 
 
@@ -94,9 +100,14 @@ class Reconciler:
     """Gathers the observed state of a run, plans, applies. One lock per run: Kopf runs
     sync handlers in threads, and a Job event may arrive while the timer reconciles."""
 
-    def __init__(self, kube: Api, config: OperatorConfig, metrics: OperatorMetrics,
-                 store_factory: StoreFactory = open_run_store,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+    def __init__(
+        self,
+        kube: Api,
+        config: OperatorConfig,
+        metrics: OperatorMetrics,
+        store_factory: StoreFactory = open_run_store,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ):
         self.kube = kube
         self.config = config
         self.metrics = metrics
@@ -129,16 +140,24 @@ class Reconciler:
             try:
                 credentials = self.kube.read_secret(meta["namespace"], s3.credentials_secret)
             except Exception as exc:  # the run still reconciles; progress waits
-                log.warning("%s/%s: cannot read Secret %s: %s", meta["namespace"],
-                            meta["name"], s3.credentials_secret, type(exc).__name__)
+                log.warning(
+                    "%s/%s: cannot read Secret %s: %s",
+                    meta["namespace"],
+                    meta["name"],
+                    s3.credentials_secret,
+                    type(exc).__name__,
+                )
                 return {}
         try:
             store = self.store_factory(s3, credentials)
-            return read_stage_records(store, meta["namespace"], meta["name"],
-                                      stages_to_read(run))
+            return read_stage_records(store, meta["namespace"], meta["name"], stages_to_read(run))
         except (StoreError, OSError, ValueError) as exc:
-            log.warning("%s/%s: cannot read progress from the store: %s",
-                        meta["namespace"], meta["name"], exc)
+            log.warning(
+                "%s/%s: cannot read progress from the store: %s",
+                meta["namespace"],
+                meta["name"],
+                exc,
+            )
             return {}
 
     def reconcile(self, namespace: str, name: str) -> planner.Plan | None:
@@ -165,8 +184,9 @@ class Reconciler:
         pods = self.kube.list_pods(namespace, name)
         services = self.kube.list_services(namespace, name)
         records = self.read_records(run)
-        p = planner.plan(run, jobs, pods, records, self.clock(), self.config,
-                         observed_services=services)
+        p = planner.plan(
+            run, jobs, pods, records, self.clock(), self.config, observed_services=services
+        )
         # Order matters: annotations and status first, so that what a delete is about
         # to make unobservable (a failed Job's attempt) is already recorded.
         if p.annotations:
@@ -181,19 +201,23 @@ class Reconciler:
             try:
                 self.kube.emit_event(run, ev.type, ev.reason, ev.message)
             except Exception as exc:  # an event lost is not worth a failed reconcile
-                log.warning("%s/%s: event %s not posted: %s", namespace, name, ev.reason,
-                            type(exc).__name__)
+                log.warning(
+                    "%s/%s: event %s not posted: %s", namespace, name, ev.reason, type(exc).__name__
+                )
             log.info("%s/%s: %s: %s", namespace, name, ev.reason, ev.message)
         status = p.status if p.status is not None else (run.get("status") or {})
-        stage_types = {s.get("name"): s.get("type")
-                       for s in (run.get("spec") or {}).get("stages") or []}
-        self.metrics.observe_run(namespace, name, run.get("status") or {}, status,
-                                 p.budget_used, stage_types)
+        stage_types = {
+            s.get("name"): s.get("type") for s in (run.get("spec") or {}).get("stages") or []
+        }
+        self.metrics.observe_run(
+            namespace, name, run.get("status") or {}, status, p.budget_used, stage_types
+        )
         return p
 
 
-def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
-             config: OperatorConfig) -> None:
+def register(
+    registry: kopf.OperatorRegistry, reconciler: Reconciler, config: OperatorConfig
+) -> None:
     """Attach the handlers to ``registry``."""
     runs = (api.GROUP, api.VERSION, api.PLURAL)
     owned = {resources.LABEL_RUN: kopf.PRESENT}
@@ -206,8 +230,13 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
     # Only spec changes: the operator's own annotation and status patches must not
     # wake it up again.
     kopf.on.update(*runs, registry=registry, id="reconcile", field="spec")(on_run)
-    kopf.timer(*runs, registry=registry, id="poll", interval=config.poll_interval_seconds,
-               initial_delay=config.poll_interval_seconds)(on_run)
+    kopf.timer(
+        *runs,
+        registry=registry,
+        id="poll",
+        interval=config.poll_interval_seconds,
+        initial_delay=config.poll_interval_seconds,
+    )(on_run)
 
     def on_run_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
         if event.get("type") == "DELETED":
@@ -220,14 +249,19 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler,
         if run:
             reconciler.reconcile(namespace, run)
 
-    kopf.on.event("batch", "v1", "jobs", registry=registry, labels=owned,
-                  id="job")(on_child)
+    kopf.on.event("batch", "v1", "jobs", registry=registry, labels=owned, id="job")(on_child)
 
     seen: dict[str, str] = {}  # pod uid -> last phase that triggered a reconcile
     seen_guard = threading.Lock()
 
-    def on_pod(namespace: str, labels: dict[str, str], event: dict[str, Any],
-               status: dict[str, Any], uid: str, **_: Any) -> None:
+    def on_pod(
+        namespace: str,
+        labels: dict[str, str],
+        event: dict[str, Any],
+        status: dict[str, Any],
+        uid: str,
+        **_: Any,
+    ) -> None:
         # Pods change often (conditions, IPs); only phase changes and deletions matter.
         phase = "Deleted" if event.get("type") == "DELETED" else str(status.get("phase"))
         with seen_guard:

@@ -35,16 +35,19 @@ def load_client_config(kubeconfig: str | None = None) -> client.Configuration:
             config.load_kube_config()
     except (config.ConfigException, FileNotFoundError, TypeError) as exc:
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-        raise NoClusterError(f"no Kubernetes cluster configured ({where}: {exc}); "
-                             "pass --kubeconfig or set KUBECONFIG") from None
+        raise NoClusterError(
+            f"no Kubernetes cluster configured ({where}: {exc}); "
+            "pass --kubeconfig or set KUBECONFIG"
+        ) from None
     return client.Configuration.get_default_copy()
 
 
 class KubeApi:
     """What the operator does with the API, one method per call."""
 
-    def __init__(self, api_client: client.ApiClient | None = None,
-                 component: str = "kubetrain-operator"):
+    def __init__(
+        self, api_client: client.ApiClient | None = None, component: str = "kubetrain-operator"
+    ):
         self.client = api_client or client.ApiClient()
         self.custom = client.CustomObjectsApi(self.client)
         self.batch = client.BatchV1Api(self.client)
@@ -62,7 +65,8 @@ class KubeApi:
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return self.custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -70,23 +74,29 @@ class KubeApi:
 
     def list_runs(self, namespace: str | None = None) -> list[dict[str, Any]]:
         if namespace:
-            out = self.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace,
-                                                            api.PLURAL)
+            out = self.custom.list_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL
+            )
         else:
             out = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)
         return list(out.get("items") or [])
 
-    def patch_run_annotations(self, namespace: str, name: str,
-                              annotations: dict[str, str]) -> None:
+    def patch_run_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         self.custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name,
-            {"metadata": {"annotations": annotations}})
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            name,
+            {"metadata": {"annotations": annotations}},
+        )
 
     def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         # Merge patch: lists (stages, conditions) are replaced whole, which is what a
         # status computed from scratch needs.
         self.custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status})
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
+        )
 
     # ---- children
     def list_jobs(self, namespace: str, run: str) -> list[dict[str, Any]]:
@@ -147,15 +157,25 @@ class KubeApi:
         meta = run["metadata"]
         now = datetime.now(UTC)
         event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.",
-                                         namespace=meta["namespace"]),
+            metadata=client.V1ObjectMeta(
+                generate_name=f"{meta['name']}.", namespace=meta["namespace"]
+            ),
             involved_object=client.V1ObjectReference(
-                api_version=api.API_VERSION, kind=api.KIND, name=meta["name"],
-                namespace=meta["namespace"], uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion")),
-            type=type_, reason=reason, message=message[:1024],
-            first_timestamp=now, last_timestamp=now, count=1,
+                api_version=api.API_VERSION,
+                kind=api.KIND,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            type=type_,
+            reason=reason,
+            message=message[:1024],
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
             source=client.V1EventSource(component=self.component),
-            reporting_component=self.component, reporting_instance=self.component,
+            reporting_component=self.component,
+            reporting_instance=self.component,
         )
         self.core.create_namespaced_event(meta["namespace"], event)

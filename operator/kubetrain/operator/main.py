@@ -34,8 +34,10 @@ def cli_operator(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     handlers.silence_credential_loggers()
     if args.kubeconfig:
         # The kubernetes client in this process and anything it spawns use the same file.
@@ -55,23 +57,33 @@ def cli_operator(args: argparse.Namespace) -> int:
         # The credentials loaded above (--kubeconfig, in-cluster or ~/.kube), so the
         # watch streams and the client calls always talk to the same cluster as the same
         # user.
-        header = (client_config.get_api_key_with_prefix("BearerToken")
-                  or client_config.get_api_key_with_prefix("authorization") or "")
+        header = (
+            client_config.get_api_key_with_prefix("BearerToken")
+            or client_config.get_api_key_with_prefix("authorization")
+            or ""
+        )
         parts = header.split(" ", 1)
         scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, header or None)
         return kopf.ConnectionInfo(
-            server=client_config.host, ca_path=client_config.ssl_ca_cert,
-            insecure=not client_config.verify_ssl, scheme=scheme, token=token,
-            username=client_config.username or None, password=client_config.password or None,
-            certificate_path=client_config.cert_file, private_key_path=client_config.key_file,
+            server=client_config.host,
+            ca_path=client_config.ssl_ca_cert,
+            insecure=not client_config.verify_ssl,
+            scheme=scheme,
+            token=token,
+            username=client_config.username or None,
+            password=client_config.password or None,
+            certificate_path=client_config.cert_file,
+            private_key_path=client_config.key_file,
         )
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-            prefix="kubetrain.dev")
+            prefix="kubetrain.dev"
+        )
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="kubetrain.dev", key="last-handled-configuration")
+            prefix="kubetrain.dev", key="last-handled-configuration"
+        )
         settings.posting.level = logging.WARNING
         settings.posting.reporting_component = "kubetrain-operator"
         settings.watching.server_timeout = config.server_timeout_seconds
@@ -88,7 +100,8 @@ def cli_operator(args: argparse.Namespace) -> int:
         standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,
-        liveness_endpoint=(f"http://0.0.0.0:{args.liveness_port}/healthz"
-                           if args.liveness_port else None),
+        liveness_endpoint=(
+            f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+        ),
     )
     return 0

@@ -68,8 +68,9 @@ def snapshot_from_status(status: dict[str, Any], budget_used: dict[str, float]) 
         co2_grams=float(totals.get("co2Grams") or 0.0),
         restarts={s["name"]: int(s.get("restarts") or 0) for s in stages if "name" in s},
         budget_used=dict(budget_used),
-        stage_phases={s["name"]: s.get("phase") or StagePhase.Pending.value
-                      for s in stages if "name" in s},
+        stage_phases={
+            s["name"]: s.get("phase") or StagePhase.Pending.value for s in stages if "name" in s
+        },
         stalled_stage=stalled_stage(status),
     )
 
@@ -95,48 +96,62 @@ class _RunCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         runs = self.metrics.snapshots()
-        by_phase = GaugeMetricFamily(f"{PREFIX}_runs", "TrainingRuns by phase.",
-                                     labels=["phase"])
+        by_phase = GaugeMetricFamily(f"{PREFIX}_runs", "TrainingRuns by phase.", labels=["phase"])
         for phase in RunPhase:
-            by_phase.add_metric([phase.value],
-                                sum(1 for s in runs.values() if s.phase == phase.value))
+            by_phase.add_metric(
+                [phase.value], sum(1 for s in runs.values() if s.phase == phase.value)
+            )
         yield by_phase
         nr = ["namespace", "run"]
         run_phase = GaugeMetricFamily(
             f"{PREFIX}_run_phase",
             "The run's phase as a state set: 1 for status.phase, 0 for the other phases.",
-            labels=[*nr, "phase"])
+            labels=[*nr, "phase"],
+        )
         stage_phase = GaugeMetricFamily(
             f"{PREFIX}_stage_phase",
             "Each stage's phase as a state set: 1 for its status phase, 0 for the others.",
-            labels=[*nr, "stage", "phase"])
+            labels=[*nr, "stage", "phase"],
+        )
         stalled = GaugeMetricFamily(
             f"{PREFIX}_stage_stalled",
             "1 while the stage has made no progress for stallTimeoutSeconds (condition "
-            "Stalled), else 0.", labels=[*nr, "stage"])
-        progress = GaugeMetricFamily(f"{PREFIX}_run_progress_ratio",
-                                     "Curriculum progress 0..1, weighted by steps.", labels=nr)
-        gpu = CounterMetricFamily(f"{PREFIX}_gpu_seconds", "GPU-seconds allocated to the run.",
-                                  labels=nr)
-        energy = CounterMetricFamily(f"{PREFIX}_energy_joules",
-                                     "IT energy of the run, by how it was obtained.",
-                                     labels=[*nr, "source"])
+            "Stalled), else 0.",
+            labels=[*nr, "stage"],
+        )
+        progress = GaugeMetricFamily(
+            f"{PREFIX}_run_progress_ratio",
+            "Curriculum progress 0..1, weighted by steps.",
+            labels=nr,
+        )
+        gpu = CounterMetricFamily(
+            f"{PREFIX}_gpu_seconds", "GPU-seconds allocated to the run.", labels=nr
+        )
+        energy = CounterMetricFamily(
+            f"{PREFIX}_energy_joules",
+            "IT energy of the run, by how it was obtained.",
+            labels=[*nr, "source"],
+        )
         cost = CounterMetricFamily(f"{PREFIX}_cost_usd", "Cost of the run so far.", labels=nr)
-        co2 = CounterMetricFamily(f"{PREFIX}_co2_grams", "CO2 of the run so far (× PUE).",
-                                  labels=nr)
-        budget = GaugeMetricFamily(f"{PREFIX}_budget_used_ratio",
-                                   "Share of each budget limit used (1: reached).",
-                                   labels=[*nr, "kind"])
-        restarts = CounterMetricFamily(f"{PREFIX}_stage_restarts",
-                                       "Pod failures retried, per stage.",
-                                       labels=[*nr, "stage"])
+        co2 = CounterMetricFamily(
+            f"{PREFIX}_co2_grams", "CO2 of the run so far (× PUE).", labels=nr
+        )
+        budget = GaugeMetricFamily(
+            f"{PREFIX}_budget_used_ratio",
+            "Share of each budget limit used (1: reached).",
+            labels=[*nr, "kind"],
+        )
+        restarts = CounterMetricFamily(
+            f"{PREFIX}_stage_restarts", "Pod failures retried, per stage.", labels=[*nr, "stage"]
+        )
         for (ns, run), s in sorted(runs.items()):
             for phase in RunPhase:
                 run_phase.add_metric([ns, run, phase.value], float(s.phase == phase.value))
             for stage, current in s.stage_phases.items():
                 for phase in StagePhase:
-                    stage_phase.add_metric([ns, run, stage, phase.value],
-                                           float(current == phase.value))
+                    stage_phase.add_metric(
+                        [ns, run, stage, phase.value], float(current == phase.value)
+                    )
                 stalled.add_metric([ns, run, stage], float(stage == s.stalled_stage))
             progress.add_metric([ns, run], s.progress)
             gpu.add_metric([ns, run], s.gpu_seconds)
@@ -147,8 +162,18 @@ class _RunCollector(Collector):
                 budget.add_metric([ns, run, kind], ratio)
             for stage, n in sorted(s.restarts.items()):
                 restarts.add_metric([ns, run, stage], n)
-        yield from (run_phase, stage_phase, stalled, progress, gpu, energy, cost, co2, budget,
-                    restarts)
+        yield from (
+            run_phase,
+            stage_phase,
+            stalled,
+            progress,
+            gpu,
+            energy,
+            cost,
+            co2,
+            budget,
+            restarts,
+        )
 
 
 class OperatorMetrics:
@@ -160,28 +185,55 @@ class OperatorMetrics:
         self._runs: dict[tuple[str, str], RunSnapshot] = {}
         self._transition_labels: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self.transitions = Counter(
-            f"{PREFIX}_stage_transitions", "Stage phase changes observed by this process.",
-            ["namespace", "run", "stage", "phase"], registry=self.registry)
-        self.stage_duration = Histogram(
-            f"{PREFIX}_stage_duration_seconds", "Wall time of succeeded stages, by type.",
-            ["stage_type"], registry=self.registry,
-            buckets=(60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600,
-                     3 * 86400, 7 * 86400, float("inf")))
-        self.reconcile_errors = Counter(
-            f"{PREFIX}_reconcile_errors", "Reconciles that raised.", registry=self.registry)
-        self.reconcile_duration = Histogram(
-            f"{PREFIX}_reconcile_duration_seconds", "Time to reconcile one run.",
+            f"{PREFIX}_stage_transitions",
+            "Stage phase changes observed by this process.",
+            ["namespace", "run", "stage", "phase"],
             registry=self.registry,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf")))
+        )
+        self.stage_duration = Histogram(
+            f"{PREFIX}_stage_duration_seconds",
+            "Wall time of succeeded stages, by type.",
+            ["stage_type"],
+            registry=self.registry,
+            buckets=(
+                60,
+                300,
+                900,
+                1800,
+                3600,
+                3 * 3600,
+                6 * 3600,
+                12 * 3600,
+                24 * 3600,
+                3 * 86400,
+                7 * 86400,
+                float("inf"),
+            ),
+        )
+        self.reconcile_errors = Counter(
+            f"{PREFIX}_reconcile_errors", "Reconciles that raised.", registry=self.registry
+        )
+        self.reconcile_duration = Histogram(
+            f"{PREFIX}_reconcile_duration_seconds",
+            "Time to reconcile one run.",
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf")),
+        )
         self.registry.register(_RunCollector(self))
 
     def snapshots(self) -> dict[tuple[str, str], RunSnapshot]:
         with self._lock:
             return dict(self._runs)
 
-    def observe_run(self, namespace: str, run: str, old_status: dict[str, Any],
-                    new_status: dict[str, Any], budget_used: dict[str, float],
-                    stage_types: dict[str, str]) -> None:
+    def observe_run(
+        self,
+        namespace: str,
+        run: str,
+        old_status: dict[str, Any],
+        new_status: dict[str, Any],
+        budget_used: dict[str, float],
+        stage_types: dict[str, str],
+    ) -> None:
         """Record a reconcile's outcome: the run's numbers and its stage transitions."""
         old_phases = {s.get("name"): s.get("phase") for s in old_status.get("stages") or []}
         with self._lock:

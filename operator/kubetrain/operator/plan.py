@@ -74,8 +74,17 @@ COND_SPEC_REFUSED = "SpecChangeRefused"
 COND_STALLED = "Stalled"
 COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
-CONDITION_ORDER = [COND_CREATED, COND_STORAGE, COND_RUNNING, COND_SUSPENDED, COND_BUDGET,
-                   COND_SPEC_REFUSED, COND_STALLED, COND_SUCCEEDED, COND_FAILED]
+CONDITION_ORDER = [
+    COND_CREATED,
+    COND_STORAGE,
+    COND_RUNNING,
+    COND_SUSPENDED,
+    COND_BUDGET,
+    COND_SPEC_REFUSED,
+    COND_STALLED,
+    COND_SUCCEEDED,
+    COND_FAILED,
+]
 
 FOREGROUND = "Foreground"
 
@@ -103,8 +112,9 @@ class ObservedJob:
     def from_k8s(cls, obj: dict[str, Any]) -> ObservedJob:
         meta = obj.get("metadata") or {}
         status = obj.get("status") or {}
-        conds = {c.get("type"): c for c in status.get("conditions") or []
-                 if c.get("status") == "True"}
+        conds = {
+            c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"
+        }
         # FailureTarget comes first (pods still terminating), Failed when they are gone;
         # either means this attempt is over.
         failure = conds.get("Failed") or conds.get("FailureTarget")
@@ -129,9 +139,14 @@ class ObservedJob:
 
 def pods_of(pods: list[dict[str, Any]], job_uid: str) -> list[dict[str, Any]]:
     """The pods the Job ``job_uid`` owns."""
-    return [p for p in pods
-            if any(ref.get("uid") == job_uid
-                   for ref in (p.get("metadata") or {}).get("ownerReferences") or [])]
+    return [
+        p
+        for p in pods
+        if any(
+            ref.get("uid") == job_uid
+            for ref in (p.get("metadata") or {}).get("ownerReferences") or []
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- result
@@ -167,14 +182,30 @@ class Plan:
 # --------------------------------------------------------------------------- helpers
 
 
-def set_condition(conditions: list[Condition], type_: str, status: str, reason: str,
-                  message: str, now: datetime, generation: int | None) -> list[Condition]:
+def set_condition(
+    conditions: list[Condition],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[Condition]:
     """Conditions with ``type_`` set; lastTransitionTime changes only with the status."""
     previous = next((c for c in conditions if c.type == type_), None)
-    when = (previous.last_transition_time if previous is not None and previous.status == status
-            else format_time(now))
-    new = Condition(type=type_, status=status, reason=reason, message=message,
-                    last_transition_time=when, observed_generation=generation)
+    when = (
+        previous.last_transition_time
+        if previous is not None and previous.status == status
+        else format_time(now)
+    )
+    new = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=when,
+        observed_generation=generation,
+    )
     rest = [c for c in conditions if c.type != type_]
     order = {t: i for i, t in enumerate(CONDITION_ORDER)}
     return sorted([*rest, new], key=lambda c: order.get(c.type, len(order)))
@@ -189,9 +220,12 @@ def _changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
-def effective_spec(new: TrainingRunSpec | None, new_errors: list[str],
-                   applied: TrainingRunSpec | None, started: int,
-                   ) -> tuple[TrainingRunSpec | None, list[str]]:
+def effective_spec(
+    new: TrainingRunSpec | None,
+    new_errors: list[str],
+    applied: TrainingRunSpec | None,
+    started: int,
+) -> tuple[TrainingRunSpec | None, list[str]]:
     """The spec to act on, and why parts of ``new`` were refused (empty: all applied).
 
     The first ``started`` stages (and the model) are frozen to ``applied``; the rest and
@@ -204,22 +238,26 @@ def effective_spec(new: TrainingRunSpec | None, new_errors: list[str],
     refused: list[str] = []
     if new.model != applied.model:
         fields = _changed_fields(api.dump(applied.model), api.dump(new.model))
-        refused.append(f"spec.model ({', '.join(fields)}) cannot change after stage "
-                       f"{applied.stages[0].name!r} started")
+        refused.append(
+            f"spec.model ({', '.join(fields)}) cannot change after stage "
+            f"{applied.stages[0].name!r} started"
+        )
     for i, old_stage in enumerate(applied.stages[:started]):
         if i >= len(new.stages):
-            refused.append(f"spec.stages[{i}] ({old_stage.name!r}) was removed after it "
-                           "started")
+            refused.append(f"spec.stages[{i}] ({old_stage.name!r}) was removed after it started")
         elif new.stages[i] != old_stage:
             fields = _changed_fields(api.dump(old_stage), api.dump(new.stages[i]))
-            refused.append(f"spec.stages[{i}] ({old_stage.name!r}) changed after it started "
-                           f"({', '.join(fields)})")
+            refused.append(
+                f"spec.stages[{i}] ({old_stage.name!r}) changed after it started "
+                f"({', '.join(fields)})"
+            )
     if not refused:
         return new, []
     merged = api.dump(new)
     merged["model"] = api.dump(applied.model)
-    merged["stages"] = ([api.dump(s) for s in applied.stages[:started]]
-                        + [api.dump(s) for s in new.stages[started:]])
+    merged["stages"] = [api.dump(s) for s in applied.stages[:started]] + [
+        api.dump(s) for s in new.stages[started:]
+    ]
     try:
         return TrainingRunSpec.model_validate(merged), refused
     except ValidationError:
@@ -253,11 +291,17 @@ def _parse_ledger(annotations: dict[str, str]) -> dict[str, Any]:
 
 def _estimate(spec: TrainingRunSpec, config: OperatorConfig) -> Estimate:
     pricing = effective_pricing(spec.pricing, config)
-    est = accounting.estimate_run(spec.model_copy(update={"pricing": pricing}), config.mfu,
-                                  config.gpu_prices)
-    return Estimate(parameters=est.parameters, flops=est.flops,
-                    gpu_hours=round(est.gpu_hours, 6), cost_usd=round(est.cost_usd, 6),
-                    energy_kwh=round(est.energy_kwh, 6), co2_grams=round(est.co2_grams, 3))
+    est = accounting.estimate_run(
+        spec.model_copy(update={"pricing": pricing}), config.mfu, config.gpu_prices
+    )
+    return Estimate(
+        parameters=est.parameters,
+        flops=est.flops,
+        gpu_hours=round(est.gpu_hours, 6),
+        cost_usd=round(est.cost_usd, 6),
+        energy_kwh=round(est.energy_kwh, 6),
+        co2_grams=round(est.co2_grams, 3),
+    )
 
 
 @dataclass(frozen=True)
@@ -266,17 +310,22 @@ class BudgetCheck:
     used: dict[str, float]  # kind -> used / limit (accrued), for the metrics
 
 
-def check_budget(spec: TrainingRunSpec, stages: list[StageStatus], totals: Totals,
-                 config: OperatorConfig) -> BudgetCheck:
+def check_budget(
+    spec: TrainingRunSpec, stages: list[StageStatus], totals: Totals, config: OperatorConfig
+) -> BudgetCheck:
     """Which limits of ``spec.budget`` the run has reached (or, with ``projected``, will
     reach). Energy is facility energy (IT energy × PUE), as in the estimate."""
     budget = spec.budget
     pricing = effective_pricing(spec.pricing, config)
-    est = accounting.estimate_run(spec.model_copy(update={"pricing": pricing}), config.mfu,
-                                  config.gpu_prices)
+    est = accounting.estimate_run(
+        spec.model_copy(update={"pricing": pricing}), config.mfu, config.gpu_prices
+    )
     pue = pricing.pue
-    used = {"cost": totals.cost_usd, "gpuHours": totals.gpu_seconds / 3600.0,
-            "energy": totals.energy_joules / accounting.JOULES_PER_KWH * pue}
+    used = {
+        "cost": totals.cost_usd,
+        "gpuHours": totals.gpu_seconds / 3600.0,
+        "energy": totals.energy_joules / accounting.JOULES_PER_KWH * pue,
+    }
     # Projection: a stage under way extrapolates what it spent by its progress; a stage
     # not started yet counts its up-front estimate.
     projected = {"cost": 0.0, "gpuHours": 0.0, "energy": 0.0}
@@ -294,11 +343,14 @@ def check_budget(spec: TrainingRunSpec, stages: list[StageStatus], totals: Total
         else:
             projected["cost"] += st.cost_usd + stage_est.cost_usd
             projected["gpuHours"] += st.gpu_seconds / 3600.0 + (
-                stage_est.gpu_hours if stage_est.gpus else 0.0)
+                stage_est.gpu_hours if stage_est.gpus else 0.0
+            )
             projected["energy"] += stage_est.energy_kwh
-    limits = {"cost": (budget.max_cost_usd, "costUSD", "budget.maxCostUSD", "USD"),
-              "gpuHours": (budget.max_gpu_hours, "GPU-hours", "budget.maxGPUHours", "h"),
-              "energy": (budget.max_energy_kwh, "energy", "budget.maxEnergyKWh", "kWh")}
+    limits = {
+        "cost": (budget.max_cost_usd, "costUSD", "budget.maxCostUSD", "USD"),
+        "gpuHours": (budget.max_gpu_hours, "GPU-hours", "budget.maxGPUHours", "h"),
+        "energy": (budget.max_energy_kwh, "energy", "budget.maxEnergyKWh", "kWh"),
+    }
     exceeded: list[str] = []
     ratios: dict[str, float] = {}
     for kind, (limit, what, fieldname, unit) in limits.items():
@@ -308,18 +360,24 @@ def check_budget(spec: TrainingRunSpec, stages: list[StageStatus], totals: Total
         if used[kind] >= limit:
             exceeded.append(f"{what} {used[kind]:.4g} {unit} reached {fieldname}={limit:g}")
         elif budget.projected and projected[kind] > limit:
-            exceeded.append(f"projected {what} {projected[kind]:.4g} {unit} exceeds "
-                            f"{fieldname}={limit:g}")
+            exceeded.append(
+                f"projected {what} {projected[kind]:.4g} {unit} exceeds {fieldname}={limit:g}"
+            )
     return BudgetCheck(exceeded, ratios)
 
 
 # --------------------------------------------------------------------------- plan
 
 
-def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
-         observed_pods: list[dict[str, Any]], records: dict[str, StageRecords],
-         now: datetime, config: OperatorConfig,
-         observed_services: list[str] | None = None) -> Plan:
+def plan(
+    run: dict[str, Any],
+    observed_jobs: list[dict[str, Any]],
+    observed_pods: list[dict[str, Any]],
+    records: dict[str, StageRecords],
+    now: datetime,
+    config: OperatorConfig,
+    observed_services: list[str] | None = None,
+) -> Plan:
     """Decide what to do for ``run`` given what exists (``observed_services``: names of
     its Services); see the module docstring."""
     meta = run.get("metadata") or {}
@@ -337,8 +395,9 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
 
     def cond(type_: str, value: bool, reason: str, message: str) -> None:
         nonlocal conds
-        conds = set_condition(conds, type_, "True" if value else "False", reason, message,
-                              now, generation)
+        conds = set_condition(
+            conds, type_, "True" if value else "False", reason, message, now, generation
+        )
 
     def finish() -> Plan:
         status.conditions = conds
@@ -357,8 +416,7 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
     jobs = {j.stage: j for j in map(ObservedJob.from_k8s, observed_jobs)}
     started = sum(1 for s in old.stages if s.phase != StagePhase.Pending)
     if applied is not None:
-        started = max([started] + [i + 1 for i, s in enumerate(applied.stages)
-                                   if s.name in jobs])
+        started = max([started] + [i + 1 for i, s in enumerate(applied.stages) if s.name in jobs])
     spec, refused = effective_spec(new_spec, errors, applied, started)
     if spec is None:
         status.phase = RunPhase.Failed
@@ -381,11 +439,20 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
         status.estimate = _estimate(spec, config)
     if _condition(conds, COND_CREATED) is None:
         est = status.estimate
-        cond(COND_CREATED, True, "Created",
-             f"{len(spec.stages)} stages; estimate {est.gpu_hours:.3g} GPU-hours, "
-             f"${est.cost_usd:.2f}, {est.energy_kwh:.3g} kWh")
-        out.events.append(Event("Normal", "Created", f"TrainingRun accepted: "
-                                f"{' -> '.join(s.name for s in spec.stages)}"))
+        cond(
+            COND_CREATED,
+            True,
+            "Created",
+            f"{len(spec.stages)} stages; estimate {est.gpu_hours:.3g} GPU-hours, "
+            f"${est.cost_usd:.2f}, {est.energy_kwh:.3g} kWh",
+        )
+        out.events.append(
+            Event(
+                "Normal",
+                "Created",
+                f"TrainingRun accepted: {' -> '.join(s.name for s in spec.stages)}",
+            )
+        )
 
     # ---- stage list follows the (effective) spec
     by_name = {s.name: s for s in old.stages}
@@ -394,9 +461,13 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
     if spec.storage.s3 is None:
         status.stages = stages
         status.phase = RunPhase.Pending
-        cond(COND_STORAGE, False, "MissingS3Storage",
-             "spec.storage.s3 is required on a cluster: set storage.s3.bucket (and "
-             "endpoint and credentialsSecret for an S3-compatible store)")
+        cond(
+            COND_STORAGE,
+            False,
+            "MissingS3Storage",
+            "spec.storage.s3 is required on a cluster: set storage.s3.bucket (and "
+            "endpoint and credentialsSecret for an S3-compatible store)",
+        )
         return finish()
     if _condition(conds, COND_STORAGE) is not None:
         cond(COND_STORAGE, True, "S3Configured", f"checkpoints in {spec.storage.s3.uri()}")
@@ -412,22 +483,32 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
         if rec is None and job is None and stage.name not in ledger:
             continue
         st = apply_record(stage, spec.model, st, rec.progress if rec else None)
-        banked, entry = banked_gpu_seconds(ledger.get(stage.name, {}), st,
-                                           job.uid if job else None)
-        current = (pod_gpu_seconds(pods_of(observed_pods, job.uid),
-                                   stage.resources.gpus_per_node, now) if job else 0.0)
+        banked, entry = banked_gpu_seconds(ledger.get(stage.name, {}), st, job.uid if job else None)
+        current = (
+            pod_gpu_seconds(pods_of(observed_pods, job.uid), stage.resources.gpus_per_node, now)
+            if job
+            else 0.0
+        )
         new_ledger[stage.name] = entry
         stages[i] = apply_costs(stage, st, banked + current, pricing, config.gpu_prices)
     if new_ledger != ledger:
-        out.annotations[ANNOTATION_LEDGER] = json.dumps(new_ledger, sort_keys=True,
-                                                        separators=(",", ":"))
+        out.annotations[ANNOTATION_LEDGER] = json.dumps(
+            new_ledger, sort_keys=True, separators=(",", ":")
+        )
 
     def totals() -> Totals:
         steps = sum(s.total_steps or 0 for s in stages)
         return Totals(
-            progress=round(sum(s.step if s.phase != StagePhase.Succeeded
-                               else (s.total_steps or 0) for s in stages) / steps, 4)
-            if steps else 0.0,
+            progress=round(
+                sum(
+                    s.step if s.phase != StagePhase.Succeeded else (s.total_steps or 0)
+                    for s in stages
+                )
+                / steps,
+                4,
+            )
+            if steps
+            else 0.0,
             tokens=sum(s.tokens for s in stages),
             gpu_seconds=round(sum(s.gpu_seconds for s in stages), 3),
             energy_joules=round(sum(s.energy_joules for s in stages), 3),
@@ -441,8 +522,9 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
     if budget.exceeded:
         message = "; ".join(budget.exceeded)
         if budget_before is None or budget_before.status != "True":
-            out.events.append(Event("Warning", "BudgetExceeded",
-                                    f"{message}: {spec.budget.action.value} the run"))
+            out.events.append(
+                Event("Warning", "BudgetExceeded", f"{message}: {spec.budget.action.value} the run")
+            )
         cond(COND_BUDGET, True, "BudgetExceeded", message)
     elif budget_before is not None:
         cond(COND_BUDGET, False, "WithinBudget", "all budget limits respected")
@@ -466,90 +548,162 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
         rec = records.get(stage.name)
         job_name = resources.child_name(name, stage.name)
         if job is not None and job.deleting:
-            stages[i] = st.model_copy(update={"message": "waiting for the previous pods to "
-                                              "stop (checkpointing after SIGTERM)"})
+            stages[i] = st.model_copy(
+                update={
+                    "message": "waiting for the previous pods to stop (checkpointing after SIGTERM)"
+                }
+            )
             phase = RunPhase.Running if should_run else phase
             break
         if job is not None and job.complete and rec is not None and rec.final:
             completed = job.completion_time or format_time(now)
-            stages[i] = st.model_copy(update={
-                "phase": StagePhase.Succeeded, "progress": 1.0, "eta_seconds": 0.0,
-                "completion_time": completed, "message": None,
-                "step": max(st.step, st.total_steps or 0)})
-            out.events.append(Event("Normal", "StageSucceeded",
-                                    f"stage {stage.name!r} ({i + 1}/{len(spec.stages)}) "
-                                    "succeeded"))
+            stages[i] = st.model_copy(
+                update={
+                    "phase": StagePhase.Succeeded,
+                    "progress": 1.0,
+                    "eta_seconds": 0.0,
+                    "completion_time": completed,
+                    "message": None,
+                    "step": max(st.step, st.total_steps or 0),
+                }
+            )
+            out.events.append(
+                Event(
+                    "Normal",
+                    "StageSucceeded",
+                    f"stage {stage.name!r} ({i + 1}/{len(spec.stages)}) succeeded",
+                )
+            )
             continue
         if job is not None and job.failed_condition:
             restarts = max(st.restarts, job.attempt + 1)
             if restarts > stage.max_restarts:
-                failed_message = (f"stage {stage.name!r} failed {restarts} times, more than "
-                                  f"maxRestarts={stage.max_restarts}: {job.failure_message}")
-                stages[i] = st.model_copy(update={"phase": StagePhase.Failed,
-                                                  "restarts": restarts,
-                                                  "completion_time": format_time(now),
-                                                  "message": job.failure_message or None})
+                failed_message = (
+                    f"stage {stage.name!r} failed {restarts} times, more than "
+                    f"maxRestarts={stage.max_restarts}: {job.failure_message}"
+                )
+                stages[i] = st.model_copy(
+                    update={
+                        "phase": StagePhase.Failed,
+                        "restarts": restarts,
+                        "completion_time": format_time(now),
+                        "message": job.failure_message or None,
+                    }
+                )
                 phase = RunPhase.Failed
                 break
-            stages[i] = st = st.model_copy(update={
-                "restarts": restarts,
-                "message": f"restart {restarts}/{stage.max_restarts}: {job.failure_message}"})
+            stages[i] = st = st.model_copy(
+                update={
+                    "restarts": restarts,
+                    "message": f"restart {restarts}/{stage.max_restarts}: {job.failure_message}",
+                }
+            )
             out.delete.append(Delete("Job", job_name))
-            out.events.append(Event("Warning", "StageRestarting",
-                                    f"stage {stage.name!r} failed ({job.failure_message}); "
-                                    f"restart {restarts} of {stage.max_restarts}, resuming "
-                                    "from the last checkpoint"))
+            out.events.append(
+                Event(
+                    "Warning",
+                    "StageRestarting",
+                    f"stage {stage.name!r} failed ({job.failure_message}); "
+                    f"restart {restarts} of {stage.max_restarts}, resuming "
+                    "from the last checkpoint",
+                )
+            )
             phase = RunPhase.Running if should_run else phase
             break
         if job is not None and job.complete:
             out.delete.append(Delete("Job", job_name))
-            out.events.append(Event("Normal", "StageInterrupted",
-                                    f"stage {stage.name!r} stopped without finishing (no "
-                                    "FINAL); recreating it to resume from the last "
-                                    "checkpoint"))
+            out.events.append(
+                Event(
+                    "Normal",
+                    "StageInterrupted",
+                    f"stage {stage.name!r} stopped without finishing (no "
+                    "FINAL); recreating it to resume from the last "
+                    "checkpoint",
+                )
+            )
             phase = RunPhase.Running if should_run else phase
             break
         if job is not None:
             if not should_run:
                 out.delete.append(Delete("Job", job_name))
-                why = ("budget exceeded" if budget.exceeded else
-                       "spec.suspend is true" if spec.suspend else "the run has finished")
-                out.events.append(Event("Normal", "Suspending",
-                                        f"stopping stage {stage.name!r}: {why}; the trainer "
-                                        "checkpoints before it exits"))
+                why = (
+                    "budget exceeded"
+                    if budget.exceeded
+                    else "spec.suspend is true"
+                    if spec.suspend
+                    else "the run has finished"
+                )
+                out.events.append(
+                    Event(
+                        "Normal",
+                        "Suspending",
+                        f"stopping stage {stage.name!r}: {why}; the trainer "
+                        "checkpoints before it exits",
+                    )
+                )
                 break
-            running = any((p.get("status") or {}).get("phase") == "Running"
-                          for p in pods_of(observed_pods, job.uid))
-            stages[i] = st.model_copy(update={
-                "phase": StagePhase.Running if running else StagePhase.Pending,
-                "message": None if running else "waiting for pods to be scheduled"})
+            running = any(
+                (p.get("status") or {}).get("phase") == "Running"
+                for p in pods_of(observed_pods, job.uid)
+            )
+            stages[i] = st.model_copy(
+                update={
+                    "phase": StagePhase.Running if running else StagePhase.Pending,
+                    "message": None if running else "waiting for pods to be scheduled",
+                }
+            )
             phase = RunPhase.Running if running else RunPhase.Pending
             updated = record_updated_at(rec.progress if rec else None)
-            if (running and updated is not None and config.stall_timeout_seconds > 0
-                    and (now - updated).total_seconds() > config.stall_timeout_seconds):
-                stalled = (f"stage {stage.name!r}: no progress for "
-                           f"{(now - updated).total_seconds():.0f}s")
+            if (
+                running
+                and updated is not None
+                and config.stall_timeout_seconds > 0
+                and (now - updated).total_seconds() > config.stall_timeout_seconds
+            ):
+                stalled = (
+                    f"stage {stage.name!r}: no progress for {(now - updated).total_seconds():.0f}s"
+                )
             break
         # No Job for the active stage.
         if should_run:
-            out.create.append(resources.build_service(run=name, namespace=namespace, uid=uid,
-                                                      stage=stage.name))
-            out.create.append(resources.build_job(spec, i, run=name, namespace=namespace,
-                                                  uid=uid, config=config,
-                                                  attempt=st.restarts))
+            out.create.append(
+                resources.build_service(run=name, namespace=namespace, uid=uid, stage=stage.name)
+            )
+            out.create.append(
+                resources.build_job(
+                    spec,
+                    i,
+                    run=name,
+                    namespace=namespace,
+                    uid=uid,
+                    config=config,
+                    attempt=st.restarts,
+                )
+            )
             first = st.start_time is None
-            stages[i] = st.model_copy(update={
-                "phase": StagePhase.Pending,
-                "start_time": st.start_time or format_time(now),
-                "message": "Job created" if first else "Job recreated, resuming from LATEST"})
-            out.events.append(Event("Normal", "StageStarted" if first else "StageResumed",
-                                    f"stage {stage.name!r} ({i + 1}/{len(spec.stages)}): "
-                                    f"created Job {job_name}"))
+            stages[i] = st.model_copy(
+                update={
+                    "phase": StagePhase.Pending,
+                    "start_time": st.start_time or format_time(now),
+                    "message": "Job created" if first else "Job recreated, resuming from LATEST",
+                }
+            )
+            out.events.append(
+                Event(
+                    "Normal",
+                    "StageStarted" if first else "StageResumed",
+                    f"stage {stage.name!r} ({i + 1}/{len(spec.stages)}): created Job {job_name}",
+                )
+            )
             phase = RunPhase.Pending
-        elif not terminal and st.phase in (StagePhase.Running, StagePhase.Pending) \
-                and st.start_time is not None:
-            stages[i] = st.model_copy(update={"phase": StagePhase.Suspended,
-                                              "message": "stopped after a checkpoint"})
+        elif (
+            not terminal
+            and st.phase in (StagePhase.Running, StagePhase.Pending)
+            and st.start_time is not None
+        ):
+            stages[i] = st.model_copy(
+                update={"phase": StagePhase.Suspended, "message": "stopped after a checkpoint"}
+            )
         break
     else:
         if not terminal:
@@ -568,13 +722,12 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
         out.events.append(Event("Warning", reason, failed_message))
     succeeded = sum(1 for s in stages if s.phase == StagePhase.Succeeded)
     if phase == RunPhase.Succeeded and old.phase != RunPhase.Succeeded:
-        cond(COND_SUCCEEDED, True, "AllStagesSucceeded",
-             f"all {len(stages)} stages succeeded")
-        out.events.append(Event("Normal", "AllStagesSucceeded",
-                                f"all {len(stages)} stages succeeded"))
+        cond(COND_SUCCEEDED, True, "AllStagesSucceeded", f"all {len(stages)} stages succeeded")
+        out.events.append(
+            Event("Normal", "AllStagesSucceeded", f"all {len(stages)} stages succeeded")
+        )
     elif succeeded and phase != RunPhase.Succeeded:
-        cond(COND_SUCCEEDED, False, "StageSucceeded",
-             f"{succeeded}/{len(stages)} stages succeeded")
+        cond(COND_SUCCEEDED, False, "StageSucceeded", f"{succeeded}/{len(stages)} stages succeeded")
     if phase == RunPhase.Running:
         cond(COND_RUNNING, True, "Running", f"stage {current!r} is training")
     elif phase == RunPhase.Pending:
@@ -585,12 +738,14 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
         failed = _condition(conds, COND_FAILED)
         cond(COND_RUNNING, False, failed.reason if failed else "Failed", "the run failed")
     else:
-        cond(COND_RUNNING, False, "BudgetExceeded" if suspend_on_budget else "Suspended",
-             "stopped")
+        cond(COND_RUNNING, False, "BudgetExceeded" if suspend_on_budget else "Suspended", "stopped")
     if phase == RunPhase.Suspended:
         reason = "BudgetExceeded" if suspend_on_budget else "Suspended"
-        message = ("; ".join(budget.exceeded) + " (raise the budget to continue)"
-                   if suspend_on_budget else "spec.suspend is true")
+        message = (
+            "; ".join(budget.exceeded) + " (raise the budget to continue)"
+            if suspend_on_budget
+            else "spec.suspend is true"
+        )
         if old.phase != RunPhase.Suspended:
             out.events.append(Event("Normal", "Suspended", f"run suspended: {message}"))
         cond(COND_SUSPENDED, True, reason, message)
@@ -605,10 +760,11 @@ def plan(run: dict[str, Any], observed_jobs: list[dict[str, Any]],
         cond(COND_STALLED, False, "Progressing", "the trainer reports progress")
 
     # ---- ttlSecondsAfterFinished: delete the children (the run and the store stay)
-    if phase in (RunPhase.Succeeded, RunPhase.Failed) and spec.ttl_seconds_after_finished \
-            is not None:
-        finished = _condition(conds, COND_SUCCEEDED if phase == RunPhase.Succeeded
-                              else COND_FAILED)
+    if (
+        phase in (RunPhase.Succeeded, RunPhase.Failed)
+        and spec.ttl_seconds_after_finished is not None
+    ):
+        finished = _condition(conds, COND_SUCCEEDED if phase == RunPhase.Succeeded else COND_FAILED)
         at = parse_time(finished.last_transition_time) if finished else None
         if at is not None and (now - at).total_seconds() >= spec.ttl_seconds_after_finished:
             out.create = []

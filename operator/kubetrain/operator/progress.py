@@ -48,8 +48,9 @@ class StageRecords:
     final: bool
 
 
-def read_stage_records(store: ObjectStore, namespace: str, run: str,
-                       stages: list[str]) -> dict[str, StageRecords]:
+def read_stage_records(
+    store: ObjectStore, namespace: str, run: str, stages: list[str]
+) -> dict[str, StageRecords]:
     """Read progress.json and test for FINAL for each named stage; ``store`` is rooted
     at the run's store root (``spec.storage.s3.uri()``)."""
     out: dict[str, StageRecords] = {}
@@ -76,8 +77,9 @@ def pod_gpu_seconds(pods: list[dict[str, Any]], gpus_per_pod: int, now: datetime
             continue  # not yet bound to a node: no GPU allocated
         end = None
         for cs in status.get("containerStatuses") or []:
-            finished = parse_time(((cs.get("state") or {}).get("terminated") or {})
-                                  .get("finishedAt"))
+            finished = parse_time(
+                ((cs.get("state") or {}).get("terminated") or {}).get("finishedAt")
+            )
             if finished is not None:
                 end = finished if end is None else max(end, finished)
         if end is None and status.get("phase") in ("Succeeded", "Failed"):
@@ -86,8 +88,11 @@ def pod_gpu_seconds(pods: list[dict[str, Any]], gpus_per_pod: int, now: datetime
     return total
 
 
-def banked_gpu_seconds(ledger: dict[str, Any], previous: StageStatus, job_uid: str | None,
-                       ) -> tuple[float, dict[str, Any]]:
+def banked_gpu_seconds(
+    ledger: dict[str, Any],
+    previous: StageStatus,
+    job_uid: str | None,
+) -> tuple[float, dict[str, Any]]:
     """GPU-seconds of the stage's finished attempts, and the updated ledger entry.
 
     The ledger remembers which Job's pods the status' last ``gpuSeconds`` included on
@@ -108,8 +113,9 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def apply_record(stage: Stage, model: ModelSpec, previous: StageStatus,
-                 record: dict[str, Any] | None) -> StageStatus:
+def apply_record(
+    stage: Stage, model: ModelSpec, previous: StageStatus, record: dict[str, Any] | None
+) -> StageStatus:
     """The stage status with the trainer's record applied (training numbers only).
 
     Numbers that only grow (step, tokens, energy) never go back, so a record torn by a
@@ -125,8 +131,7 @@ def apply_record(stage: Stage, model: ModelSpec, previous: StageStatus,
         "step": max(previous.step, step),
         "total_steps": total,
         "tokens": max(previous.tokens, int(_number(record.get("tokens")) or 0)),
-        "energy_joules": max(previous.energy_joules,
-                             _number(record.get("energyJoules")) or 0.0),
+        "energy_joules": max(previous.energy_joules, _number(record.get("energyJoules")) or 0.0),
     }
     if (loss := _number(record.get("loss"))) is not None:
         updates["loss"] = round(loss, 6)
@@ -154,24 +159,30 @@ def apply_record(stage: Stage, model: ModelSpec, previous: StageStatus,
     return out.model_copy(update=updates)
 
 
-def apply_costs(stage: Stage, status: StageStatus, gpu_seconds: float, pricing: Pricing,
-                price_table: dict[str, float]) -> StageStatus:
+def apply_costs(
+    stage: Stage,
+    status: StageStatus,
+    gpu_seconds: float,
+    pricing: Pricing,
+    price_table: dict[str, float],
+) -> StageStatus:
     """GPU-seconds, cost and CO2 of the stage, priced by its gpuType."""
     res = stage.resources
     acc = accounting.accelerator(res.gpu_type, res.gpus_per_node)
     price = accounting.gpu_hour_price(pricing, acc, price_table)
     gpu_seconds = max(status.gpu_seconds, gpu_seconds)
     cost, co2 = accounting.accrue(gpu_seconds, status.energy_joules, pricing, price)
-    return status.model_copy(update={
-        "gpu_seconds": round(gpu_seconds, 3),
-        "cost_usd": round(cost, 6),
-        "co2_grams": round(co2, 3),
-    })
+    return status.model_copy(
+        update={
+            "gpu_seconds": round(gpu_seconds, 3),
+            "cost_usd": round(cost, 6),
+            "co2_grams": round(co2, 3),
+        }
+    )
 
 
 def record_updated_at(record: dict[str, Any] | None) -> datetime | None:
     """When the trainer last wrote the record (for stall detection)."""
     if not record:
         return None
-    return parse_time(record.get("updatedAt") if isinstance(record.get("updatedAt"), str)
-                      else None)
+    return parse_time(record.get("updatedAt") if isinstance(record.get("updatedAt"), str) else None)

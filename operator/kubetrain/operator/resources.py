@@ -48,7 +48,7 @@ def child_name(run: str, stage: str) -> str:
     if len(name) <= MAX_CHILD_NAME:
         return name
     digest = hashlib.sha256(full.encode()).hexdigest()[:8]
-    return f"{name[:MAX_CHILD_NAME - 9].rstrip('-')}-{digest}"
+    return f"{name[: MAX_CHILD_NAME - 9].rstrip('-')}-{digest}"
 
 
 def labels(run: str, stage: str) -> dict[str, str]:
@@ -99,8 +99,14 @@ def build_service(*, run: str, namespace: str, uid: str, stage: str) -> dict[str
             # makes them ready).
             "publishNotReadyAddresses": True,
             "selector": {LABEL_RUN: run, LABEL_STAGE: stage},
-            "ports": [{"name": "rendezvous", "port": contract.MASTER_PORT,
-                       "targetPort": contract.MASTER_PORT, "protocol": "TCP"}],
+            "ports": [
+                {
+                    "name": "rendezvous",
+                    "port": contract.MASTER_PORT,
+                    "targetPort": contract.MASTER_PORT,
+                    "protocol": "TCP",
+                }
+            ],
         },
     }
 
@@ -141,7 +147,11 @@ def build_job(
     res = stage.resources
     name = child_name(run, stage.name)
     env = contract.stage_environment(
-        spec, index, run=run, namespace=namespace, store_root=spec.storage.s3.uri(),
+        spec,
+        index,
+        run=run,
+        namespace=namespace,
+        store_root=spec.storage.s3.uri(),
         master_addr=contract.master_address(name, name),
     )
     node_selector = dict(res.node_selector)
@@ -182,8 +192,9 @@ def build_job(
         "containers": [container],
         # NCCL and DataLoader workers share tensors through /dev/shm; the container
         # default of 64 MiB is far too small.
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory",
-                                                  "sizeLimit": config.shm_size}}],
+        "volumes": [
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}}
+        ],
     }
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
