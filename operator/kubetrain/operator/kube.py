@@ -42,6 +42,13 @@ def load_client_config(kubeconfig: str | None = None) -> client.Configuration:
     return client.Configuration.get_default_copy()
 
 
+def _json_object(value: object) -> dict[str, Any]:
+    """A decoded JSON object from the client (custom-object calls are typed ``object``)."""
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object from the API server, got {type(value).__name__}")
+    return value
+
+
 class KubeApi:
     """What the operator does with the API, one method per call."""
 
@@ -54,8 +61,8 @@ class KubeApi:
         self.core = client.CoreV1Api(self.client)
         self.component = component
 
-    def _plain(self, obj: Any) -> dict[str, Any]:
-        return self.client.sanitize_for_serialization(obj)
+    def _plain(self, obj: object) -> dict[str, Any]:
+        return _json_object(self.client.sanitize_for_serialization(obj))
 
     @staticmethod
     def _selector(run: str) -> str:
@@ -64,8 +71,10 @@ class KubeApi:
     # ---- runs
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.custom.get_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name
+            return _json_object(
+                self.custom.get_namespaced_custom_object(
+                    api.GROUP, api.VERSION, namespace, api.PLURAL, name
+                )
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -79,7 +88,7 @@ class KubeApi:
             )
         else:
             out = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)
-        return list(out.get("items") or [])
+        return list(_json_object(out).get("items") or [])
 
     def patch_run_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         self.custom.patch_namespaced_custom_object(
@@ -109,16 +118,16 @@ class KubeApi:
 
     def list_services(self, namespace: str, run: str) -> list[str]:
         svcs = self.core.list_namespaced_service(namespace, label_selector=self._selector(run))
-        return [s.metadata.name for s in svcs.items]
+        return [s.metadata.name for s in svcs.items if s.metadata and s.metadata.name]
 
     def create(self, obj: dict[str, Any]) -> bool:
-        """Create a Job or Service; False when it already existed."""
+        """Create a Job or Service (a manifest in wire form); False when it already existed."""
         ns = obj["metadata"]["namespace"]
         try:
             if obj["kind"] == "Job":
-                self.batch.create_namespaced_job(ns, obj)
+                self.batch.create_namespaced_job(ns, client.V1Job.model_validate(obj))
             elif obj["kind"] == "Service":
-                self.core.create_namespaced_service(ns, obj)
+                self.core.create_namespaced_service(ns, client.V1Service.model_validate(obj))
             else:
                 raise ValueError(f"cannot create a {obj['kind']}")
         except ApiException as exc:
@@ -150,7 +159,7 @@ class KubeApi:
 
     def secret_version(self, namespace: str, name: str) -> str:
         secret = self.core.read_namespaced_secret(name, namespace)
-        return secret.metadata.resource_version or ""
+        return (secret.metadata.resource_version if secret.metadata else None) or ""
 
     # ---- events
     def emit_event(self, run: dict[str, Any], type_: str, reason: str, message: str) -> None:
