@@ -23,7 +23,7 @@ help:
 	@echo "make docs         regenerate the README's field reference"
 	@echo "make cluster-bin  build kube-apiserver, controller-manager, scheduler, etcd, kwok, helm"
 	@echo "make bench        run the benchmarks (numbers in bench/results/)"
-	@echo "make lint         ruff check, ruff format --check"
+	@echo "make lint         ruff check, ruff format --check, mypy"
 
 # ---------------------------------------------------------------- python environment
 # pip is upgraded first: the old resolver can backtrack for many minutes.
@@ -86,6 +86,7 @@ test-unit: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 .PHONY: bench
 bench: $(STAMP)

@@ -23,6 +23,7 @@ import random
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TypeVar
 
 import torch
 
@@ -31,6 +32,8 @@ from kubetrain_trainer import tokenizer as tok
 
 IGNORE = -100  # cross_entropy's ignore_index: positions that do not count in the loss
 MAX_OPERAND = 99
+
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -73,8 +76,7 @@ def wrong_answer(a: int, b: int, rng: random.Random) -> str:
         int(str(c)[::-1]),
         (a % 10 + b % 10) % 10 + 10 * ((a // 10 + b // 10) % 10),
     }
-    candidates = sorted(x for x in candidates if x >= 0 and x != c)
-    return str(rng.choice(candidates))
+    return str(rng.choice(sorted(x for x in candidates if x >= 0 and x != c)))
 
 
 def eval_problems(n: int, seed: int) -> list[tuple[int, int]]:
@@ -258,7 +260,7 @@ class _Shuffled:
         return self._order(index // self.n)[index % self.n]
 
 
-def _split(records: list, eval_examples: int, seed: int) -> tuple[list, list]:
+def _split(records: list[_T], eval_examples: int, seed: int) -> tuple[list[_T], list[_T]]:
     """Seeded split of user records: at most a tenth (and ``eval_examples``) held out."""
     order = list(range(len(records)))
     random.Random(f"split:{seed}").shuffle(order)
@@ -307,7 +309,8 @@ class TextPretrain(Dataset):
 
 class JsonlSFT(Dataset):
     def __init__(self, uri: str, seed: int, seq_len: int, eval_examples: int):
-        train, held = _split(_jsonl(uri, ("prompt", "response")), eval_examples, seed)
+        records = [(p, r) for p, r in _jsonl(uri, ("prompt", "response"))]
+        train, held = _split(records, eval_examples, seed)
         self.records, self.order, self.seq_len = train, _Shuffled(len(train), seed), seq_len
         self.eval_set = EvalSet(qa=[(p, r) for p, r in held])
 
@@ -319,7 +322,7 @@ class JsonlSFT(Dataset):
 
 class JsonlDPO(Dataset):
     def __init__(self, uri: str, seed: int, seq_len: int, eval_examples: int):
-        records = _jsonl(uri, ("prompt", "chosen", "rejected"))
+        records = [(p, c, r) for p, c, r in _jsonl(uri, ("prompt", "chosen", "rejected"))]
         train, held = _split(records, eval_examples, seed)
         self.records, self.order, self.seq_len = train, _Shuffled(len(train), seed), seq_len
         self.eval_set = EvalSet(qa=[(p, c) for p, c, _ in held], pairs=list(held))

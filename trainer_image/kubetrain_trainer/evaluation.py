@@ -13,6 +13,7 @@ from torch import nn
 
 from kubetrain_trainer import tokenizer as tok
 from kubetrain_trainer.data import IGNORE, EvalSet, _pair_batch, _sequence, collate
+from kubetrain_trainer.model import GPT
 from kubetrain_trainer.objectives import pair_logprobs
 
 BATCH = 64
@@ -20,7 +21,7 @@ BATCH = 64
 
 @torch.no_grad()
 def greedy_answers(
-    model: nn.Module, prompts: list[str], max_new_tokens: int, device: torch.device
+    model: GPT, prompts: list[str], max_new_tokens: int, device: torch.device
 ) -> list[str]:
     """Greedy continuations of ``prompts`` until EOS or ``max_new_tokens``.
 
@@ -51,9 +52,7 @@ def greedy_answers(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, eval_set: EvalSet, seq_len: int, device: torch.device
-) -> dict[str, float]:
+def evaluate(model: GPT, eval_set: EvalSet, seq_len: int, device: torch.device) -> dict[str, float]:
     """Metrics on the held-out set: ``accuracy`` (exact match), ``loss`` (mean CE on
     answer tokens, or on held-out text), ``preferenceAccuracy``, ``examples``."""
     was_training = model.training

@@ -15,15 +15,18 @@ tests feed the same bad manifests to both.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import ErrorDetails
 
-GROUP = "kubetrain.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "TrainingRun"
+# The one apiVersion a TrainingRun is served at, as a type (what the model's field accepts)
+# and as a value; the API group and version are its two halves.
+ApiVersion = Literal["kubetrain.dev/v1alpha1"]
+API_VERSION: Final[ApiVersion] = "kubetrain.dev/v1alpha1"
+GROUP, VERSION = API_VERSION.split("/")
+KIND: Final = "TrainingRun"
 PLURAL = "trainingruns"
 SINGULAR = "trainingrun"
 SHORT_NAMES = ["tr"]
@@ -567,13 +570,21 @@ class TrainingRunStatus(_Model):
 
 
 class TrainingRun(_Model):
-    api_version: Literal["kubetrain.dev/v1alpha1"] = Field(
-        API_VERSION, description="`kubetrain.dev/v1alpha1`."
-    )
+    api_version: ApiVersion = Field(API_VERSION, description=f"`{API_VERSION}`.")
     kind: Literal["TrainingRun"] = Field(KIND, description="`TrainingRun`.")
     metadata: Metadata
     spec: TrainingRunSpec
     status: TrainingRunStatus | None = None
+
+
+def cel_rules() -> dict[str, list[dict[str, str]]]:
+    """The CEL rules of each model that declares some, keyed by class name (the name
+    pydantic gives the model's schema), in the order the models are declared."""
+    return {
+        obj.__name__: list(obj.CEL_RULES)
+        for obj in globals().values()
+        if isinstance(obj, type) and issubclass(obj, _Model) and obj.__dict__.get("CEL_RULES")
+    }
 
 
 # --------------------------------------------------------------------------- validation
@@ -640,7 +651,7 @@ def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
 
-def _accepted(err: dict[str, Any]) -> str:
+def _accepted(err: ErrorDetails) -> str:
     """What would be accepted, where pydantic's own message does not already say it."""
     ctx = err.get("ctx") or {}
     kind = err["type"]
@@ -710,6 +721,7 @@ __all__ = [
     "KIND",
     "PLURAL",
     "VERSION",
+    "ApiVersion",
     "Budget",
     "BudgetAction",
     "Condition",
@@ -732,6 +744,7 @@ __all__ = [
     "TrainingRun",
     "TrainingRunSpec",
     "TrainingRunStatus",
+    "cel_rules",
     "dump",
     "parse_run",
     "parse_spec",

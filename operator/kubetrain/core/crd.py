@@ -17,20 +17,12 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
 
 from kubetrain.core import api
 
 _DROP = {"title", "$defs", "discriminator", "examples", "readOnly", "writeOnly"}
 # Free-form maps the model declares as dict[str, ...] keep additionalProperties.
-
-
-def _cel_rules_by_title() -> dict[str, list[dict[str, str]]]:
-    """CEL rules keyed by model class name (pydantic's $defs names are class names)."""
-    out: dict[str, list[dict[str, str]]] = {}
-    for obj in vars(api).values():
-        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__dict__.get("CEL_RULES"):
-            out[obj.__name__] = list(obj.CEL_RULES)
-    return out
 
 
 def _factory_defaults() -> dict[str, dict[str, Any]]:
@@ -45,17 +37,25 @@ def _factory_defaults() -> dict[str, dict[str, Any]]:
         if isinstance(obj, type) and issubclass(obj, BaseModel):
             for name, field in obj.model_fields.items():
                 if field.default_factory is not None:
-                    produced = field.default_factory()  # type: ignore[call-arg]
+                    produced = field.get_default(call_default_factory=True)
                     if isinstance(produced, BaseModel):
                         out.setdefault(obj.__name__, {})[field.alias or name] = api.dump(produced)
     return out
 
 
-def _convert(node: Any, defs: dict[str, Any], rules: dict[str, list[dict[str, str]]]) -> Any:
+_Rules = dict[str, list[dict[str, str]]]
+
+
+def _convert(node: Any, defs: dict[str, Any], rules: _Rules) -> Any:
+    """Convert any JSON value of a schema: objects are schemas, lists hold values."""
     if isinstance(node, list):
         return [_convert(n, defs, rules) for n in node]
-    if not isinstance(node, dict):
-        return node
+    if isinstance(node, dict):
+        return _convert_schema(node, defs, rules)
+    return node
+
+
+def _convert_schema(node: dict[str, Any], defs: dict[str, Any], rules: _Rules) -> dict[str, Any]:
     node = dict(node)
     if "$ref" in node:
         name = node.pop("$ref").split("/")[-1]
@@ -63,7 +63,7 @@ def _convert(node: Any, defs: dict[str, Any], rules: dict[str, list[dict[str, st
         target.setdefault("x-kubetrain-model", name)
         # Sibling keys of a $ref (description, default) override the target's.
         target.update(node)
-        return _convert(target, defs, rules)
+        return _convert_schema(target, defs, rules)
     if "anyOf" in node:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:
@@ -72,7 +72,7 @@ def _convert(node: Any, defs: dict[str, Any], rules: dict[str, list[dict[str, st
         merged.update(node)
         if merged.get("default", "unset") is None:
             merged.pop("default")
-        return _convert(merged, defs, rules)
+        return _convert_schema(merged, defs, rules)
     if "const" in node:
         node["enum"] = [node.pop("const")]
     for key in ("exclusiveMinimum", "exclusiveMaximum"):
@@ -107,12 +107,12 @@ def _convert(node: Any, defs: dict[str, Any], rules: dict[str, list[dict[str, st
 _FACTORY_DEFAULTS = _factory_defaults()
 
 
-def openapi_schema(model: type[BaseModel], mode: str = "validation") -> dict[str, Any]:
+def openapi_schema(model: type[BaseModel], mode: JsonSchemaMode = "validation") -> dict[str, Any]:
     """Structural OpenAPI v3 schema of a model, as the CRD carries it."""
-    schema = model.model_json_schema(by_alias=True, mode=mode)  # type: ignore[arg-type]
+    schema = model.model_json_schema(by_alias=True, mode=mode)
     defs = schema.pop("$defs", {})
     schema["x-kubetrain-model"] = model.__name__
-    return _convert(schema, defs, _cel_rules_by_title())
+    return _convert_schema(schema, defs, api.cel_rules())
 
 
 def crd_object() -> dict[str, Any]:

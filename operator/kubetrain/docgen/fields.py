@@ -107,9 +107,8 @@ def field_reference() -> str:
         "Cross-field rules (checked by `kubetrain validate` and by the API server as CEL):",
         "",
     ]
-    for obj in vars(api).values():
-        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__dict__.get("CEL_RULES"):
-            lines += [f"- {rule['message']}" for rule in obj.CEL_RULES]
+    for rules in api.cel_rules().values():
+        lines += [f"- {rule['message']}" for rule in rules]
     lines += [
         "",
         "Status (written by the operator):",

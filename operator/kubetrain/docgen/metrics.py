@@ -88,7 +88,7 @@ def example_trainer_registry(
     collector = TrainerCollector({"run": run, "namespace": namespace, "stage": stage})
     collector.record = dict(EXAMPLE_PROGRESS)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)  # type: ignore[arg-type]
+    registry.register(collector)
     return registry, collector
 
 
