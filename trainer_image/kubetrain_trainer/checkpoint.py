@@ -1,6 +1,6 @@
 """Checkpoints in a stage folder, through kubetrain.core.store (same code for s3:// and file://).
 
-Protocol (DESIGN.md "Storage layout"):
+Protocol (the stage folder's layout: trainer_image/README.md, "What a stage writes"):
 1. the files of ``checkpoints/step-000100/`` are uploaded (torch.save to a temporary
    file, then ``put_file``, so large files go multipart on S3);
 2. ``MANIFEST.json`` — every file's size and sha256 — is written LAST: a folder without

@@ -44,7 +44,7 @@ ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 METRICS_PORT = 9400
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
-# Files in a stage folder (see DESIGN.md "Storage layout").
+# Files in a stage folder (its layout: trainer_image/README.md, "What a stage writes").
 LATEST = "LATEST"
 FINAL = "FINAL"
 PROGRESS = "progress.json"
