@@ -420,6 +420,26 @@ INVALID = {
         ["spec.stages[0].hyperparameters.maxSteps", "greater than or equal to 1"],
     ),
     "empty stages": (_edit(_set("stages", [])), ["spec.stages", "at least 1"]),
+    # What the Job create would otherwise refuse for ever, after the run was accepted.
+    "negative cpu": (
+        _edit(_set("stages.0.resources", {"cpu": "-4"})),
+        ["spec.stages[0].resources.cpu", "-4"],
+    ),
+    "cpu with two dots": (
+        _edit(_set("stages.0.resources", {"cpu": "1..2"})),
+        ["spec.stages[0].resources.cpu", "1..2"],
+    ),
+    "keyless Equal toleration": (
+        _edit(_set("stages.0.resources", {"tolerations": [{"operator": "Equal"}]})),
+        [
+            "spec.stages[0].resources.tolerations[0]",
+            "a toleration without a key must use operator Exists",
+        ],
+    ),
+    "node selector key": (
+        _edit(_set("stages.0.resources", {"nodeSelector": {"gpu type": "a100"}})),
+        ["spec.stages[0].resources.nodeSelector", "nodeSelector keys must be label keys"],
+    ),
     "bad stage name": (_edit(_set("stages.0.name", "Pre_Train")), ["spec.stages[0].name"]),
     # CEL
     "duplicate stage names": (

@@ -144,6 +144,56 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.stages[0].resources.memory",
         "64Gi",
     ),
+    # What the API server would refuse later, at Job creation, for ever (the CRD's own
+    # quantity pattern lets "-4" and "1..2" through).
+    (
+        "negative-cpu",
+        with_change("spec.stages[0].resources.cpu", "-4"),
+        "spec.stages[0].resources.cpu",
+        "non-negative Kubernetes quantity",
+    ),
+    (
+        "two-dots-cpu",
+        with_change("spec.stages[0].resources.cpu", "1..2"),
+        "spec.stages[0].resources.cpu",
+        "500m",
+    ),
+    (
+        "keyless-equal-toleration",
+        with_change("spec.stages[0].resources.tolerations", [{"operator": "Equal"}]),
+        "spec.stages[0].resources.tolerations[0]",
+        "operator Exists without a key",
+    ),
+    (
+        "exists-toleration-with-value",
+        with_change(
+            "spec.stages[0].resources.tolerations",
+            [{"key": "gpu", "operator": "Exists", "value": "yes"}],
+        ),
+        "spec.stages[0].resources.tolerations[0]",
+        "no value with Exists",
+    ),
+    (
+        "toleration-seconds-without-noexecute",
+        with_change(
+            "spec.stages[0].resources.tolerations",
+            [{"key": "gpu", "value": "a", "effect": "NoSchedule", "tolerationSeconds": 30}],
+        ),
+        "spec.stages[0].resources.tolerations[0]",
+        "effect NoExecute",
+    ),
+    (
+        "bad-node-selector-key",
+        with_change("spec.stages[0].resources.nodeSelector", {"gpu type": "a100"}),
+        "spec.stages[0].resources.nodeSelector",
+        "a label key",
+    ),
+    (
+        "bad-node-selector-value",
+        with_change("spec.stages[0].resources.nodeSelector", {"gpu": "a100!"}),
+        "spec.stages[0].resources.nodeSelector.gpu",
+        "a label value",
+    ),
     ("bad-from-uri", with_change("spec.model.from", "http://x/y"), "spec.model.from", "s3"),
     (
         "small-vocab",
@@ -202,3 +252,30 @@ def test_validate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"cpu": "500m", "memory": "64Gi"},
+        {"cpu": "1.5", "memory": "1e9"},
+        {"tolerations": [{"operator": "Exists"}]},
+        {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        {
+            "tolerations": [
+                {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 60}
+            ]
+        },
+        {"nodeSelector": {"cloud.example.com/pool": "h100-spot", "zone": ""}},
+    ],
+    ids=[
+        "quantities",
+        "decimal-quantities",
+        "tolerate-all",
+        "exists-key",
+        "noexecute-seconds",
+        "prefixed-selector",
+    ],
+)
+def test_what_the_pod_api_accepts_is_accepted(resources: dict[str, Any]) -> None:
+    parse_run(with_change("spec.stages[0].resources", resources))

@@ -23,6 +23,10 @@ CEL_ONLY = {
     "seq-longer-than-context",
     "steps-and-tokens",
     "long-run-name",
+    "keyless-equal-toleration",
+    "exists-toleration-with-value",
+    "toleration-seconds-without-noexecute",
+    "bad-node-selector-key",
 }
 # The API server prunes unknown fields rather than rejecting them; kubectl warns.
 PRUNED = {"unknown-field"}

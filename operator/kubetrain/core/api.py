@@ -15,9 +15,16 @@ tests feed the same bad manifests to both.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, ClassVar, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails
 
@@ -42,8 +49,21 @@ STAGE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 STAGE_NAME_MAX = 20
 URI_PATTERN = r"^(s3|file)://.+$"
 DATA_SOURCE_PATTERN = r"^(synthetic:[a-z][a-z0-9-]*|s3://.+|file://.+)$"
-# Kubernetes resource.Quantity, as the API server's own regular expression has it.
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# A non-negative Kubernetes resource.Quantity, as the API server parses it
+# (resource.ParseQuantity): a decimal number, then a binary suffix (Ki..Ei), a decimal
+# suffix (n, u, m, k, M..E) or a decimal exponent. The API server's looser pattern lets
+# "-4" and "1..2" through the CRD, and the Job create then fails for ever.
+QUANTITY_PATTERN = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE][-+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+# Label keys (node selectors, toleration keys): an optional DNS-subdomain prefix and a
+# name of at most 63 characters (Kubernetes' "qualified name"); label values: at most 63
+# characters of the same alphabet, or empty.
+LABEL_NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]"
+LABEL_PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+LABEL_KEY_PATTERN = rf"^({LABEL_PREFIX}/)?{LABEL_NAME}$"
+LABEL_VALUE_PATTERN = rf"^({LABEL_NAME})?$"
 
 
 def wire_name(field: str) -> str:
@@ -251,11 +271,22 @@ class Hyperparameters(_Model):
 
 
 class Toleration(_Model):
-    """A pod toleration (as in the Pod API)."""
+    """A pod toleration, as in the Pod API and checked by its rules."""
 
-    key: str | None = Field(None, description="Taint key the toleration applies to.")
+    key: str | None = Field(
+        None,
+        max_length=316,
+        pattern=LABEL_KEY_PATTERN,
+        description="Taint key the toleration applies to; unset (with operator Exists) "
+        "tolerates every taint.",
+    )
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
-    value: str | None = Field(None, description="Taint value for operator Equal.")
+    value: str | None = Field(
+        None,
+        max_length=63,
+        pattern=LABEL_VALUE_PATTERN,
+        description="Taint value for operator Equal; empty for Exists.",
+    )
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to tolerate; all effects when unset."
     )
@@ -263,9 +294,61 @@ class Toleration(_Model):
         None, description="For NoExecute: how long the pod stays bound after the taint."
     )
 
+    CEL_RULES: ClassVar[list[dict[str, str]]] = [
+        {
+            "rule": "has(self.key) && self.key != '' || self.operator == 'Exists'",
+            "message": "a toleration without a key must use operator Exists",
+        },
+        {
+            "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "message": "a toleration with operator Exists must not set a value",
+        },
+        {
+            "rule": "!has(self.tolerationSeconds) || has(self.effect) && "
+            "self.effect == 'NoExecute'",
+            "message": "tolerationSeconds needs effect NoExecute",
+        },
+    ]
+
+    @model_validator(mode="after")
+    def _pod_api_rules(self) -> Toleration:
+        if not self.key and self.operator != "Exists":
+            raise ValueError(
+                f"operator={self.operator!r} needs a key (accepted: a key with Equal, "
+                "or operator Exists without a key to tolerate every taint)"
+            )
+        if self.operator == "Exists" and self.value:
+            raise ValueError(
+                f"value={self.value!r} with operator Exists (accepted: no value with Exists, "
+                "or operator Equal)"
+            )
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError(
+                f"tolerationSeconds={self.toleration_seconds} with effect={self.effect!r} "
+                "(accepted: tolerationSeconds only with effect NoExecute)"
+            )
+        return self
+
+
+LabelKey = Annotated[str, StringConstraints(max_length=316, pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE_PATTERN)]
+
 
 class Resources(_Model):
     """Pods, GPUs and placement of a stage."""
+
+    # JSON Schema's propertyNames has no place in a structural CRD schema: CEL checks the
+    # node selector's keys instead.
+    CEL_RULES: ClassVar[list[dict[str, str]]] = [
+        {
+            # Backslashes doubled: a CEL string literal knows no escape such as '\.'.
+            "rule": "!has(self.nodeSelector) || self.nodeSelector.all(k, "
+            f"k.matches('{LABEL_KEY_PATTERN.replace(chr(92), chr(92) * 2)}'))",
+            "message": "nodeSelector keys must be label keys ([prefix/]name, name at most "
+            "63 characters of letters, digits, '-', '_' and '.')",
+            "fieldPath": ".nodeSelector",
+        },
+    ]
 
     nodes: int = Field(1, ge=1, le=1024, description="Pods (one per node) in the stage's Job.")
     gpus_per_node: int = Field(
@@ -290,7 +373,7 @@ class Resources(_Model):
     memory: str | None = Field(
         None, pattern=QUANTITY_PATTERN, description="Memory request and limit per pod (quantity)."
     )
-    node_selector: dict[str, str] = Field(
+    node_selector: dict[LabelKey, LabelValue] = Field(
         default_factory=dict, description="Extra node labels the pods require."
     )
     tolerations: list[Toleration] = Field(
@@ -615,9 +698,14 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-_PATTERN_HINTS = {
+# What each pattern accepts, in words: for error messages and the field reference.
+PATTERN_HINTS = {
     STAGE_NAME_PATTERN: "lowercase letters, digits and '-', starting with a letter",
-    QUANTITY_PATTERN: "a Kubernetes quantity such as 8, 500m or 64Gi",
+    QUANTITY_PATTERN: "a non-negative Kubernetes quantity such as 8, 500m or 64Gi",
+    LABEL_KEY_PATTERN: "a label key: [prefix/]name, the name at most 63 letters, digits, "
+    "'-', '_' or '.', starting and ending with a letter or digit",
+    LABEL_VALUE_PATTERN: "a label value: at most 63 letters, digits, '-', '_' or '.', "
+    "starting and ending with a letter or digit, or empty",
     DATA_SOURCE_PATTERN: "synthetic:<task> (e.g. synthetic:arithmetic), s3://bucket/key "
     "or file:///path",
     URI_PATTERN: "an s3://bucket/key or file:///path URI",
@@ -657,7 +745,7 @@ def _accepted(err: ErrorDetails) -> str:
     kind = err["type"]
     if kind == "string_pattern_mismatch":
         pattern = ctx.get("pattern", "")
-        return f"accepted: {_PATTERN_HINTS.get(pattern, f'a string matching {pattern}')}"
+        return f"accepted: {PATTERN_HINTS.get(pattern, f'a string matching {pattern}')}"
     if kind == "extra_forbidden":
         allowed = _allowed_fields(tuple(err["loc"]))
         return f"accepted fields here: {', '.join(allowed)}" if allowed else ""
@@ -682,6 +770,12 @@ def format_errors(exc: ValidationError) -> list[str]:
             lines.append(f"{path}: is required but missing")
         else:
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            if (
+                err["type"] == "string_pattern_mismatch"
+                and (err.get("ctx") or {}).get("pattern") in PATTERN_HINTS
+            ):
+                # The hint says it in words; the regular expression would only bury it.
+                msg = "wrong format"
             lines.append(
                 f"{path}: {shown} is invalid: {msg}" + (f" ({accepted})" if accepted else "")
             )

@@ -21,7 +21,16 @@ from pydantic.json_schema import JsonSchemaMode
 
 from kubetrain.core import api
 
-_DROP = {"title", "$defs", "discriminator", "examples", "readOnly", "writeOnly"}
+_DROP = {
+    "title",
+    "$defs",
+    "discriminator",
+    "examples",
+    "readOnly",
+    "writeOnly",
+    # Not allowed in a structural schema; models check map keys with CEL rules instead.
+    "propertyNames",
+}
 # Free-form maps the model declares as dict[str, ...] keep additionalProperties.
 
 
@@ -82,6 +91,12 @@ def _convert_schema(node: dict[str, Any], defs: dict[str, Any], rules: _Rules) -
             node[key] = True
     if node.get("additionalProperties") is False:
         node.pop("additionalProperties")
+    if "patternProperties" in node:
+        # A map with constrained keys: a structural schema has no patternProperties, so
+        # the values' schema becomes additionalProperties and the model checks the keys
+        # with a CEL rule.
+        (values,) = node.pop("patternProperties").values()
+        node["additionalProperties"] = values
     model_name = node.pop("x-kubetrain-model", None)
     out: dict[str, Any] = {}
     for key, value in node.items():

@@ -58,7 +58,8 @@ def _constraints(field: Any) -> str:
         if getattr(meta, "max_length", None) is not None:
             parts.append(f"max length {meta.max_length}")
         if getattr(meta, "pattern", None) is not None:
-            parts.append(f"pattern `{meta.pattern}`")
+            hint = api.PATTERN_HINTS.get(meta.pattern)
+            parts.append(hint if hint else f"pattern `{meta.pattern}`")
     return ", ".join(parts)
 
 
