@@ -374,7 +374,9 @@ class Resources(_Model):
         None, pattern=QUANTITY_PATTERN, description="Memory request and limit per pod (quantity)."
     )
     node_selector: dict[LabelKey, LabelValue] = Field(
-        default_factory=dict, description="Extra node labels the pods require."
+        default_factory=dict,
+        max_length=16,
+        description="Extra node labels the pods require.",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Tolerations for GPU node taints."
