@@ -20,7 +20,7 @@ import kopf
 
 from kubetrain.core import api
 from kubetrain.core.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
-from kubetrain.core.store import ObjectStore, S3Store, StoreError, open_store
+from kubetrain.core.store import ObjectStore, StoreError, open_store
 from kubetrain.operator import plan as planner
 from kubetrain.operator import resources
 from kubetrain.operator.config import OperatorConfig
@@ -61,26 +61,27 @@ class Api(Protocol):
 
 StoreFactory = Callable[[api.S3Storage, dict[str, str] | None], ObjectStore]
 
+# A reconcile holds its run's lock while it reads the store: fail fast and let the next
+# timer tick retry, rather than wait out a trainer's patient upload settings.
+STORE_RETRIES = 3
+STORE_CONNECT_TIMEOUT = 5.0
+STORE_READ_TIMEOUT = 20.0
+
 
 def open_run_store(s3: api.S3Storage, credentials: dict[str, str] | None) -> ObjectStore:
     """The run's store, read with the run's own credentials when it names a Secret
     (held in the boto3 client only, never logged), else the operator's."""
-    store = open_store(s3.uri(), endpoint=s3.endpoint, region=s3.region)
-    if credentials and isinstance(store, S3Store):
-        import boto3
-        from botocore.config import Config
-
-        store.client = boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint,
-            region_name=s3.region,
-            aws_access_key_id=credentials.get(ENV_AWS_ACCESS_KEY_ID),
-            aws_secret_access_key=credentials.get(ENV_AWS_SECRET_ACCESS_KEY),
-            config=Config(
-                retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=20
-            ),
-        )
-    return store
+    credentials = credentials or {}
+    return open_store(
+        s3.uri(),
+        endpoint=s3.endpoint,
+        region=s3.region,
+        access_key_id=credentials.get(ENV_AWS_ACCESS_KEY_ID) or None,
+        secret_access_key=credentials.get(ENV_AWS_SECRET_ACCESS_KEY) or None,
+        retries=STORE_RETRIES,
+        connect_timeout=STORE_CONNECT_TIMEOUT,
+        read_timeout=STORE_READ_TIMEOUT,
+    )
 
 
 def stages_to_read(run: dict[str, Any]) -> list[str]:
