@@ -84,19 +84,6 @@ def open_run_store(s3: api.S3Storage, credentials: dict[str, str] | None) -> Obj
     )
 
 
-def stages_to_read(run: dict[str, Any]) -> list[str]:
-    """The stage whose records matter now: the first one not Succeeded (its progress
-    record and FINAL decide what happens next)."""
-    spec = run.get("spec") or {}
-    names = [s.get("name") for s in spec.get("stages") or [] if s.get("name")]
-    done = {
-        s.get("name")
-        for s in (run.get("status") or {}).get("stages") or []
-        if s.get("phase") == "Succeeded"
-    }
-    return [n for n in names if n not in done][:1]
-
-
 class Reconciler:
     """Gathers the observed state of a run, plans, applies. One lock per run: Kopf runs
     sync handlers in threads, and a Job event may arrive while the timer reconciles."""
@@ -127,14 +114,15 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
 
-    def read_records(self, run: dict[str, Any]) -> dict[str, StageRecords]:
+    def read_records(
+        self, run: dict[str, Any], jobs: list[dict[str, Any]]
+    ) -> dict[str, StageRecords]:
+        """The progress records the plan needs (``plan.records_to_read``); none when the
+        store or the Secret cannot be read (the run still reconciles; progress waits)."""
         meta = run["metadata"]
-        try:
-            spec = api.parse_spec(run.get("spec") or {})
-        except api.ManifestError:
-            return {}
-        s3 = spec.storage.s3
-        if s3 is None:
+        wanted = planner.records_to_read(run, jobs)
+        s3 = wanted.s3
+        if s3 is None or not wanted.stages:
             return {}
         credentials = None
         if s3.credentials_secret:
@@ -151,7 +139,7 @@ class Reconciler:
                 return {}
         try:
             store = self.store_factory(s3, credentials)
-            return read_stage_records(store, meta["namespace"], meta["name"], stages_to_read(run))
+            return read_stage_records(store, meta["namespace"], meta["name"], wanted.stages)
         except (StoreError, OSError, ValueError) as exc:
             log.warning(
                 "%s/%s: cannot read progress from the store: %s",
@@ -184,7 +172,7 @@ class Reconciler:
         jobs = self.kube.list_jobs(namespace, name)
         pods = self.kube.list_pods(namespace, name)
         services = self.kube.list_services(namespace, name)
-        records = self.read_records(run)
+        records = self.read_records(run, jobs)
         p = planner.plan(
             run, jobs, pods, records, self.clock(), self.config, observed_services=services
         )
@@ -206,13 +194,11 @@ class Reconciler:
                     "%s/%s: event %s not posted: %s", namespace, name, ev.reason, type(exc).__name__
                 )
             log.info("%s/%s: %s: %s", namespace, name, ev.reason, ev.message)
-        status = p.status if p.status is not None else (run.get("status") or {})
-        stage_types = {
-            s.get("name"): s.get("type") for s in (run.get("spec") or {}).get("stages") or []
-        }
-        self.metrics.observe_run(
-            namespace, name, run.get("status") or {}, status, p.budget_used, stage_types
-        )
+        if p.previous_status is not None and p.run_status is not None:
+            stage_types = {s.name: s.type.value for s in p.spec.stages} if p.spec else {}
+            self.metrics.observe_run(
+                namespace, name, p.previous_status, p.run_status, p.budget_used, stage_types
+            )
         return p
 
 
