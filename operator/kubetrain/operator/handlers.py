@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -209,8 +209,9 @@ def register(
     runs = (api.GROUP, api.VERSION, api.PLURAL)
     owned = {resources.LABEL_RUN: kopf.PRESENT}
 
-    def on_run(namespace: str, name: str, **_: Any) -> None:
-        reconciler.reconcile(namespace, name)
+    # TrainingRuns, Jobs and Pods are namespaced: kopf always passes a namespace.
+    def on_run(namespace: str | None, name: str, **_: Any) -> None:
+        reconciler.reconcile(namespace or "default", name)
 
     kopf.on.resume(*runs, registry=registry, id="reconcile")(on_run)
     kopf.on.create(*runs, registry=registry, id="reconcile")(on_run)
@@ -225,16 +226,16 @@ def register(
         initial_delay=config.poll_interval_seconds,
     )(on_run)
 
-    def on_run_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
-        if event.get("type") == "DELETED":
-            reconciler.forget(namespace, name)
+    def on_run_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+        if type == "DELETED":
+            reconciler.forget(namespace or "default", name)
 
     kopf.on.event(*runs, registry=registry, id="forget")(on_run_event)
 
-    def on_child(namespace: str, labels: dict[str, str], **_: Any) -> None:
+    def on_child(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
         run = labels.get(resources.LABEL_RUN)
         if run:
-            reconciler.reconcile(namespace, run)
+            reconciler.reconcile(namespace or "default", run)
 
     kopf.on.event("batch", "v1", "jobs", registry=registry, labels=owned, id="job")(on_child)
 
@@ -242,15 +243,15 @@ def register(
     seen_guard = threading.Lock()
 
     def on_pod(
-        namespace: str,
-        labels: dict[str, str],
-        event: dict[str, Any],
-        status: dict[str, Any],
+        namespace: str | None,
+        labels: Mapping[str, str],
+        type: str,
+        status: kopf.Status,
         uid: str,
         **_: Any,
     ) -> None:
         # Pods change often (conditions, IPs); only phase changes and deletions matter.
-        phase = "Deleted" if event.get("type") == "DELETED" else str(status.get("phase"))
+        phase = "Deleted" if type == "DELETED" else str(status.get("phase"))
         with seen_guard:
             if seen.get(uid) == phase:
                 return
