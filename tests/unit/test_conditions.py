@@ -1,11 +1,13 @@
 """Condition types and reasons are API: users wait on them, alerts and the README name
-them."""
+them, and ``kubetrain status`` points at the ones that need action."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
+from kubetrain.cli.cluster import attention_lines
 from kubetrain.core.conditions import CONDITION_ORDER, ConditionType, Reason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,3 +49,51 @@ def test_readme_names_existing_reasons() -> None:
     for value in ("ReachedMaxRestarts", "SpecChangeRefused"):
         assert f"`{value}`" in text
         assert value in _values(Reason)
+
+
+def _run(name: str, conditions: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "ml"}, "status": {"conditions": conditions}}
+
+
+def test_status_lists_what_needs_action() -> None:
+    runs = [
+        _run(
+            "b",
+            [
+                {"type": ConditionType.RUNNING, "status": "False", "reason": Reason.SUSPENDED},
+                {
+                    "type": ConditionType.SUSPENDED,
+                    "status": "True",
+                    "reason": Reason.SUSPENDED,
+                    "message": "spec.suspend is true",
+                },
+                {
+                    "type": ConditionType.STORAGE_CONFIGURED,
+                    "status": "False",
+                    "reason": Reason.MISSING_S3_STORAGE,
+                    "message": "spec.storage.s3 is required on a cluster",
+                },
+            ],
+        ),
+        _run(
+            "a",
+            [
+                {
+                    "type": ConditionType.STALLED,
+                    "status": "False",
+                    "reason": Reason.PROGRESSING,
+                    "message": "the trainer reports progress",
+                },
+                {
+                    "type": ConditionType.FAILED,
+                    "status": "True",
+                    "reason": Reason.REACHED_MAX_RESTARTS,
+                    "message": "stage 'pretrain' failed 3 times",
+                },
+            ],
+        ),
+    ]
+    assert attention_lines(runs) == [
+        "ml/a: Failed (ReachedMaxRestarts): stage 'pretrain' failed 3 times",
+        "ml/b: StorageConfigured (MissingS3Storage): spec.storage.s3 is required on a cluster",
+    ]
