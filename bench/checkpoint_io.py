@@ -64,7 +64,7 @@ def main() -> None:
             os.environ[key] = value
         bucket = server.create_bucket("bench")
         client = boto3.client("s3", endpoint_url=server.endpoint, region_name=server.region)
-        store = open_store(f"s3://{bucket}/ckpt")
+        store = open_store(f"s3://{bucket}/ckpt", endpoint=server.endpoint, region=server.region)
         ckpt = Checkpointer(store, keep=args.reps + 1)  # no pruning inside the timed save
         save_mbs, raw_up_mbs, load_mbs, raw_down_mbs, resume_s = [], [], [], [], []
         size = 0

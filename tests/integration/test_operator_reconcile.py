@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from kubetrain.core.api import RunPhase, TrainingRunStatus
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.handlers import Reconciler, silence_credential_loggers
 from kubetrain.operator.metrics import OperatorMetrics
@@ -215,7 +216,9 @@ def test_unreadable_store_keeps_reconciling(monkeypatch: pytest.MonkeyPatch) -> 
 def test_deleted_run_forgotten() -> None:
     fake = FakeApi({}, {})
     metrics = OperatorMetrics()
-    metrics.observe_run("ml", "demo", {}, {"phase": "Running"}, {}, {})
+    metrics.observe_run(
+        "ml", "demo", TrainingRunStatus(), TrainingRunStatus(phase=RunPhase.Running), {}, {}
+    )
     rec = Reconciler(fake, OperatorConfig(), metrics)
     assert rec.reconcile("ml", "demo") is None
     assert metrics.snapshots() == {}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import start_http_server
 
+from kubetrain.core.api import TrainingRunStatus
 from kubetrain.operator.metrics import OperatorMetrics
 from tests.support.chart import ALERTS, alert_rules, concrete, dashboard_exprs
 from tests.support.localrun import cli_env, kubetrain_cmd, tiny_manifest, write_manifest
@@ -42,8 +43,15 @@ class OperatorExporter:
         self.metrics.observe_run(
             NAMESPACE,
             "broken",
-            {"stages": [{"name": "pretrain", "phase": "Running"}]},
-            {"phase": "Failed", "stages": [{"name": "pretrain", "phase": "Failed", "restarts": 3}]},
+            TrainingRunStatus.model_validate(
+                {"stages": [{"name": "pretrain", "phase": "Running"}]}
+            ),
+            TrainingRunStatus.model_validate(
+                {
+                    "phase": "Failed",
+                    "stages": [{"name": "pretrain", "phase": "Failed", "restarts": 3}],
+                }
+            ),
             {},
             {},
         )
@@ -51,27 +59,29 @@ class OperatorExporter:
         self._feeder.start()
 
     def _feed(self) -> None:
-        started, old = time.monotonic(), {}
+        started, old = time.monotonic(), TrainingRunStatus()
         while not self._stop.wait(0.2):
             t = time.monotonic() - started
-            status = {
-                "phase": "Running",
-                "totals": {
-                    "progress": min(0.99, 0.01 * t),
-                    "gpuSeconds": 8 * t,
-                    "energyJoules": 5600 * t,
-                    "costUSD": 0.02 * t,
-                    "co2Grams": 0.7 * t,
-                },
-                "stages": [
-                    {
-                        "name": "pretrain",
-                        "phase": "Running",
-                        "restarts": int(t / 2),
-                        "energySource": "estimate",
-                    }
-                ],
-            }
+            status = TrainingRunStatus.model_validate(
+                {
+                    "phase": "Running",
+                    "totals": {
+                        "progress": min(0.99, 0.01 * t),
+                        "gpuSeconds": 8 * t,
+                        "energyJoules": 5600 * t,
+                        "costUSD": 0.02 * t,
+                        "co2Grams": 0.7 * t,
+                    },
+                    "stages": [
+                        {
+                            "name": "pretrain",
+                            "phase": "Running",
+                            "restarts": int(t / 2),
+                            "energySource": "estimate",
+                        }
+                    ],
+                }
+            )
             self.metrics.observe_run(
                 NAMESPACE, RUN, old, status, {"cost": 0.9}, {"pretrain": "pretrain"}
             )

@@ -108,7 +108,7 @@ def start(spec: TrainingRunSpec, index: int, s3: S3Server, **extra: str) -> Stag
         text=True,
         cwd=REPO,
     )
-    store = open_store(env[contract.ENV_CHECKPOINT_URI])
+    store = open_store(env[contract.ENV_CHECKPOINT_URI], endpoint=s3.endpoint, region=s3.region)
     return Stage(proc, store)
 
 
@@ -185,9 +185,9 @@ def test_curriculum_pretrain_sft_dpo_on_s3(s3_server: S3Server) -> None:
     assert sft["loss"] < pre["loss"] / 2, results
     assert dpo["preferenceAccuracy"] >= sft["preferenceAccuracy"] - 0.05, results
     # The progress record carries DPO's own diagnostics.
-    dpo_progress = open_store(f"s3://{bucket}/runs/{NAMESPACE}/{RUN}/dpo").get_json(
-        contract.PROGRESS
-    )
+    dpo_progress = open_store(
+        f"s3://{bucket}/runs/{NAMESPACE}/{RUN}/dpo", endpoint=s3_server.endpoint
+    ).get_json(contract.PROGRESS)
     assert set(dpo_progress["train"]) == {
         "rewards/chosen",
         "rewards/rejected",
@@ -358,7 +358,9 @@ def test_missing_init_checkpoint_fails_with_one_line(s3_server: S3Server) -> Non
     last = err.strip().splitlines()[-1]
     assert last.startswith("kubetrain-trainer: error: ") and "/a" in last
     assert "no complete checkpoint" in last
-    progress = open_store(f"s3://{bucket}/runs/{NAMESPACE}/{RUN}/b").get_json(contract.PROGRESS)
+    progress = open_store(
+        f"s3://{bucket}/runs/{NAMESPACE}/{RUN}/b", endpoint=s3_server.endpoint
+    ).get_json(contract.PROGRESS)
     assert progress["phase"] == "failed" and "no complete checkpoint" in progress["message"]
 
 

@@ -5,23 +5,29 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from kubetrain.core.api import Condition, TrainingRunStatus
+from kubetrain.core.conditions import ConditionType, Reason
 from kubetrain.operator.metrics import OperatorMetrics
 
+NONE = TrainingRunStatus()  # a run's status before its first reconcile
 
-def status(phase: str = "Running", stage_phase: str = "Running", stalled: bool = False) -> dict:
+
+def status(
+    phase: str = "Running", stage_phase: str = "Running", stalled: bool = False
+) -> TrainingRunStatus:
     conditions = (
         [
             {
-                "type": "Stalled",
+                "type": ConditionType.STALLED,
                 "status": "True",
-                "reason": "ProgressStalled",
+                "reason": Reason.PROGRESS_STALLED,
                 "message": "stage 'pretrain': no progress for 1900s",
             }
         ]
         if stalled
         else []
     )
-    return {
+    wire = {
         "phase": phase,
         "currentStage": "pretrain",
         "conditions": conditions,
@@ -43,6 +49,7 @@ def status(phase: str = "Running", stage_phase: str = "Running", stalled: bool =
             "co2Grams": 960.0,
         },
     }
+    return TrainingRunStatus.model_validate(wire)
 
 
 def scrape(m: OperatorMetrics) -> str:
@@ -51,7 +58,7 @@ def scrape(m: OperatorMetrics) -> str:
 
 def test_run_series_named_and_labelled() -> None:
     m = OperatorMetrics()
-    m.observe_run("ml", "demo", {}, status(), {"cost": 0.5}, {"pretrain": "pretrain"})
+    m.observe_run("ml", "demo", NONE, status(), {"cost": 0.5}, {"pretrain": "pretrain"})
     text = scrape(m)
     for line in [
         'kubetrain_operator_runs{phase="Running"} 1.0',
@@ -101,11 +108,16 @@ def test_phases_are_state_sets_read_from_the_status() -> None:
 def test_stalled_follows_the_condition() -> None:
     m = OperatorMetrics()
     series = 'kubetrain_operator_stage_stalled{namespace="ml",run="demo",stage="pretrain"}'
-    m.observe_run("ml", "demo", {}, status(stalled=True), {}, {})
+    m.observe_run("ml", "demo", NONE, status(stalled=True), {}, {})
     assert f"{series} 1.0" in scrape(m)
     recovered = status()
-    recovered["conditions"] = [
-        {"type": "Stalled", "status": "False", "reason": "Progressing", "message": "progress"}
+    recovered.conditions = [
+        Condition(
+            type=ConditionType.STALLED,
+            status="False",
+            reason=Reason.PROGRESSING,
+            message="progress",
+        )
     ]
     m.observe_run("ml", "demo", status(stalled=True), recovered, {}, {})
     assert f"{series} 0.0" in scrape(m)
@@ -113,7 +125,7 @@ def test_stalled_follows_the_condition() -> None:
 
 def test_transition_counted_once_and_duration_observed_on_success() -> None:
     m = OperatorMetrics()
-    m.observe_run("ml", "demo", {}, status(), {}, {"pretrain": "pretrain"})
+    m.observe_run("ml", "demo", NONE, status(), {}, {"pretrain": "pretrain"})
     m.observe_run("ml", "demo", status(), status(), {}, {"pretrain": "pretrain"})
     m.observe_run(
         "ml", "demo", status(), status("Succeeded", "Succeeded"), {}, {"pretrain": "pretrain"}
@@ -128,8 +140,8 @@ def test_transition_counted_once_and_duration_observed_on_success() -> None:
 
 def test_deleted_run_series_removed() -> None:
     m = OperatorMetrics()
-    m.observe_run("ml", "demo", {}, status(stalled=True), {"cost": 0.1}, {"pretrain": "pretrain"})
-    m.observe_run("ml", "other", {}, status(), {}, {"pretrain": "pretrain"})
+    m.observe_run("ml", "demo", NONE, status(stalled=True), {"cost": 0.1}, {"pretrain": "pretrain"})
+    m.observe_run("ml", "other", NONE, status(), {}, {"pretrain": "pretrain"})
     assert 'kubetrain_operator_stage_stalled{namespace="ml",run="demo"' in scrape(m)
     m.forget_run("ml", "demo")
     text = scrape(m)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from kubetrain.core.conditions import ConditionType, Reason
 from kubetrain.operator import plan as planner
 from tests.unit.planworld import World, manifest
 
@@ -234,7 +235,7 @@ def _check_restart_counted(w: World, p: planner.Plan) -> None:
     # Observing the same failed Job again must not count twice.
     again = w.reconcile()
     assert _stage(w, "pretrain")["restarts"] == 1
-    assert again.events == [] or all(e.reason == "StageRestarting" for e in again.events)
+    assert again.events == [] or all(e.reason == Reason.STAGE_RESTARTING for e in again.events)
 
 
 def _check_recreated(w: World, p: planner.Plan) -> None:
@@ -245,7 +246,7 @@ def _check_recreated(w: World, p: planner.Plan) -> None:
 
 
 def _check_max_restarts(w: World, p: planner.Plan) -> None:
-    failed = w.condition("Failed")
+    failed = w.condition(ConditionType.FAILED)
     assert failed is not None and "'pretrain'" in failed["message"]
     assert "maxRestarts=2" in failed["message"]
     assert _stage(w, "pretrain")["phase"] == "Failed"
@@ -258,23 +259,23 @@ def _check_suspended_stage(w: World, p: planner.Plan) -> None:
 
 
 def _check_resumed(w: World, p: planner.Plan) -> None:
-    suspended_cond = w.condition("Suspended")
+    suspended_cond = w.condition(ConditionType.SUSPENDED)
     assert suspended_cond is not None and suspended_cond["status"] == "False"
     assert _stage(w, "pretrain")["restarts"] == 0
 
 
 def _check_budget(w: World, p: planner.Plan) -> None:
-    cond = w.condition("BudgetExceeded")
+    cond = w.condition(ConditionType.BUDGET_EXCEEDED)
     assert cond is not None and "maxGPUHours=10" in cond["message"]
     assert p.budget_used["gpuHours"] > 1
 
 
 def _check_projected(w: World, p: planner.Plan) -> None:
-    assert "projected" in (w.condition("BudgetExceeded") or {})["message"]
+    assert "projected" in (w.condition(ConditionType.BUDGET_EXCEEDED) or {})["message"]
 
 
 def _check_refused(w: World, p: planner.Plan) -> None:
-    cond = w.condition("SpecChangeRefused")
+    cond = w.condition(ConditionType.SPEC_CHANGE_REFUSED)
     assert cond is not None and cond["observedGeneration"] == 2
     assert "spec.stages[0] ('pretrain')" in cond["message"]
     assert "hyperparameters" in cond["message"]
@@ -284,7 +285,7 @@ def _check_refused(w: World, p: planner.Plan) -> None:
 
 
 def _check_future_applied(w: World, p: planner.Plan) -> None:
-    assert w.condition("SpecChangeRefused") is None
+    assert w.condition(ConditionType.SPEC_CHANGE_REFUSED) is None
     applied = json.loads(w.run["metadata"]["annotations"][planner.ANNOTATION_APPLIED_SPEC])
     assert applied["stages"][1]["hyperparameters"]["maxSteps"] == 80
 
@@ -300,7 +301,7 @@ def _check_deleted(w: World, p: planner.Plan) -> None:
 
 
 def _check_storage(w: World, p: planner.Plan) -> None:
-    assert "storage.s3.bucket" in w.condition("StorageConfigured")["message"]
+    assert "storage.s3.bucket" in w.condition(ConditionType.STORAGE_CONFIGURED)["message"]
 
 
 ROWS = {
@@ -308,99 +309,102 @@ ROWS = {
         fresh,
         "Pending",
         creates=["Service/demo-pretrain", "Job/demo-pretrain"],
-        condition=("Created", "True", "Created"),
-        events=["Created", "StageStarted"],
+        condition=(ConditionType.CREATED, "True", Reason.CREATED),
+        events=[Reason.CREATED, Reason.STAGE_STARTED],
         check=_check_fresh,
     ),
     "stage running": Row(
-        stage_running, "Running", condition=("Running", "True", "Running"), check=_check_running
+        stage_running,
+        "Running",
+        condition=(ConditionType.RUNNING, "True", Reason.RUNNING),
+        check=_check_running,
     ),
     "stage done -> next stage": Row(
         stage_done,
         "Pending",
         creates=["Service/demo-sft", "Job/demo-sft"],
-        condition=("Succeeded", "False", "StageSucceeded"),
-        events=["StageSucceeded", "StageStarted"],
+        condition=(ConditionType.SUCCEEDED, "False", Reason.STAGE_SUCCEEDED),
+        events=[Reason.STAGE_SUCCEEDED, Reason.STAGE_STARTED],
         check=_check_done,
     ),
     "job complete without FINAL -> recreate": Row(
-        interrupted, "Running", deletes=["Job/demo-pretrain"], events=["StageInterrupted"]
+        interrupted, "Running", deletes=["Job/demo-pretrain"], events=[Reason.STAGE_INTERRUPTED]
     ),
     "pod failed, retrying": Row(
         pod_failed_retrying,
         "Running",
         deletes=["Job/demo-pretrain"],
-        events=["StageRestarting"],
+        events=[Reason.STAGE_RESTARTING],
         check=_check_restart_counted,
     ),
     "failed job gone -> recreated at attempt 1": Row(
         recreated_after_failure,
         "Pending",
         creates=["Service/demo-pretrain", "Job/demo-pretrain"],
-        events=["StageResumed"],
+        events=[Reason.STAGE_RESUMED],
         check=_check_recreated,
     ),
     "out of restarts": Row(
         out_of_restarts,
         "Failed",
-        condition=("Failed", "True", "ReachedMaxRestarts"),
-        events=["ReachedMaxRestarts"],
+        condition=(ConditionType.FAILED, "True", Reason.REACHED_MAX_RESTARTS),
+        events=[Reason.REACHED_MAX_RESTARTS],
         check=_check_max_restarts,
     ),
     "suspend -> job deleted": Row(
         suspended,
         "Suspended",
         deletes=["Job/demo-pretrain"],
-        condition=("Suspended", "True", "Suspended"),
-        events=["Suspending", "Suspended"],
+        condition=(ConditionType.SUSPENDED, "True", Reason.SUSPENDED),
+        events=[Reason.SUSPENDING, Reason.SUSPENDED],
     ),
     "suspended, pods gone": Row(
         suspended_and_stopped,
         "Suspended",
-        condition=("Running", "False", "Suspended"),
+        condition=(ConditionType.RUNNING, "False", Reason.SUSPENDED),
         check=_check_suspended_stage,
     ),
     "unsuspended -> recreated": Row(
         unsuspended,
         "Pending",
         creates=["Service/demo-pretrain", "Job/demo-pretrain"],
-        events=["StageResumed"],
+        events=[Reason.STAGE_RESUMED],
         check=_check_resumed,
     ),
     "budget hit (accrued), Suspend": Row(
         budget_accrued,
         "Suspended",
         deletes=["Job/demo-pretrain"],
-        condition=("BudgetExceeded", "True", "BudgetExceeded"),
-        events=["BudgetExceeded", "Suspending", "Suspended"],
+        condition=(ConditionType.BUDGET_EXCEEDED, "True", Reason.BUDGET_EXCEEDED),
+        events=[Reason.BUDGET_EXCEEDED, Reason.SUSPENDING, Reason.SUSPENDED],
         check=_check_budget,
     ),
     "budget hit, Fail": Row(
         budget_fail,
         "Failed",
         deletes=["Job/demo-pretrain"],
-        condition=("Failed", "True", "BudgetExceeded"),
-        events=["BudgetExceeded", "Suspending", "BudgetExceeded"],
+        condition=(ConditionType.FAILED, "True", Reason.BUDGET_EXCEEDED),
+        events=[Reason.BUDGET_EXCEEDED, Reason.SUSPENDING, Reason.BUDGET_EXCEEDED],
     ),
     "budget projected over before start": Row(
         budget_projected,
         "Suspended",
-        condition=("BudgetExceeded", "True", "BudgetExceeded"),
-        events=["Created", "BudgetExceeded", "Suspended"],
+        condition=(ConditionType.BUDGET_EXCEEDED, "True", Reason.BUDGET_EXCEEDED),
+        events=[Reason.CREATED, Reason.BUDGET_EXCEEDED, Reason.SUSPENDED],
         check=_check_projected,
     ),
     "budget raised -> resumes": Row(
         budget_raised,
         "Pending",
         creates=["Service/demo-pretrain", "Job/demo-pretrain"],
-        condition=("BudgetExceeded", "False", "WithinBudget"),
-        events=["StageResumed"],
+        condition=(ConditionType.BUDGET_EXCEEDED, "False", Reason.WITHIN_BUDGET),
+        events=[Reason.STAGE_RESUMED],
     ),
     "finished stage changed -> refused": Row(
         finished_stage_changed,
         "Pending",
-        condition=("SpecChangeRefused", "True", "SpecChangeRefused"),
-        events=["SpecChangeRefused"],
+        condition=(ConditionType.SPEC_CHANGE_REFUSED, "True", Reason.SPEC_CHANGE_REFUSED),
+        events=[Reason.SPEC_CHANGE_REFUSED],
         check=_check_refused,
     ),
     "future stage changed -> applied": Row(
@@ -411,8 +415,8 @@ ROWS = {
     "missing storage.s3": Row(
         no_storage,
         "Pending",
-        condition=("StorageConfigured", "False", "MissingS3Storage"),
-        events=["Created"],
+        condition=(ConditionType.STORAGE_CONFIGURED, "False", Reason.MISSING_S3_STORAGE),
+        events=[Reason.CREATED],
         check=_check_storage,
     ),
     "finished, ttl passed -> children deleted": Row(
@@ -456,27 +460,27 @@ def test_full_curriculum_reaches_succeeded() -> None:
         w.job_finished(stage, ok=True)
     p = w.reconcile()
     assert w.status["phase"] == "Succeeded"
-    assert w.condition("Succeeded")["reason"] == "AllStagesSucceeded"
+    assert w.condition(ConditionType.SUCCEEDED)["reason"] == Reason.ALL_STAGES_SUCCEEDED
     assert w.status["totals"]["progress"] == 1.0
     assert w.status["progress"] == "2/2 100%"
-    assert [e.reason for e in p.events] == ["StageSucceeded", "AllStagesSucceeded"]
+    assert [e.reason for e in p.events] == [Reason.STAGE_SUCCEEDED, Reason.ALL_STAGES_SUCCEEDED]
     assert w.status["totals"]["gpuSeconds"] == pytest.approx(2 * 8 * 120 + 8 * 120)
 
 
 def test_condition_transition_time_kept_while_status_unchanged() -> None:
     w = running()
-    before = w.condition("Running")["lastTransitionTime"]
+    before = w.condition(ConditionType.RUNNING)["lastTransitionTime"]
     w.tick(600)
     w.reconcile()
-    assert w.condition("Running")["lastTransitionTime"] == before
+    assert w.condition(ConditionType.RUNNING)["lastTransitionTime"] == before
 
 
 def test_stall_detected() -> None:
     w = running()
     w.tick(w.config.stall_timeout_seconds + 1)
     p = w.reconcile()
-    assert w.condition("Stalled")["status"] == "True"
-    assert [e.reason for e in p.events] == ["ProgressStalled"]
+    assert w.condition(ConditionType.STALLED)["status"] == "True"
+    assert [e.reason for e in p.events] == [Reason.PROGRESS_STALLED]
 
 
 def test_effective_spec_refuses_model_change_keeps_future_stages() -> None:

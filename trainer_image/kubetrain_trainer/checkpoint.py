@@ -236,11 +236,16 @@ class Checkpointer:
 
 
 def load_model_weights(
-    uri: str, map_location: str | torch.device = "cpu"
+    uri: str,
+    map_location: str | torch.device = "cpu",
+    *,
+    s3: contract.S3Endpoint | None = None,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Model weights from a checkpoint folder or a stage folder (its FINAL, else LATEST
-    pointer), and the URI of the checkpoint they came from."""
-    store = open_store(uri)
+    pointer), and the URI of the checkpoint they came from (``s3``: where an ``s3://``
+    URI's store is; None: AWS)."""
+    s3 = s3 or contract.S3Endpoint()
+    store = open_store(uri, endpoint=s3.endpoint, region=s3.region)
     key = resolve_checkpoint(store)
     if key is None:
         raise CheckpointError(

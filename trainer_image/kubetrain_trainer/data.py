@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import torch
 
+from kubetrain.core import contract
 from kubetrain.core import store as kstore
 from kubetrain_trainer import tokenizer as tok
 
@@ -268,18 +269,22 @@ def _split(records: list[_T], eval_examples: int, seed: int) -> tuple[list[_T], 
     return [records[i] for i in order[k:]], [records[i] for i in order[:k]]
 
 
-def read_source(uri: str) -> bytes:
-    """The bytes of a ``file://`` or ``s3://`` object (through kubetrain.core.store)."""
+def read_source(uri: str, s3: contract.S3Endpoint | None = None) -> bytes:
+    """The bytes of a ``file://`` or ``s3://`` object (through kubetrain.core.store;
+    ``s3``: where an ``s3://`` URI's store is, None: AWS)."""
     parent, _, name = uri.rstrip("/").rpartition("/")
+    s3 = s3 or contract.S3Endpoint()
     try:
-        return kstore.open_store(parent).get_bytes(name)
+        return kstore.open_store(parent, endpoint=s3.endpoint, region=s3.region).get_bytes(name)
     except FileNotFoundError:
         raise FileNotFoundError(f"data.source {uri} does not exist") from None
 
 
-def _jsonl(uri: str, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
+def _jsonl(
+    uri: str, keys: tuple[str, ...], s3: contract.S3Endpoint | None
+) -> list[tuple[str, ...]]:
     out = []
-    for n, line in enumerate(read_source(uri).decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(read_source(uri, s3).decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -295,8 +300,15 @@ def _jsonl(uri: str, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
 class TextPretrain(Dataset):
     """A user's text file as non-overlapping windows, shuffled per epoch."""
 
-    def __init__(self, uri: str, seed: int, seq_len: int, eval_examples: int):
-        ids = tok.encode(read_source(uri).decode("utf-8", errors="replace"))
+    def __init__(
+        self,
+        uri: str,
+        seed: int,
+        seq_len: int,
+        eval_examples: int,
+        s3: contract.S3Endpoint | None = None,
+    ):
+        ids = tok.encode(read_source(uri, s3).decode("utf-8", errors="replace"))
         windows = [ids[i : i + seq_len + 1] for i in range(0, len(ids) - seq_len, seq_len)]
         train, held = _split(windows, eval_examples, seed)
         self.windows, self.order = train, _Shuffled(len(train), seed)
@@ -308,8 +320,15 @@ class TextPretrain(Dataset):
 
 
 class JsonlSFT(Dataset):
-    def __init__(self, uri: str, seed: int, seq_len: int, eval_examples: int):
-        records = [(p, r) for p, r in _jsonl(uri, ("prompt", "response"))]
+    def __init__(
+        self,
+        uri: str,
+        seed: int,
+        seq_len: int,
+        eval_examples: int,
+        s3: contract.S3Endpoint | None = None,
+    ):
+        records = [(p, r) for p, r in _jsonl(uri, ("prompt", "response"), s3)]
         train, held = _split(records, eval_examples, seed)
         self.records, self.order, self.seq_len = train, _Shuffled(len(train), seed), seq_len
         self.eval_set = EvalSet(qa=[(p, r) for p, r in held])
@@ -321,8 +340,15 @@ class JsonlSFT(Dataset):
 
 
 class JsonlDPO(Dataset):
-    def __init__(self, uri: str, seed: int, seq_len: int, eval_examples: int):
-        records = [(p, c, r) for p, c, r in _jsonl(uri, ("prompt", "chosen", "rejected"))]
+    def __init__(
+        self,
+        uri: str,
+        seed: int,
+        seq_len: int,
+        eval_examples: int,
+        s3: contract.S3Endpoint | None = None,
+    ):
+        records = [(p, c, r) for p, c, r in _jsonl(uri, ("prompt", "chosen", "rejected"), s3)]
         train, held = _split(records, eval_examples, seed)
         self.records, self.order, self.seq_len = train, _Shuffled(len(train), seed), seq_len
         self.eval_set = EvalSet(qa=[(p, c) for p, c, _ in held], pairs=list(held))
@@ -336,9 +362,16 @@ FROM_URI = {"pretrain": TextPretrain, "sft": JsonlSFT, "dpo": JsonlDPO}
 
 
 def build_dataset(
-    stage_type: str, source: str, *, seed: int, seq_len: int, eval_examples: int
+    stage_type: str,
+    source: str,
+    *,
+    seed: int,
+    seq_len: int,
+    eval_examples: int,
+    s3: contract.S3Endpoint | None = None,
 ) -> Dataset:
-    """The dataset of a stage from its ``data.source``."""
+    """The dataset of a stage from its ``data.source`` (``s3``: where an ``s3://``
+    source's store is; None: AWS)."""
     if source.startswith("synthetic:"):
         task = source.removeprefix("synthetic:")
         if task != "arithmetic":
@@ -346,4 +379,4 @@ def build_dataset(
                 f"data.source {source!r}: unknown synthetic task (accepted: synthetic:arithmetic)"
             )
         return SYNTHETIC[stage_type](seed, seq_len, eval_examples)
-    return FROM_URI[stage_type](source, seed, seq_len, eval_examples)
+    return FROM_URI[stage_type](source, seed, seq_len, eval_examples, s3)

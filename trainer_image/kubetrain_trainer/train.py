@@ -159,8 +159,10 @@ def build_optimizer(
     )
 
 
-def _load_weights(model: GPT, uri: str, what: str, device: torch.device) -> str:
-    state, source = ckpt.load_model_weights(uri, map_location=device)
+def _load_weights(
+    model: GPT, uri: str, what: str, device: torch.device, s3: contract.S3Endpoint
+) -> str:
+    state, source = ckpt.load_model_weights(uri, map_location=device, s3=s3)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -195,7 +197,8 @@ class Trainer:
                 f"{contract.ENV_CHECKPOINT_URI} is not set (the stage folder "
                 "for checkpoints and progress)"
             )
-        self.store = open_store(folder)
+        self.s3 = contract.s3_endpoint(environ)
+        self.store = open_store(folder, endpoint=self.s3.endpoint, region=self.s3.region)
         self.checkpointer = ckpt.Checkpointer(self.store, self.stage.keep_checkpoints)
 
         device = self.d.device
@@ -213,13 +216,13 @@ class Trainer:
         self.init_source: str | None = None
         init_uri = environ.get(contract.ENV_INIT_URI)
         if init_uri:
-            self.init_source = _load_weights(self.model, init_uri, "init", device)
+            self.init_source = _load_weights(self.model, init_uri, "init", device, self.s3)
         self.reference: GPT | None = None
         if self.kind == "dpo":
             ref_uri = environ.get(contract.ENV_REFERENCE_URI) or init_uri
             self.reference = build_model(self.spec).to(device)
             if ref_uri:
-                _load_weights(self.reference, ref_uri, "reference", device)
+                _load_weights(self.reference, ref_uri, "reference", device, self.s3)
             else:
                 # Without a previous stage the reference is the (seeded) initial policy.
                 self.reference.load_state_dict(self.model.state_dict())
@@ -231,6 +234,7 @@ class Trainer:
             seed=self.stage.data.seed,
             seq_len=self.seq_len,
             eval_examples=self.stage.data.eval_examples,
+            s3=self.s3,
         )
         self.optimizer = build_optimizer(self.model, self.hp, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -579,7 +583,10 @@ def _report_failure(trainer: Trainer | None, reason: str, environ: Mapping[str, 
         elif environ.get("RANK", "0") == "0" and environ.get(contract.ENV_CHECKPOINT_URI):
             # Failed before training started (bad init URI, unreadable data): keep the
             # previous record's numbers, if any, and mark it failed.
-            store = open_store(environ[contract.ENV_CHECKPOINT_URI])
+            s3 = contract.s3_endpoint(environ)
+            store = open_store(
+                environ[contract.ENV_CHECKPOINT_URI], endpoint=s3.endpoint, region=s3.region
+            )
             prev = store.get_json(contract.PROGRESS)
             record = prev if isinstance(prev, dict) else {}
             store.put_json(

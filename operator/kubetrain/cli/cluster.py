@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from kubetrain.core.conditions import ConditionType
 from kubetrain.core.errors import UserError
 
 
@@ -77,6 +78,34 @@ def status_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+# Conditions in the state that asks for a user's action, listed under the table
+# (Suspended is left out: either the user asked for it, or BudgetExceeded says why).
+ATTENTION = {
+    ConditionType.FAILED: "True",
+    ConditionType.SPEC_CHANGE_REFUSED: "True",
+    ConditionType.BUDGET_EXCEEDED: "True",
+    ConditionType.STALLED: "True",
+    ConditionType.STORAGE_CONFIGURED: "False",
+}
+
+
+def attention_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """One line per condition that needs a user's attention:
+    ``namespace/name: Type (Reason): message``."""
+    lines = []
+    for run in sorted(
+        runs, key=lambda r: (r["metadata"].get("namespace", ""), r["metadata"]["name"])
+    ):
+        meta = run["metadata"]
+        for cond in (run.get("status") or {}).get("conditions") or []:
+            if ATTENTION.get(cond.get("type")) == cond.get("status"):
+                lines.append(
+                    f"{meta.get('namespace', '')}/{meta['name']}: {cond['type']} "
+                    f"({cond.get('reason', '')}): {cond.get('message', '')}"
+                )
+    return lines
+
+
 def render_table(rows: list[list[str]]) -> str:
     header = ["NAMESPACE", "NAME", "PHASE", "STAGE", "PROGRESS", "ETA", "COST", "ENERGY"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -110,6 +139,9 @@ def cli_status(args: argparse.Namespace) -> int:
         print("No TrainingRuns found" + (f" in namespace {ns!r}" if ns else ""))
         return 0
     print(render_table(status_rows(runs)))
+    notes = attention_lines(runs)
+    if notes:
+        print("\n" + "\n".join(notes))
     return 0
 
 

@@ -178,6 +178,27 @@ def stage_environment(
     return env
 
 
+@dataclass(frozen=True)
+class S3Endpoint:
+    """Where S3 is, as a process's environment says (``stage_environment`` sets it for
+    a trainer; on a laptop the user may): ``endpoint`` None means AWS, ``region`` None
+    the store's default."""
+
+    endpoint: str | None = None
+    region: str | None = None
+
+
+def s3_endpoint(environ: Mapping[str, str] | None = None) -> S3Endpoint:
+    """The S3 endpoint and region from ``KUBETRAIN_S3_ENDPOINT`` and ``AWS_REGION``: the
+    one place the trainer and the local runner read them (the store itself reads no
+    environment)."""
+    environ = os.environ if environ is None else environ
+    return S3Endpoint(
+        endpoint=environ.get(ENV_S3_ENDPOINT) or None,
+        region=environ.get(ENV_AWS_REGION) or None,
+    )
+
+
 def read_stage_config(environ: Mapping[str, str] | None = None) -> StageConfig:
     """The trainer's side: parse ``KUBETRAIN_STAGE_CONFIG`` with the API models."""
     environ = os.environ if environ is None else environ

@@ -9,6 +9,7 @@ temporary name and renamed), which is what the checkpoint protocol builds on.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -20,6 +21,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kubetrain.core import contract
+
+DEFAULT_REGION = "us-east-1"
+# A trainer's checkpoint upload may wait out a slow or briefly unavailable store; the
+# operator passes shorter limits (it must not hold a reconcile for minutes).
+S3_RETRIES = 5
+S3_CONNECT_TIMEOUT = 5.0
+S3_READ_TIMEOUT = 60.0
 
 
 class StoreError(RuntimeError):
@@ -143,25 +151,51 @@ class FileStore(ObjectStore):
 
 
 class S3Store(ObjectStore):
-    """boto3 client; multipart transfers through TransferConfig for large files."""
+    """boto3 client; multipart transfers through TransferConfig for large files.
 
-    def __init__(self, root: str, endpoint: str | None = None, region: str | None = None):
+    Everything it needs comes through the constructor (it reads no environment
+    variables): ``endpoint`` None means AWS; without ``access_key_id`` and
+    ``secret_access_key`` boto3 finds credentials itself (environment, IRSA, instance
+    profile). ``retries``: how often a failed request is retried (boto3's standard
+    mode, which backs off between attempts).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        endpoint: str | None,
+        region: str,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        retries: int = S3_RETRIES,
+        connect_timeout: float = S3_CONNECT_TIMEOUT,
+        read_timeout: float = S3_READ_TIMEOUT,
+    ):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
+        if (access_key_id is None) != (secret_access_key is None):
+            raise ValueError(
+                "S3 credentials need both an access key id and a secret access key "
+                f"(got only the {'access key id' if access_key_id else 'secret access key'})"
+            )
         parsed = urlparse(root)
         self.root = root
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
-        endpoint = endpoint or os.environ.get(contract.ENV_S3_ENDPOINT) or None
-        region = region or os.environ.get(contract.ENV_AWS_REGION) or "us-east-1"
+        self.endpoint = endpoint
         self.client = boto3.client(
             "s3",
             endpoint_url=endpoint,
             region_name=region,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
             config=Config(
-                retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60
+                retries={"max_attempts": retries, "mode": "standard"},
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
             ),
         )
         # Parts of 16 MiB uploaded 10 at a time keep the link busy for checkpoint-sized
@@ -170,7 +204,14 @@ class S3Store(ObjectStore):
         self.transfer = TransferConfig(
             multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=10
         )
-        self.endpoint = endpoint
+
+    def child(self, sub: str) -> ObjectStore:
+        """A store rooted at ``<root>/<sub>``, with this store's client (so the same
+        endpoint, credentials, retries and timeouts)."""
+        out = copy.copy(self)
+        out.root = f"{self.root.rstrip('/')}/{sub.strip('/')}"
+        out.prefix = urlparse(out.root).path.strip("/")
+        return out
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -214,7 +255,10 @@ class S3Store(ObjectStore):
 
     def get_bytes(self, key: str) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            data: bytes = self.client.get_object(Bucket=self.bucket, Key=self._k(key))[
+                "Body"
+            ].read()
+            return data
         except Exception as exc:
             raise self._wrap(exc, key) from exc
 
@@ -262,12 +306,33 @@ class S3Store(ObjectStore):
             )
 
 
-def open_store(uri: str, endpoint: str | None = None, region: str | None = None) -> ObjectStore:
-    """A store for ``s3://bucket/prefix`` or ``file:///path`` (a bare path is a file)."""
+def open_store(
+    uri: str,
+    *,
+    endpoint: str | None = None,
+    region: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    retries: int = S3_RETRIES,
+    connect_timeout: float = S3_CONNECT_TIMEOUT,
+    read_timeout: float = S3_READ_TIMEOUT,
+) -> ObjectStore:
+    """A store for ``s3://bucket/prefix`` or ``file:///path`` (a bare path is a file);
+    the keywords configure an S3 store (see S3Store; ``region`` None: us-east-1) and
+    are ignored for files."""
     if uri.startswith("s3://"):
         if not urlparse(uri).netloc:
             raise ValueError(f"{uri!r} names no bucket (accepted: s3://<bucket>/<prefix>)")
-        return S3Store(uri, endpoint=endpoint, region=region)
+        return S3Store(
+            uri,
+            endpoint=endpoint,
+            region=region or DEFAULT_REGION,
+            access_key_id=access_key_id,
+            secret_access_key=secret_access_key,
+            retries=retries,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
     if uri.startswith("file://") or "://" not in uri:
         return FileStore(uri)
     raise ValueError(f"unsupported store URI {uri!r} (accepted: s3://... or file://...)")

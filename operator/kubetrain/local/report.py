@@ -247,7 +247,9 @@ def cli_report(args: argparse.Namespace) -> int:
     root = resolve_store_root(args.store)
     out_dir = Path(args.output) if args.output else Path(".kubetrain") / "reports" / name
     try:
-        path = write_report(open_store(root), namespace, name, out_dir, spec=spec)
+        s3 = contract.s3_endpoint()
+        store = open_store(root, endpoint=s3.endpoint, region=s3.region)
+        path = write_report(store, namespace, name, out_dir, spec=spec)
     except FileNotFoundError as exc:
         raise UserError(
             f"{exc} (run it first: kubetrain run FILE --local, or pass --store and --namespace)"

@@ -207,11 +207,13 @@ class LocalRunner:
 
     def _s3_endpoint(self) -> str | None:
         s3 = self.run.spec.storage.s3
-        return s3.endpoint if s3 and s3.endpoint else None
+        if s3 and s3.endpoint:
+            return s3.endpoint
+        return contract.s3_endpoint(self.environ).endpoint
 
     def _s3_region(self) -> str | None:
         s3 = self.run.spec.storage.s3
-        return s3.region if s3 else None
+        return s3.region if s3 else contract.s3_endpoint(self.environ).region
 
     def key(self, stage: Stage, name: str) -> str:
         """A key in the stage's folder, relative to the store root (the root store keeps

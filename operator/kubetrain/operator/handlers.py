@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ import kopf
 
 from kubetrain.core import api
 from kubetrain.core.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
-from kubetrain.core.store import ObjectStore, S3Store, StoreError, open_store
+from kubetrain.core.store import ObjectStore, StoreError, open_store
 from kubetrain.operator import plan as planner
 from kubetrain.operator import resources
 from kubetrain.operator.config import OperatorConfig
@@ -61,39 +61,27 @@ class Api(Protocol):
 
 StoreFactory = Callable[[api.S3Storage, dict[str, str] | None], ObjectStore]
 
+# A reconcile holds its run's lock while it reads the store: fail fast and let the next
+# timer tick retry, rather than wait out a trainer's patient upload settings.
+STORE_RETRIES = 3
+STORE_CONNECT_TIMEOUT = 5.0
+STORE_READ_TIMEOUT = 20.0
+
 
 def open_run_store(s3: api.S3Storage, credentials: dict[str, str] | None) -> ObjectStore:
     """The run's store, read with the run's own credentials when it names a Secret
     (held in the boto3 client only, never logged), else the operator's."""
-    store = open_store(s3.uri(), endpoint=s3.endpoint, region=s3.region)
-    if credentials and isinstance(store, S3Store):
-        import boto3
-        from botocore.config import Config
-
-        store.client = boto3.client(
-            "s3",
-            endpoint_url=s3.endpoint,
-            region_name=s3.region,
-            aws_access_key_id=credentials.get(ENV_AWS_ACCESS_KEY_ID),
-            aws_secret_access_key=credentials.get(ENV_AWS_SECRET_ACCESS_KEY),
-            config=Config(
-                retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=20
-            ),
-        )
-    return store
-
-
-def stages_to_read(run: dict[str, Any]) -> list[str]:
-    """The stage whose records matter now: the first one not Succeeded (its progress
-    record and FINAL decide what happens next)."""
-    spec = run.get("spec") or {}
-    names = [s.get("name") for s in spec.get("stages") or [] if s.get("name")]
-    done = {
-        s.get("name")
-        for s in (run.get("status") or {}).get("stages") or []
-        if s.get("phase") == "Succeeded"
-    }
-    return [n for n in names if n not in done][:1]
+    credentials = credentials or {}
+    return open_store(
+        s3.uri(),
+        endpoint=s3.endpoint,
+        region=s3.region,
+        access_key_id=credentials.get(ENV_AWS_ACCESS_KEY_ID) or None,
+        secret_access_key=credentials.get(ENV_AWS_SECRET_ACCESS_KEY) or None,
+        retries=STORE_RETRIES,
+        connect_timeout=STORE_CONNECT_TIMEOUT,
+        read_timeout=STORE_READ_TIMEOUT,
+    )
 
 
 class Reconciler:
@@ -126,14 +114,15 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
 
-    def read_records(self, run: dict[str, Any]) -> dict[str, StageRecords]:
+    def read_records(
+        self, run: dict[str, Any], jobs: list[dict[str, Any]]
+    ) -> dict[str, StageRecords]:
+        """The progress records the plan needs (``plan.records_to_read``); none when the
+        store or the Secret cannot be read (the run still reconciles; progress waits)."""
         meta = run["metadata"]
-        try:
-            spec = api.parse_spec(run.get("spec") or {})
-        except api.ManifestError:
-            return {}
-        s3 = spec.storage.s3
-        if s3 is None:
+        wanted = planner.records_to_read(run, jobs)
+        s3 = wanted.s3
+        if s3 is None or not wanted.stages:
             return {}
         credentials = None
         if s3.credentials_secret:
@@ -150,7 +139,7 @@ class Reconciler:
                 return {}
         try:
             store = self.store_factory(s3, credentials)
-            return read_stage_records(store, meta["namespace"], meta["name"], stages_to_read(run))
+            return read_stage_records(store, meta["namespace"], meta["name"], wanted.stages)
         except (StoreError, OSError, ValueError) as exc:
             log.warning(
                 "%s/%s: cannot read progress from the store: %s",
@@ -183,7 +172,7 @@ class Reconciler:
         jobs = self.kube.list_jobs(namespace, name)
         pods = self.kube.list_pods(namespace, name)
         services = self.kube.list_services(namespace, name)
-        records = self.read_records(run)
+        records = self.read_records(run, jobs)
         p = planner.plan(
             run, jobs, pods, records, self.clock(), self.config, observed_services=services
         )
@@ -205,13 +194,11 @@ class Reconciler:
                     "%s/%s: event %s not posted: %s", namespace, name, ev.reason, type(exc).__name__
                 )
             log.info("%s/%s: %s: %s", namespace, name, ev.reason, ev.message)
-        status = p.status if p.status is not None else (run.get("status") or {})
-        stage_types = {
-            s.get("name"): s.get("type") for s in (run.get("spec") or {}).get("stages") or []
-        }
-        self.metrics.observe_run(
-            namespace, name, run.get("status") or {}, status, p.budget_used, stage_types
-        )
+        if p.previous_status is not None and p.run_status is not None:
+            stage_types = {s.name: s.type.value for s in p.spec.stages} if p.spec else {}
+            self.metrics.observe_run(
+                namespace, name, p.previous_status, p.run_status, p.budget_used, stage_types
+            )
         return p
 
 
@@ -222,8 +209,9 @@ def register(
     runs = (api.GROUP, api.VERSION, api.PLURAL)
     owned = {resources.LABEL_RUN: kopf.PRESENT}
 
-    def on_run(namespace: str, name: str, **_: Any) -> None:
-        reconciler.reconcile(namespace, name)
+    # TrainingRuns, Jobs and Pods are namespaced: kopf always passes a namespace.
+    def on_run(namespace: str | None, name: str, **_: Any) -> None:
+        reconciler.reconcile(namespace or "default", name)
 
     kopf.on.resume(*runs, registry=registry, id="reconcile")(on_run)
     kopf.on.create(*runs, registry=registry, id="reconcile")(on_run)
@@ -238,16 +226,16 @@ def register(
         initial_delay=config.poll_interval_seconds,
     )(on_run)
 
-    def on_run_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
-        if event.get("type") == "DELETED":
-            reconciler.forget(namespace, name)
+    def on_run_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+        if type == "DELETED":
+            reconciler.forget(namespace or "default", name)
 
     kopf.on.event(*runs, registry=registry, id="forget")(on_run_event)
 
-    def on_child(namespace: str, labels: dict[str, str], **_: Any) -> None:
+    def on_child(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
         run = labels.get(resources.LABEL_RUN)
         if run:
-            reconciler.reconcile(namespace, run)
+            reconciler.reconcile(namespace or "default", run)
 
     kopf.on.event("batch", "v1", "jobs", registry=registry, labels=owned, id="job")(on_child)
 
@@ -255,15 +243,15 @@ def register(
     seen_guard = threading.Lock()
 
     def on_pod(
-        namespace: str,
-        labels: dict[str, str],
-        event: dict[str, Any],
-        status: dict[str, Any],
+        namespace: str | None,
+        labels: Mapping[str, str],
+        type: str,
+        status: kopf.Status,
         uid: str,
         **_: Any,
     ) -> None:
         # Pods change often (conditions, IPs); only phase changes and deletions matter.
-        phase = "Deleted" if event.get("type") == "DELETED" else str(status.get("phase"))
+        phase = "Deleted" if type == "DELETED" else str(status.get("phase"))
         with seen_guard:
             if seen.get(uid) == phase:
                 return

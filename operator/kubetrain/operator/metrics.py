@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubetrain.core.api import RunPhase, StagePhase
+from kubetrain.core.api import RunPhase, StagePhase, TrainingRunStatus
+from kubetrain.core.conditions import ConditionType
 from kubetrain.operator.progress import parse_time
 
 PREFIX = "kubetrain_operator"
@@ -50,43 +51,36 @@ class RunSnapshot:
     stalled_stage: str | None = None  # the stage the condition Stalled is about
 
 
-def snapshot_from_status(status: dict[str, Any], budget_used: dict[str, float]) -> RunSnapshot:
-    """A RunSnapshot of a run's status (wire form)."""
-    totals = status.get("totals") or {}
-    stages = status.get("stages") or []
-    sources = {s.get("energySource") for s in stages if s.get("energySource")}
+def snapshot(status: TrainingRunStatus, budget_used: dict[str, float]) -> RunSnapshot:
+    """A RunSnapshot of a run's status."""
+    totals = status.totals
+    sources = {s.energy_source for s in status.stages if s.energy_source}
     # One source label per run: a run mixing measured and estimated stages is reported
     # as "estimate" (the weakest source), so that the label set stays bounded.
     source = sources.pop() if len(sources) == 1 else ("estimate" if sources else "none")
     return RunSnapshot(
-        phase=_phase(status),
-        progress=float(totals.get("progress") or 0.0),
-        gpu_seconds=float(totals.get("gpuSeconds") or 0.0),
-        energy_joules=float(totals.get("energyJoules") or 0.0),
+        phase=status.phase.value,
+        progress=totals.progress,
+        gpu_seconds=totals.gpu_seconds,
+        energy_joules=totals.energy_joules,
         energy_source=source,
-        cost_usd=float(totals.get("costUSD") or 0.0),
-        co2_grams=float(totals.get("co2Grams") or 0.0),
-        restarts={s["name"]: int(s.get("restarts") or 0) for s in stages if "name" in s},
+        cost_usd=totals.cost_usd,
+        co2_grams=totals.co2_grams,
+        restarts={s.name: s.restarts for s in status.stages},
         budget_used=dict(budget_used),
-        stage_phases={
-            s["name"]: s.get("phase") or StagePhase.Pending.value for s in stages if "name" in s
-        },
+        stage_phases={s.name: s.phase.value for s in status.stages},
         stalled_stage=stalled_stage(status),
     )
 
 
-def _phase(status: dict[str, Any]) -> str:
-    return status.get("phase") or RunPhase.Pending.value
-
-
-def stalled_stage(status: dict[str, Any]) -> str | None:
+def stalled_stage(status: TrainingRunStatus) -> str | None:
     """The stage the operator considers stalled: the run's current stage while its
-    condition Stalled is True (kubetrain.operator.plan sets it on the running stage whose progress
-    record has not changed for stallTimeoutSeconds, and clears it once the trainer
-    reports progress or the stage stops running)."""
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "Stalled" and cond.get("status") == "True":
-            return status.get("currentStage") or None
+    condition Stalled is True (kubetrain.operator.plan sets it on the running stage whose
+    progress record has not changed for stallTimeoutSeconds, and clears it once the
+    trainer reports progress or the stage stops running)."""
+    for cond in status.conditions:
+        if cond.type == ConditionType.STALLED and cond.status == "True":
+            return status.current_stage or None
     return None
 
 
@@ -145,12 +139,12 @@ class _RunCollector(Collector):
             f"{PREFIX}_stage_restarts", "Pod failures retried, per stage.", labels=[*nr, "stage"]
         )
         for (ns, run), s in sorted(runs.items()):
-            for phase in RunPhase:
-                run_phase.add_metric([ns, run, phase.value], float(s.phase == phase.value))
+            for run_state in RunPhase:
+                run_phase.add_metric([ns, run, run_state.value], float(s.phase == run_state.value))
             for stage, current in s.stage_phases.items():
-                for phase in StagePhase:
+                for stage_state in StagePhase:
                     stage_phase.add_metric(
-                        [ns, run, stage, phase.value], float(current == phase.value)
+                        [ns, run, stage, stage_state.value], float(current == stage_state.value)
                     )
                 stalled.add_metric([ns, run, stage], float(stage == s.stalled_stage))
             progress.add_metric([ns, run], s.progress)
@@ -229,25 +223,28 @@ class OperatorMetrics:
         self,
         namespace: str,
         run: str,
-        old_status: dict[str, Any],
-        new_status: dict[str, Any],
+        before: TrainingRunStatus,
+        after: TrainingRunStatus,
         budget_used: dict[str, float],
         stage_types: dict[str, str],
     ) -> None:
-        """Record a reconcile's outcome: the run's numbers and its stage transitions."""
-        old_phases = {s.get("name"): s.get("phase") for s in old_status.get("stages") or []}
+        """Record a reconcile's outcome (the run's status ``before`` and ``after`` it,
+        the budget's used / limit by kind, each stage's type): the run's numbers and its
+        stage transitions."""
+        old_phases = {s.name: s.phase for s in before.stages}
         with self._lock:
-            self._runs[(namespace, run)] = snapshot_from_status(new_status, budget_used)
-            for st in new_status.get("stages") or []:
-                name, phase = st.get("name"), st.get("phase")
-                if not name or not phase or old_phases.get(name, "Pending") == phase:
+            self._runs[(namespace, run)] = snapshot(after, budget_used)
+            for st in after.stages:
+                if old_phases.get(st.name, StagePhase.Pending) == st.phase:
                     continue
-                self.transitions.labels(namespace, run, name, phase).inc()
-                self._transition_labels.setdefault((namespace, run), set()).add((name, phase))
-                if phase == "Succeeded" and name in stage_types:
-                    duration = _seconds_between(st.get("startTime"), st.get("completionTime"))
+                self.transitions.labels(namespace, run, st.name, st.phase.value).inc()
+                self._transition_labels.setdefault((namespace, run), set()).add(
+                    (st.name, st.phase.value)
+                )
+                if st.phase == StagePhase.Succeeded and st.name in stage_types:
+                    duration = _seconds_between(st.start_time, st.completion_time)
                     if duration is not None:
-                        self.stage_duration.labels(stage_types[name]).observe(duration)
+                        self.stage_duration.labels(stage_types[st.name]).observe(duration)
 
     def forget_run(self, namespace: str, run: str) -> None:
         """Remove every series of a deleted run."""

@@ -5,7 +5,23 @@
 to do: children to create and delete, the status to write, annotations to keep, events
 to emit. It is level-based: it never depends on which event woke the operator up, so a
 timer, a Job event, a restart of the operator or a retry after a conflict all lead to
-the same result. Handlers (``kubetrain.operator.handlers``) only gather the inputs and apply it.
+the same result. Handlers (``kubetrain.operator.handlers``) only gather the inputs and
+apply it.
+
+``plan`` is a pipeline of named steps, each a function of its own:
+
+1. ``choose_spec``: which spec applies (stages that started are frozen). The handlers
+   use it too, through ``records_to_read``, so they read the records of the stages
+   this spec names.
+2. ``spec_conditions``, ``applied_annotation``, ``created_condition``,
+   ``storage_condition``: what the spec choice means for the status.
+3. ``price`` (once per reconcile: pricing and the estimate), ``account`` (records, the
+   GPU-seconds ledger, costs -> stage statuses) and ``totals``.
+4. ``check_budget`` and ``budget_condition``.
+5. ``walk_stages``: the stages in order; the first one not Succeeded is in one
+   situation (``decide_stage``) that says what to do.
+6. ``run_outcome`` and ``outcome_conditions``: the run's phase and conditions.
+7. ``expired_children``: ``ttlSecondsAfterFinished``.
 
 Decisions, in words:
 
@@ -29,6 +45,7 @@ Decisions, in words:
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -41,13 +58,17 @@ from kubetrain.core.api import (
     Condition,
     Estimate,
     ManifestError,
+    Pricing,
     RunPhase,
+    S3Storage,
+    Stage,
     StagePhase,
     StageStatus,
     Totals,
     TrainingRunSpec,
     TrainingRunStatus,
 )
+from kubetrain.core.conditions import CONDITION_ORDER, ConditionType, Reason
 from kubetrain.operator import resources
 from kubetrain.operator.config import OperatorConfig, effective_pricing
 from kubetrain.operator.progress import (
@@ -64,29 +85,9 @@ from kubetrain.operator.progress import (
 ANNOTATION_APPLIED_SPEC = "kubetrain.dev/applied-spec"
 ANNOTATION_LEDGER = "kubetrain.dev/ledger"
 
-# Condition types, in the order they are listed in status.
-COND_CREATED = "Created"
-COND_STORAGE = "StorageConfigured"
-COND_RUNNING = "Running"
-COND_SUSPENDED = "Suspended"
-COND_BUDGET = "BudgetExceeded"
-COND_SPEC_REFUSED = "SpecChangeRefused"
-COND_STALLED = "Stalled"
-COND_SUCCEEDED = "Succeeded"
-COND_FAILED = "Failed"
-CONDITION_ORDER = [
-    COND_CREATED,
-    COND_STORAGE,
-    COND_RUNNING,
-    COND_SUSPENDED,
-    COND_BUDGET,
-    COND_SPEC_REFUSED,
-    COND_STALLED,
-    COND_SUCCEEDED,
-    COND_FAILED,
-]
-
 FOREGROUND = "Foreground"
+NORMAL, WARNING = "Normal", "Warning"
+FINISHED = (RunPhase.Succeeded, RunPhase.Failed)
 
 
 # --------------------------------------------------------------------------- observed
@@ -149,13 +150,58 @@ def pods_of(pods: list[dict[str, Any]], job_uid: str) -> list[dict[str, Any]]:
     ]
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What exists for a run, as one reconcile sees it."""
+
+    jobs: dict[str, ObservedJob]  # by stage
+    pods: list[dict[str, Any]]
+    services: list[str]  # names of the run's Services
+    records: Mapping[str, StageRecords]  # by stage: only the stages that were read
+    now: datetime
+
+    @classmethod
+    def of(
+        cls,
+        jobs: list[dict[str, Any]],
+        pods: list[dict[str, Any]],
+        records: Mapping[str, StageRecords],
+        services: list[str] | None,
+        now: datetime,
+    ) -> Observed:
+        return cls(
+            jobs={j.stage: j for j in map(ObservedJob.from_k8s, jobs)},
+            pods=pods,
+            services=sorted(services or []),
+            records=records,
+            now=now,
+        )
+
+    def pods_of(self, job: ObservedJob) -> list[dict[str, Any]]:
+        """The pods ``job`` owns."""
+        return pods_of(self.pods, job.uid)
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Which run: what its children are named after and owned by."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    @classmethod
+    def of(cls, meta: Mapping[str, Any]) -> RunRef:
+        return cls(meta["name"], meta.get("namespace", "default"), meta.get("uid", ""))
+
+
 # --------------------------------------------------------------------------- result
 
 
 @dataclass(frozen=True)
 class Event:
     type: str  # Normal | Warning
-    reason: str
+    reason: str  # a kubetrain.core.conditions.Reason
     message: str
 
 
@@ -177,9 +223,19 @@ class Plan:
     annotations: dict[str, str] = field(default_factory=dict)  # to set on the run
     events: list[Event] = field(default_factory=list)
     budget_used: dict[str, float] = field(default_factory=dict)  # kind -> used / limit
+    # The spec acted on (the new spec with its started stages frozen); None when the
+    # run is being deleted or no valid spec was ever applied.
+    spec: TrainingRunSpec | None = None
+    # The run's status before and after this plan (after == before when ``status`` is
+    # None); None when the run is being deleted.
+    previous_status: TrainingRunStatus | None = None
+    run_status: TrainingRunStatus | None = None
+    # The stages whose records the next reconcile reads (``records_to_read`` gives the
+    # same once this plan is applied).
+    read_next: list[str] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- conditions
 
 
 def set_condition(
@@ -213,6 +269,41 @@ def set_condition(
 
 def _condition(conditions: list[Condition], type_: str) -> Condition | None:
     return next((c for c in conditions if c.type == type_), None)
+
+
+class Conditions:
+    """A run's conditions as one reconcile rewrites them (see ``set_condition``)."""
+
+    def __init__(self, current: list[Condition], now: datetime, generation: int | None):
+        self.items = list(current)
+        self.now = now
+        self.generation = generation
+
+    def get(self, type_: str) -> Condition | None:
+        return _condition(self.items, type_)
+
+    def set(self, type_: str, value: bool, reason: str, message: str) -> None:
+        self.items = set_condition(
+            self.items,
+            type_,
+            "True" if value else "False",
+            reason,
+            message,
+            self.now,
+            self.generation,
+        )
+
+
+# --------------------------------------------------------------------------- 1, 2. the spec
+
+
+@dataclass(frozen=True)
+class SpecChoice:
+    """Which spec a reconcile acts on."""
+
+    spec: TrainingRunSpec | None  # None: the new spec is invalid and none applied before
+    refused: list[str]  # why parts of the new spec were not applied (empty: all were)
+    errors: list[str]  # the new spec's validation errors
 
 
 def _changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -271,7 +362,7 @@ def effective_spec(
         return TrainingRunSpec.model_validate(keep), refused
 
 
-def _parse_applied(annotations: dict[str, str]) -> TrainingRunSpec | None:
+def _parse_applied(annotations: Mapping[str, str]) -> TrainingRunSpec | None:
     raw = annotations.get(ANNOTATION_APPLIED_SPEC)
     if not raw:
         return None
@@ -281,7 +372,7 @@ def _parse_applied(annotations: dict[str, str]) -> TrainingRunSpec | None:
         return None
 
 
-def _parse_ledger(annotations: dict[str, str]) -> dict[str, Any]:
+def _parse_ledger(annotations: Mapping[str, str]) -> dict[str, Any]:
     try:
         ledger = json.loads(annotations.get(ANNOTATION_LEDGER) or "{}")
     except ValueError:
@@ -289,11 +380,146 @@ def _parse_ledger(annotations: dict[str, str]) -> dict[str, Any]:
     return ledger if isinstance(ledger, dict) else {}
 
 
-def _estimate(spec: TrainingRunSpec, config: OperatorConfig) -> Estimate:
+def previous_status(run: Mapping[str, Any]) -> TrainingRunStatus:
+    """The run's status as stored (typed)."""
+    return TrainingRunStatus.model_validate(run.get("status") or {})
+
+
+def choose_spec(run: Mapping[str, Any], job_stages: Collection[str]) -> SpecChoice:
+    """Step 1, which spec applies: the new spec, except that the stages that have
+    started (a phase other than Pending in status, or a Job in ``job_stages``) and the
+    model stay as the applied-spec annotation has them (``effective_spec``)."""
+    try:
+        new: TrainingRunSpec | None = api.parse_spec(run.get("spec") or {})
+        errors: list[str] = []
+    except ManifestError as exc:
+        new, errors = None, exc.errors
+    applied = _parse_applied((run.get("metadata") or {}).get("annotations") or {})
+    started = sum(1 for s in previous_status(run).stages if s.phase != StagePhase.Pending)
+    if applied is not None:
+        started = max(
+            [started] + [i + 1 for i, s in enumerate(applied.stages) if s.name in job_stages]
+        )
+    spec, refused = effective_spec(new, errors, applied, started)
+    return SpecChoice(spec, refused, errors)
+
+
+def stages_to_read(spec: TrainingRunSpec | None, stages: list[StageStatus]) -> list[str]:
+    """The stages whose records matter now: the first one of ``spec`` not Succeeded in
+    ``stages`` (its progress record and FINAL decide what happens next); none without a
+    store to read them from."""
+    if spec is None or spec.storage.s3 is None:
+        return []
+    done = {s.name for s in stages if s.phase == StagePhase.Succeeded}
+    return [s.name for s in spec.stages if s.name not in done][:1]
+
+
+@dataclass(frozen=True)
+class RecordsToRead:
+    """Where a reconcile reads progress records from, and for which stages."""
+
+    s3: S3Storage | None
+    stages: list[str]
+
+
+def records_to_read(run: Mapping[str, Any], observed_jobs: list[dict[str, Any]]) -> RecordsToRead:
+    """What the handlers read before ``plan`` runs: the store and stages of the spec
+    ``choose_spec`` picks, the same choice ``plan`` then makes."""
+    jobs = {ObservedJob.from_k8s(j).stage for j in observed_jobs}
+    spec = choose_spec(run, jobs).spec
+    return RecordsToRead(
+        s3=spec.storage.s3 if spec is not None else None,
+        stages=stages_to_read(spec, previous_status(run).stages),
+    )
+
+
+def spec_conditions(choice: SpecChoice, old: TrainingRunStatus, conds: Conditions) -> list[Event]:
+    """Condition SpecChangeRefused (and its Warning, once per distinct refusal) while
+    part of the new spec is refused; cleared once the spec applies again."""
+    before = _condition(old.conditions, ConditionType.SPEC_CHANGE_REFUSED)
+    if choice.refused:
+        message = "; ".join(choice.refused) + " — not applied (create a new TrainingRun instead)"
+        conds.set(ConditionType.SPEC_CHANGE_REFUSED, True, Reason.SPEC_CHANGE_REFUSED, message)
+        if before is None or before.message != message:
+            return [Event(WARNING, Reason.SPEC_CHANGE_REFUSED, message)]
+    elif before is not None and before.status == "True":
+        conds.set(
+            ConditionType.SPEC_CHANGE_REFUSED,
+            False,
+            Reason.SPEC_APPLIED,
+            "the current spec is applied",
+        )
+    return []
+
+
+def applied_annotation(spec: TrainingRunSpec, annotations: Mapping[str, str]) -> dict[str, str]:
+    """The applied-spec annotation to set (empty when it already holds ``spec``)."""
+    applied_json = json.dumps(api.dump(spec), sort_keys=True, separators=(",", ":"))
+    if annotations.get(ANNOTATION_APPLIED_SPEC) == applied_json:
+        return {}
+    return {ANNOTATION_APPLIED_SPEC: applied_json}
+
+
+def created_condition(spec: TrainingRunSpec, estimate: Estimate, conds: Conditions) -> list[Event]:
+    """Condition Created with the up-front estimate, and its event, the first time."""
+    if conds.get(ConditionType.CREATED) is not None:
+        return []
+    conds.set(
+        ConditionType.CREATED,
+        True,
+        Reason.CREATED,
+        f"{len(spec.stages)} stages; estimate {estimate.gpu_hours:.3g} GPU-hours, "
+        f"${estimate.cost_usd:.2f}, {estimate.energy_kwh:.3g} kWh",
+    )
+    stages = " -> ".join(s.name for s in spec.stages)
+    return [Event(NORMAL, Reason.CREATED, f"TrainingRun accepted: {stages}")]
+
+
+def storage_condition(spec: TrainingRunSpec, conds: Conditions) -> bool:
+    """Whether the run has a store; condition StorageConfigured False when it has none
+    (set True again only once it had been False)."""
+    if spec.storage.s3 is None:
+        conds.set(
+            ConditionType.STORAGE_CONFIGURED,
+            False,
+            Reason.MISSING_S3_STORAGE,
+            "spec.storage.s3 is required on a cluster: set storage.s3.bucket (and "
+            "endpoint and credentialsSecret for an S3-compatible store)",
+        )
+        return False
+    if conds.get(ConditionType.STORAGE_CONFIGURED) is not None:
+        conds.set(
+            ConditionType.STORAGE_CONFIGURED,
+            True,
+            Reason.S3_CONFIGURED,
+            f"checkpoints in {spec.storage.s3.uri()}",
+        )
+    return True
+
+
+# --------------------------------------------------------------------------- 3. accounting
+
+
+@dataclass(frozen=True)
+class Costing:
+    """The run's pricing (its own, completed with the operator's defaults) and the
+    up-front estimate of its spec at that pricing: computed once per reconcile."""
+
+    pricing: Pricing
+    estimate: accounting.RunEstimate
+
+
+def price(spec: TrainingRunSpec, config: OperatorConfig) -> Costing:
+    """Pricing and estimate of ``spec``."""
     pricing = effective_pricing(spec.pricing, config)
-    est = accounting.estimate_run(
+    estimate = accounting.estimate_run(
         spec.model_copy(update={"pricing": pricing}), config.mfu, config.gpu_prices
     )
+    return Costing(pricing, estimate)
+
+
+def estimate_summary(est: accounting.RunEstimate) -> Estimate:
+    """The estimate as status shows it."""
     return Estimate(
         parameters=est.parameters,
         flops=est.flops,
@@ -304,32 +530,79 @@ def _estimate(spec: TrainingRunSpec, config: OperatorConfig) -> Estimate:
     )
 
 
+def stage_statuses(spec: TrainingRunSpec, previous: list[StageStatus]) -> list[StageStatus]:
+    """One status per stage of ``spec``, in its order: the previous one of that name, or
+    a new one."""
+    by_name = {s.name: s for s in previous}
+    return [by_name.get(s.name, StageStatus(name=s.name)) for s in spec.stages]
+
+
+@dataclass(frozen=True)
+class Accounts:
+    stages: list[StageStatus]
+    ledger: dict[str, Any]  # the GPU-seconds ledger after this reconcile
+
+
+def account(
+    spec: TrainingRunSpec,
+    stages: list[StageStatus],
+    ledger: dict[str, Any],
+    observed: Observed,
+    pricing: Pricing,
+    price_table: dict[str, float],
+) -> Accounts:
+    """Progress, GPU time and cost of every stage there is news of (a record, a Job or
+    a ledger entry): the trainer's record applied, GPU-seconds of earlier attempts
+    banked in the ledger plus those of the current Job's pods, priced."""
+    stages = list(stages)
+    new_ledger = dict(ledger)
+    for i, stage in enumerate(spec.stages):
+        rec = observed.records.get(stage.name)
+        job = observed.jobs.get(stage.name)
+        if rec is None and job is None and stage.name not in ledger:
+            continue
+        st = apply_record(stage, spec.model, stages[i], rec.progress if rec else None)
+        banked, entry = banked_gpu_seconds(ledger.get(stage.name, {}), st, job.uid if job else None)
+        current = (
+            pod_gpu_seconds(observed.pods_of(job), stage.resources.gpus_per_node, observed.now)
+            if job
+            else 0.0
+        )
+        new_ledger[stage.name] = entry
+        stages[i] = apply_costs(stage, st, banked + current, pricing, price_table)
+    return Accounts(stages, new_ledger)
+
+
+def totals(stages: list[StageStatus]) -> Totals:
+    """Sums over the stages; progress weighted by steps."""
+    steps = sum(s.total_steps or 0 for s in stages)
+    done = sum(s.step if s.phase != StagePhase.Succeeded else (s.total_steps or 0) for s in stages)
+    return Totals(
+        progress=round(done / steps, 4) if steps else 0.0,
+        tokens=sum(s.tokens for s in stages),
+        gpu_seconds=round(sum(s.gpu_seconds for s in stages), 3),
+        energy_joules=round(sum(s.energy_joules for s in stages), 3),
+        cost_usd=round(sum(s.cost_usd for s in stages), 6),
+        co2_grams=round(sum(s.co2_grams for s in stages), 3),
+    )
+
+
+# --------------------------------------------------------------------------- 4. budget
+
+
 @dataclass(frozen=True)
 class BudgetCheck:
     exceeded: list[str]  # one message per limit hit
     used: dict[str, float]  # kind -> used / limit (accrued), for the metrics
 
 
-def check_budget(
-    spec: TrainingRunSpec, stages: list[StageStatus], totals: Totals, config: OperatorConfig
-) -> BudgetCheck:
-    """Which limits of ``spec.budget`` the run has reached (or, with ``projected``, will
-    reach). Energy is facility energy (IT energy × PUE), as in the estimate."""
-    budget = spec.budget
-    pricing = effective_pricing(spec.pricing, config)
-    est = accounting.estimate_run(
-        spec.model_copy(update={"pricing": pricing}), config.mfu, config.gpu_prices
-    )
-    pue = pricing.pue
-    used = {
-        "cost": totals.cost_usd,
-        "gpuHours": totals.gpu_seconds / 3600.0,
-        "energy": totals.energy_joules / accounting.JOULES_PER_KWH * pue,
-    }
-    # Projection: a stage under way extrapolates what it spent by its progress; a stage
-    # not started yet counts its up-front estimate.
+def _projected(
+    stages: list[StageStatus], estimate: accounting.RunEstimate, pue: float
+) -> dict[str, float]:
+    """What the run will have spent: a stage under way extrapolates what it spent by its
+    progress; a stage not started yet counts its up-front estimate."""
     projected = {"cost": 0.0, "gpuHours": 0.0, "energy": 0.0}
-    for st, stage_est in zip(stages, est.stages, strict=False):
+    for st, stage_est in zip(stages, estimate.stages, strict=False):
         if st.phase == StagePhase.Succeeded or st.progress >= 1.0:
             scale = 1.0
         elif st.progress > 0:
@@ -346,6 +619,22 @@ def check_budget(
                 stage_est.gpu_hours if stage_est.gpus else 0.0
             )
             projected["energy"] += stage_est.energy_kwh
+    return projected
+
+
+def check_budget(
+    spec: TrainingRunSpec, stages: list[StageStatus], spent: Totals, costing: Costing
+) -> BudgetCheck:
+    """Which limits of ``spec.budget`` the run has reached (or, with ``projected``, will
+    reach). Energy is facility energy (IT energy × PUE), as in the estimate."""
+    budget = spec.budget
+    pue = costing.pricing.pue
+    used = {
+        "cost": spent.cost_usd,
+        "gpuHours": spent.gpu_seconds / 3600.0,
+        "energy": spent.energy_joules / accounting.JOULES_PER_KWH * pue,
+    }
+    projected = _projected(stages, costing.estimate, pue)
     limits = {
         "cost": (budget.max_cost_usd, "costUSD", "budget.maxCostUSD", "USD"),
         "gpuHours": (budget.max_gpu_hours, "GPU-hours", "budget.maxGPUHours", "h"),
@@ -366,416 +655,587 @@ def check_budget(
     return BudgetCheck(exceeded, ratios)
 
 
+def budget_condition(
+    check: BudgetCheck, spec: TrainingRunSpec, old: TrainingRunStatus, conds: Conditions
+) -> list[Event]:
+    """Condition BudgetExceeded (and a Warning when it becomes True); WithinBudget once
+    a limit hit before is respected again (a raised budget)."""
+    before = _condition(old.conditions, ConditionType.BUDGET_EXCEEDED)
+    if check.exceeded:
+        message = "; ".join(check.exceeded)
+        conds.set(ConditionType.BUDGET_EXCEEDED, True, Reason.BUDGET_EXCEEDED, message)
+        if before is None or before.status != "True":
+            action = spec.budget.action.value
+            return [Event(WARNING, Reason.BUDGET_EXCEEDED, f"{message}: {action} the run")]
+    elif before is not None:
+        conds.set(
+            ConditionType.BUDGET_EXCEEDED,
+            False,
+            Reason.WITHIN_BUDGET,
+            "all budget limits respected",
+        )
+    return []
+
+
+@dataclass(frozen=True)
+class Course:
+    """Whether the run may train now, and why not."""
+
+    terminal: bool  # it had Succeeded or Failed before this reconcile
+    suspend: bool  # spec.suspend
+    budget: BudgetCheck
+    action: BudgetAction  # spec.budget.action
+
+    @property
+    def should_run(self) -> bool:
+        return not (self.terminal or self.suspend or self.budget.exceeded)
+
+    @property
+    def fail_on_budget(self) -> bool:
+        return bool(self.budget.exceeded) and self.action == BudgetAction.Fail
+
+    @property
+    def suspend_on_budget(self) -> bool:
+        return bool(self.budget.exceeded) and self.action == BudgetAction.Suspend
+
+    @property
+    def stop_reason(self) -> str:
+        if self.budget.exceeded:
+            return "budget exceeded"
+        return "spec.suspend is true" if self.suspend else "the run has finished"
+
+
+# --------------------------------------------------------------------------- 5. the stages
+
+
+@dataclass(frozen=True)
+class WalkContext:
+    """What every stage's decision may look at."""
+
+    run: RunRef
+    spec: TrainingRunSpec
+    course: Course
+    observed: Observed
+    config: OperatorConfig
+
+
+@dataclass(frozen=True)
+class StageAt:
+    """The first stage not Succeeded, as the walk finds it."""
+
+    index: int
+    stage: Stage
+    status: StageStatus
+    job: ObservedJob | None
+    record: StageRecords | None
+
+
+@dataclass
+class StageDecision:
+    """What a stage's situation calls for."""
+
+    status: StageStatus
+    phase: RunPhase | None = None  # the run's phase it implies; None: leave it
+    done: bool = False  # the stage has succeeded: go on with the next one
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[Delete] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    failed: str | None = None  # why the run fails
+    stalled: str | None = None  # why the stage counts as stalled
+
+
+def _running_if_should_run(ctx: WalkContext) -> RunPhase | None:
+    return RunPhase.Running if ctx.course.should_run else None
+
+
+def stage_deleting(at: StageAt, ctx: WalkContext) -> StageDecision:
+    """Its Job is being deleted (foreground): wait until the pods, which checkpoint
+    after SIGTERM, are gone, before anything else happens to the stage."""
+    return StageDecision(
+        at.status.model_copy(
+            update={
+                "message": "waiting for the previous pods to stop (checkpointing after SIGTERM)"
+            }
+        ),
+        phase=_running_if_should_run(ctx),
+    )
+
+
+def stage_succeeded(at: StageAt, ctx: WalkContext) -> StageDecision:
+    """Its Job completed and FINAL exists: the stage succeeded; on to the next one."""
+    assert at.job is not None
+    st = at.status
+    return StageDecision(
+        st.model_copy(
+            update={
+                "phase": StagePhase.Succeeded,
+                "progress": 1.0,
+                "eta_seconds": 0.0,
+                "completion_time": at.job.completion_time or format_time(ctx.observed.now),
+                "message": None,
+                "step": max(st.step, st.total_steps or 0),
+            }
+        ),
+        done=True,
+        events=[
+            Event(
+                NORMAL,
+                Reason.STAGE_SUCCEEDED,
+                f"stage {at.stage.name!r} ({at.index + 1}/{len(ctx.spec.stages)}) succeeded",
+            )
+        ],
+    )
+
+
+def stage_failed(at: StageAt, ctx: WalkContext) -> StageDecision:
+    """Its Job failed: delete it to be recreated at the next attempt while restarts
+    remain within maxRestarts, else the stage and the run fail."""
+    job, stage, st = at.job, at.stage, at.status
+    assert job is not None
+    restarts = max(st.restarts, job.attempt + 1)
+    if restarts > stage.max_restarts:
+        return StageDecision(
+            st.model_copy(
+                update={
+                    "phase": StagePhase.Failed,
+                    "restarts": restarts,
+                    "completion_time": format_time(ctx.observed.now),
+                    "message": job.failure_message or None,
+                }
+            ),
+            phase=RunPhase.Failed,
+            failed=(
+                f"stage {stage.name!r} failed {restarts} times, more than "
+                f"maxRestarts={stage.max_restarts}: {job.failure_message}"
+            ),
+        )
+    return StageDecision(
+        st.model_copy(
+            update={
+                "restarts": restarts,
+                "message": f"restart {restarts}/{stage.max_restarts}: {job.failure_message}",
+            }
+        ),
+        phase=_running_if_should_run(ctx),
+        delete=[Delete("Job", job.name)],
+        events=[
+            Event(
+                WARNING,
+                Reason.STAGE_RESTARTING,
+                f"stage {stage.name!r} failed ({job.failure_message}); restart {restarts} of "
+                f"{stage.max_restarts}, resuming from the last checkpoint",
+            )
+        ],
+    )
+
+
+def stage_interrupted(at: StageAt, ctx: WalkContext) -> StageDecision:
+    """Its Job completed without FINAL (the trainer checkpointed and exited after
+    SIGTERM): delete it, to be recreated and resume from LATEST."""
+    assert at.job is not None
+    return StageDecision(
+        at.status,
+        phase=_running_if_should_run(ctx),
+        delete=[Delete("Job", at.job.name)],
+        events=[
+            Event(
+                NORMAL,
+                Reason.STAGE_INTERRUPTED,
+                f"stage {at.stage.name!r} stopped without finishing (no FINAL); recreating "
+                "it to resume from the last checkpoint",
+            )
+        ],
+    )
+
+
+def stage_stopping(at: StageAt, ctx: WalkContext) -> StageDecision:
+    """Its Job runs but the run must not (suspended, over budget, finished): delete the
+    Job; its pods checkpoint before they exit."""
+    assert at.job is not None
+    return StageDecision(
+        at.status,
+        delete=[Delete("Job", at.job.name)],
+        events=[
+            Event(
+                NORMAL,
+                Reason.SUSPENDING,
+                f"stopping stage {at.stage.name!r}: {ctx.course.stop_reason}; the trainer "
+                "checkpoints before it exits",
+            )
+        ],
+    )
+
+
+def stage_running(at: StageAt, ctx: WalkContext) -> StageDecision:
+    """Its Job runs: Running once a pod runs, else Pending; stalled when its progress
+    record has not changed for stallTimeoutSeconds while it runs."""
+    assert at.job is not None
+    now, timeout = ctx.observed.now, ctx.config.stall_timeout_seconds
+    running = any(
+        (p.get("status") or {}).get("phase") == "Running" for p in ctx.observed.pods_of(at.job)
+    )
+    updated = record_updated_at(at.record.progress if at.record else None)
+    stalled = None
+    if running and updated is not None and timeout > 0:
+        quiet = (now - updated).total_seconds()
+        if quiet > timeout:
+            stalled = f"stage {at.stage.name!r}: no progress for {quiet:.0f}s"
+    return StageDecision(
+        at.status.model_copy(
+            update={
+                "phase": StagePhase.Running if running else StagePhase.Pending,
+                "message": None if running else "waiting for pods to be scheduled",
+            }
+        ),
+        phase=RunPhase.Running if running else RunPhase.Pending,
+        stalled=stalled,
+    )
+
+
+def stage_without_job(at: StageAt, ctx: WalkContext) -> StageDecision:
+    """No Job: create it (and its Service) when the run may train, resuming from LATEST
+    if the stage had started; otherwise a stage that was under way is Suspended."""
+    st, stage, run = at.status, at.stage, ctx.run
+    if not ctx.course.should_run:
+        if (
+            not ctx.course.terminal
+            and st.phase in (StagePhase.Running, StagePhase.Pending)
+            and st.start_time is not None
+        ):
+            st = st.model_copy(
+                update={"phase": StagePhase.Suspended, "message": "stopped after a checkpoint"}
+            )
+        return StageDecision(st)
+    first = st.start_time is None
+    job_name = resources.child_name(run.name, stage.name)
+    return StageDecision(
+        st.model_copy(
+            update={
+                "phase": StagePhase.Pending,
+                "start_time": st.start_time or format_time(ctx.observed.now),
+                "message": "Job created" if first else "Job recreated, resuming from LATEST",
+            }
+        ),
+        phase=RunPhase.Pending,
+        create=[
+            resources.build_service(
+                run=run.name, namespace=run.namespace, uid=run.uid, stage=stage.name
+            ),
+            resources.build_job(
+                ctx.spec,
+                at.index,
+                run=run.name,
+                namespace=run.namespace,
+                uid=run.uid,
+                config=ctx.config,
+                attempt=st.restarts,
+            ),
+        ],
+        events=[
+            Event(
+                NORMAL,
+                Reason.STAGE_STARTED if first else Reason.STAGE_RESUMED,
+                f"stage {stage.name!r} ({at.index + 1}/{len(ctx.spec.stages)}): "
+                f"created Job {job_name}",
+            )
+        ],
+    )
+
+
+def decide_stage(at: StageAt, ctx: WalkContext) -> StageDecision:
+    """The situation of the first stage not Succeeded, and what it calls for."""
+    job = at.job
+    if job is None:
+        return stage_without_job(at, ctx)
+    if job.deleting:
+        return stage_deleting(at, ctx)
+    if job.complete and at.record is not None and at.record.final:
+        return stage_succeeded(at, ctx)
+    if job.failed_condition:
+        return stage_failed(at, ctx)
+    if job.complete:
+        return stage_interrupted(at, ctx)
+    if not ctx.course.should_run:
+        return stage_stopping(at, ctx)
+    return stage_running(at, ctx)
+
+
+@dataclass
+class Walk:
+    """What the walk over the stages decided."""
+
+    phase: RunPhase
+    current: str | None
+    stages: list[StageStatus]
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[Delete] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    failed: str | None = None
+    stalled: str | None = None
+
+    def take(self, index: int, decision: StageDecision) -> None:
+        self.stages[index] = decision.status
+        self.phase = decision.phase or self.phase
+        self.create += decision.create
+        self.delete += decision.delete
+        self.events += decision.events
+        self.failed = decision.failed or self.failed
+        self.stalled = decision.stalled or self.stalled
+
+
+def walk_stages(ctx: WalkContext, stages: list[StageStatus], old: TrainingRunStatus) -> Walk:
+    """Step 5, the stages in order: Succeeded ones are passed, the first other one
+    decides (``decide_stage``); when all have succeeded the run has."""
+    walk = Walk(
+        phase=old.phase if ctx.course.terminal else RunPhase.Pending,
+        current=old.current_stage,
+        stages=list(stages),
+    )
+    for i, stage in enumerate(ctx.spec.stages):
+        if walk.stages[i].phase == StagePhase.Succeeded:
+            continue
+        walk.current = stage.name
+        at = StageAt(
+            i,
+            stage,
+            walk.stages[i],
+            ctx.observed.jobs.get(stage.name),
+            ctx.observed.records.get(stage.name),
+        )
+        decision = decide_stage(at, ctx)
+        walk.take(i, decision)
+        if not decision.done:
+            return walk
+    if not ctx.course.terminal:
+        walk.phase = RunPhase.Succeeded
+        walk.current = ctx.spec.stages[-1].name
+    return walk
+
+
+# --------------------------------------------------------------------------- 6. outcome
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The run's phase after this reconcile, and why it fails (when it just did)."""
+
+    phase: RunPhase
+    failed: str | None
+
+
+def run_outcome(walk: Walk, course: Course) -> Outcome:
+    """Step 6, the run's phase: the walk's, except that a budget with action Fail fails
+    the run and a run that must not train is Suspended (unless it has finished)."""
+    if course.fail_on_budget and not course.terminal:
+        return Outcome(RunPhase.Failed, "budget exceeded: " + "; ".join(course.budget.exceeded))
+    if walk.phase not in FINISHED and not course.should_run:
+        return Outcome(RunPhase.Suspended, walk.failed)
+    return Outcome(walk.phase, walk.failed)
+
+
+def failed_condition(outcome: Outcome, course: Course, conds: Conditions) -> list[Event]:
+    """Condition Failed (and a Warning) when the run fails in this reconcile."""
+    if not outcome.failed or course.terminal:
+        return []
+    reason = Reason.BUDGET_EXCEEDED if course.fail_on_budget else Reason.REACHED_MAX_RESTARTS
+    conds.set(ConditionType.FAILED, True, reason, outcome.failed)
+    return [Event(WARNING, reason, outcome.failed)]
+
+
+def succeeded_condition(
+    phase: RunPhase, stages: list[StageStatus], old: TrainingRunStatus, conds: Conditions
+) -> list[Event]:
+    """Condition Succeeded: True (and an event) when the last stage succeeds, False
+    with the count of succeeded stages before."""
+    n = len(stages)
+    if phase == RunPhase.Succeeded and old.phase != RunPhase.Succeeded:
+        message = f"all {n} stages succeeded"
+        conds.set(ConditionType.SUCCEEDED, True, Reason.ALL_STAGES_SUCCEEDED, message)
+        return [Event(NORMAL, Reason.ALL_STAGES_SUCCEEDED, message)]
+    succeeded = sum(1 for s in stages if s.phase == StagePhase.Succeeded)
+    if succeeded and phase != RunPhase.Succeeded:
+        conds.set(
+            ConditionType.SUCCEEDED,
+            False,
+            Reason.STAGE_SUCCEEDED,
+            f"{succeeded}/{n} stages succeeded",
+        )
+    return []
+
+
+def running_condition(
+    phase: RunPhase, current: str | None, course: Course, conds: Conditions
+) -> None:
+    """Condition Running: True while a stage trains, else False with the reason why
+    not (after condition Failed is set, whose reason it repeats)."""
+    type_ = ConditionType.RUNNING
+    if phase == RunPhase.Running:
+        conds.set(type_, True, Reason.RUNNING, f"stage {current!r} is training")
+    elif phase == RunPhase.Pending:
+        conds.set(type_, False, Reason.PENDING, f"stage {current!r} is waiting for its pods")
+    elif phase == RunPhase.Succeeded:
+        conds.set(type_, False, Reason.ALL_STAGES_SUCCEEDED, "nothing left to train")
+    elif phase == RunPhase.Failed:
+        failed = conds.get(ConditionType.FAILED)
+        conds.set(type_, False, failed.reason if failed else Reason.FAILED, "the run failed")
+    else:
+        reason = Reason.BUDGET_EXCEEDED if course.suspend_on_budget else Reason.SUSPENDED
+        conds.set(type_, False, reason, "stopped")
+
+
+def suspended_condition(
+    phase: RunPhase, course: Course, old: TrainingRunStatus, conds: Conditions
+) -> list[Event]:
+    """Condition Suspended (and an event when the run becomes Suspended), naming the
+    budget or spec.suspend; Resumed once it is not suspended any more."""
+    if phase == RunPhase.Suspended:
+        if course.suspend_on_budget:
+            reason = Reason.BUDGET_EXCEEDED
+            message = "; ".join(course.budget.exceeded) + " (raise the budget to continue)"
+        else:
+            reason, message = Reason.SUSPENDED, "spec.suspend is true"
+        conds.set(ConditionType.SUSPENDED, True, reason, message)
+        if old.phase != RunPhase.Suspended:
+            return [Event(NORMAL, Reason.SUSPENDED, f"run suspended: {message}")]
+    elif conds.get(ConditionType.SUSPENDED) is not None:
+        conds.set(ConditionType.SUSPENDED, False, Reason.RESUMED, "the run is not suspended")
+    return []
+
+
+def stalled_condition(
+    stalled: str | None, old: TrainingRunStatus, conds: Conditions
+) -> list[Event]:
+    """Condition Stalled (and a Warning when it becomes True) while the running stage
+    makes no progress; Progressing once it does or stops running."""
+    if stalled:
+        before = _condition(old.conditions, ConditionType.STALLED)
+        conds.set(ConditionType.STALLED, True, Reason.PROGRESS_STALLED, stalled)
+        if before is None or before.status != "True":
+            return [Event(WARNING, Reason.PROGRESS_STALLED, stalled)]
+    elif conds.get(ConditionType.STALLED) is not None:
+        conds.set(ConditionType.STALLED, False, Reason.PROGRESSING, "the trainer reports progress")
+    return []
+
+
+def outcome_conditions(
+    outcome: Outcome, walk: Walk, course: Course, old: TrainingRunStatus, conds: Conditions
+) -> list[Event]:
+    """Step 6, the conditions that follow from the run's phase, and their events."""
+    events = failed_condition(outcome, course, conds)
+    events += succeeded_condition(outcome.phase, walk.stages, old, conds)
+    running_condition(outcome.phase, walk.current, course, conds)
+    events += suspended_condition(outcome.phase, course, old, conds)
+    events += stalled_condition(walk.stalled, old, conds)
+    return events
+
+
+# --------------------------------------------------------------------------- 7. TTL
+
+
+def expired_children(
+    spec: TrainingRunSpec, phase: RunPhase, conds: Conditions, observed: Observed
+) -> list[Delete] | None:
+    """Step 7, ``ttlSecondsAfterFinished``: once that long has passed since the run
+    finished, every child is deleted (the run and the store stay); None before."""
+    ttl = spec.ttl_seconds_after_finished
+    if phase not in FINISHED or ttl is None:
+        return None
+    finished = conds.get(
+        ConditionType.SUCCEEDED if phase == RunPhase.Succeeded else ConditionType.FAILED
+    )
+    at = parse_time(finished.last_transition_time) if finished else None
+    if at is None or (observed.now - at).total_seconds() < ttl:
+        return None
+    jobs = [Delete("Job", j.name) for j in observed.jobs.values() if not j.deleting]
+    return jobs + [Delete("Service", n) for n in observed.services]
+
+
 # --------------------------------------------------------------------------- plan
+
+
+class _Draft:
+    """The plan being built: the new status, its conditions, what to do."""
+
+    def __init__(self, old: TrainingRunStatus, now: datetime, generation: int | None):
+        self.old = old
+        self.status = old.model_copy(deep=True)
+        self.status.observed_generation = generation
+        self.conditions = Conditions(self.status.conditions, now, generation)
+        self.out = Plan()
+
+    def finish(self, spec: TrainingRunSpec | None) -> Plan:
+        self.status.conditions = self.conditions.items
+        new = api.dump(self.status)
+        if new != api.dump(self.old):
+            self.out.status = new
+        self.out.spec = spec
+        self.out.previous_status = self.old
+        self.out.run_status = self.status
+        self.out.read_next = stages_to_read(spec, self.status.stages)
+        return self.out
 
 
 def plan(
     run: dict[str, Any],
     observed_jobs: list[dict[str, Any]],
     observed_pods: list[dict[str, Any]],
-    records: dict[str, StageRecords],
+    records: Mapping[str, StageRecords],
     now: datetime,
     config: OperatorConfig,
     observed_services: list[str] | None = None,
 ) -> Plan:
     """Decide what to do for ``run`` given what exists (``observed_services``: names of
-    its Services); see the module docstring."""
+    its Services); see the module docstring for the steps."""
     meta = run.get("metadata") or {}
-    name, namespace, uid = meta["name"], meta.get("namespace", "default"), meta.get("uid", "")
-    generation = meta.get("generation")
-    annotations = meta.get("annotations") or {}
-    old = TrainingRunStatus.model_validate(run.get("status") or {})
-    out = Plan()
     if meta.get("deletionTimestamp"):
-        return out  # ownerReferences: the garbage collector removes the children
+        return Plan()  # ownerReferences: the garbage collector removes the children
+    annotations = meta.get("annotations") or {}
+    observed = Observed.of(observed_jobs, observed_pods, records, observed_services, now)
+    old = previous_status(run)
+    draft = _Draft(old, now, meta.get("generation"))
+    out, conds, status = draft.out, draft.conditions, draft.status
 
-    status = old.model_copy(deep=True)
-    status.observed_generation = generation
-    conds = list(status.conditions)
-
-    def cond(type_: str, value: bool, reason: str, message: str) -> None:
-        nonlocal conds
-        conds = set_condition(
-            conds, type_, "True" if value else "False", reason, message, now, generation
-        )
-
-    def finish() -> Plan:
-        status.conditions = conds
-        new = api.dump(status)
-        if new != api.dump(old):
-            out.status = new
-        return out
-
-    # ---- which spec to act on
-    try:
-        new_spec: TrainingRunSpec | None = api.parse_spec(run.get("spec") or {})
-        errors: list[str] = []
-    except ManifestError as exc:
-        new_spec, errors = None, exc.errors
-    applied = _parse_applied(annotations)
-    jobs = {j.stage: j for j in map(ObservedJob.from_k8s, observed_jobs)}
-    started = sum(1 for s in old.stages if s.phase != StagePhase.Pending)
-    if applied is not None:
-        started = max([started] + [i + 1 for i, s in enumerate(applied.stages) if s.name in jobs])
-    spec, refused = effective_spec(new_spec, errors, applied, started)
+    choice = choose_spec(run, observed.jobs)
+    spec = choice.spec
     if spec is None:
         status.phase = RunPhase.Failed
-        cond(COND_FAILED, True, "InvalidSpec", "; ".join(errors))
-        return finish()
-    refused_before = _condition(old.conditions, COND_SPEC_REFUSED)
-    if refused:
-        message = "; ".join(refused) + " — not applied (create a new TrainingRun instead)"
-        if refused_before is None or refused_before.message != message:
-            out.events.append(Event("Warning", COND_SPEC_REFUSED, message))
-        cond(COND_SPEC_REFUSED, True, COND_SPEC_REFUSED, message)
-    elif refused_before is not None and refused_before.status == "True":
-        cond(COND_SPEC_REFUSED, False, "SpecApplied", "the current spec is applied")
-    applied_json = json.dumps(api.dump(spec), sort_keys=True, separators=(",", ":"))
-    if annotations.get(ANNOTATION_APPLIED_SPEC) != applied_json:
-        out.annotations[ANNOTATION_APPLIED_SPEC] = applied_json
-
-    # ---- created: estimate once
+        conds.set(ConditionType.FAILED, True, Reason.INVALID_SPEC, "; ".join(choice.errors))
+        return draft.finish(None)
+    out.events += spec_conditions(choice, old, conds)
+    out.annotations.update(applied_annotation(spec, annotations))
+    costing = price(spec, config)
     if status.estimate is None:
-        status.estimate = _estimate(spec, config)
-    if _condition(conds, COND_CREATED) is None:
-        est = status.estimate
-        cond(
-            COND_CREATED,
-            True,
-            "Created",
-            f"{len(spec.stages)} stages; estimate {est.gpu_hours:.3g} GPU-hours, "
-            f"${est.cost_usd:.2f}, {est.energy_kwh:.3g} kWh",
-        )
-        out.events.append(
-            Event(
-                "Normal",
-                "Created",
-                f"TrainingRun accepted: {' -> '.join(s.name for s in spec.stages)}",
-            )
-        )
+        status.estimate = estimate_summary(costing.estimate)
+    out.events += created_condition(spec, status.estimate, conds)
+    stages = stage_statuses(spec, old.stages)
+    if not storage_condition(spec, conds):
+        status.stages, status.phase = stages, RunPhase.Pending
+        return draft.finish(spec)
 
-    # ---- stage list follows the (effective) spec
-    by_name = {s.name: s for s in old.stages}
-    stages = [by_name.get(s.name, StageStatus(name=s.name)) for s in spec.stages]
-
-    if spec.storage.s3 is None:
-        status.stages = stages
-        status.phase = RunPhase.Pending
-        cond(
-            COND_STORAGE,
-            False,
-            "MissingS3Storage",
-            "spec.storage.s3 is required on a cluster: set storage.s3.bucket (and "
-            "endpoint and credentialsSecret for an S3-compatible store)",
-        )
-        return finish()
-    if _condition(conds, COND_STORAGE) is not None:
-        cond(COND_STORAGE, True, "S3Configured", f"checkpoints in {spec.storage.s3.uri()}")
-
-    # ---- progress, GPU time, cost of every stage we have news of
-    pricing = effective_pricing(spec.pricing, config)
     ledger = _parse_ledger(annotations)
-    new_ledger = dict(ledger)
-    for i, stage in enumerate(spec.stages):
-        st = stages[i]
-        rec = records.get(stage.name)
-        job = jobs.get(stage.name)
-        if rec is None and job is None and stage.name not in ledger:
-            continue
-        st = apply_record(stage, spec.model, st, rec.progress if rec else None)
-        banked, entry = banked_gpu_seconds(ledger.get(stage.name, {}), st, job.uid if job else None)
-        current = (
-            pod_gpu_seconds(pods_of(observed_pods, job.uid), stage.resources.gpus_per_node, now)
-            if job
-            else 0.0
-        )
-        new_ledger[stage.name] = entry
-        stages[i] = apply_costs(stage, st, banked + current, pricing, config.gpu_prices)
-    if new_ledger != ledger:
+    accounts = account(spec, stages, ledger, observed, costing.pricing, config.gpu_prices)
+    if accounts.ledger != ledger:
         out.annotations[ANNOTATION_LEDGER] = json.dumps(
-            new_ledger, sort_keys=True, separators=(",", ":")
+            accounts.ledger, sort_keys=True, separators=(",", ":")
         )
+    budget = check_budget(spec, accounts.stages, totals(accounts.stages), costing)
+    out.events += budget_condition(budget, spec, old, conds)
+    course = Course(old.phase in FINISHED, spec.suspend, budget, spec.budget.action)
 
-    def totals() -> Totals:
-        steps = sum(s.total_steps or 0 for s in stages)
-        return Totals(
-            progress=round(
-                sum(
-                    s.step if s.phase != StagePhase.Succeeded else (s.total_steps or 0)
-                    for s in stages
-                )
-                / steps,
-                4,
-            )
-            if steps
-            else 0.0,
-            tokens=sum(s.tokens for s in stages),
-            gpu_seconds=round(sum(s.gpu_seconds for s in stages), 3),
-            energy_joules=round(sum(s.energy_joules for s in stages), 3),
-            cost_usd=round(sum(s.cost_usd for s in stages), 6),
-            co2_grams=round(sum(s.co2_grams for s in stages), 3),
-        )
+    walk = walk_stages(
+        WalkContext(RunRef.of(meta), spec, course, observed, config), accounts.stages, old
+    )
+    out.create, out.delete, out.events = walk.create, walk.delete, out.events + walk.events
+    outcome = run_outcome(walk, course)
+    out.events += outcome_conditions(outcome, walk, course, old, conds)
+    expired = expired_children(spec, outcome.phase, conds, observed)
+    if expired is not None:
+        out.create, out.delete = [], expired
 
-    # ---- budget
-    budget = check_budget(spec, stages, totals(), config)
-    budget_before = _condition(old.conditions, COND_BUDGET)
-    if budget.exceeded:
-        message = "; ".join(budget.exceeded)
-        if budget_before is None or budget_before.status != "True":
-            out.events.append(
-                Event("Warning", "BudgetExceeded", f"{message}: {spec.budget.action.value} the run")
-            )
-        cond(COND_BUDGET, True, "BudgetExceeded", message)
-    elif budget_before is not None:
-        cond(COND_BUDGET, False, "WithinBudget", "all budget limits respected")
-
-    terminal = old.phase in (RunPhase.Succeeded, RunPhase.Failed)
-    fail_on_budget = bool(budget.exceeded) and spec.budget.action == BudgetAction.Fail
-    suspend_on_budget = bool(budget.exceeded) and spec.budget.action == BudgetAction.Suspend
-    should_run = not (terminal or spec.suspend or budget.exceeded)
-
-    # ---- walk the stages in order
-    phase = old.phase if terminal else RunPhase.Pending
-    current: str | None = old.current_stage
-    failed_message: str | None = None
-    stalled: str | None = None
-    for i, stage in enumerate(spec.stages):
-        st = stages[i]
-        if st.phase == StagePhase.Succeeded:
-            continue
-        current = stage.name
-        job = jobs.get(stage.name)
-        rec = records.get(stage.name)
-        job_name = resources.child_name(name, stage.name)
-        if job is not None and job.deleting:
-            stages[i] = st.model_copy(
-                update={
-                    "message": "waiting for the previous pods to stop (checkpointing after SIGTERM)"
-                }
-            )
-            phase = RunPhase.Running if should_run else phase
-            break
-        if job is not None and job.complete and rec is not None and rec.final:
-            completed = job.completion_time or format_time(now)
-            stages[i] = st.model_copy(
-                update={
-                    "phase": StagePhase.Succeeded,
-                    "progress": 1.0,
-                    "eta_seconds": 0.0,
-                    "completion_time": completed,
-                    "message": None,
-                    "step": max(st.step, st.total_steps or 0),
-                }
-            )
-            out.events.append(
-                Event(
-                    "Normal",
-                    "StageSucceeded",
-                    f"stage {stage.name!r} ({i + 1}/{len(spec.stages)}) succeeded",
-                )
-            )
-            continue
-        if job is not None and job.failed_condition:
-            restarts = max(st.restarts, job.attempt + 1)
-            if restarts > stage.max_restarts:
-                failed_message = (
-                    f"stage {stage.name!r} failed {restarts} times, more than "
-                    f"maxRestarts={stage.max_restarts}: {job.failure_message}"
-                )
-                stages[i] = st.model_copy(
-                    update={
-                        "phase": StagePhase.Failed,
-                        "restarts": restarts,
-                        "completion_time": format_time(now),
-                        "message": job.failure_message or None,
-                    }
-                )
-                phase = RunPhase.Failed
-                break
-            stages[i] = st = st.model_copy(
-                update={
-                    "restarts": restarts,
-                    "message": f"restart {restarts}/{stage.max_restarts}: {job.failure_message}",
-                }
-            )
-            out.delete.append(Delete("Job", job_name))
-            out.events.append(
-                Event(
-                    "Warning",
-                    "StageRestarting",
-                    f"stage {stage.name!r} failed ({job.failure_message}); "
-                    f"restart {restarts} of {stage.max_restarts}, resuming "
-                    "from the last checkpoint",
-                )
-            )
-            phase = RunPhase.Running if should_run else phase
-            break
-        if job is not None and job.complete:
-            out.delete.append(Delete("Job", job_name))
-            out.events.append(
-                Event(
-                    "Normal",
-                    "StageInterrupted",
-                    f"stage {stage.name!r} stopped without finishing (no "
-                    "FINAL); recreating it to resume from the last "
-                    "checkpoint",
-                )
-            )
-            phase = RunPhase.Running if should_run else phase
-            break
-        if job is not None:
-            if not should_run:
-                out.delete.append(Delete("Job", job_name))
-                why = (
-                    "budget exceeded"
-                    if budget.exceeded
-                    else "spec.suspend is true"
-                    if spec.suspend
-                    else "the run has finished"
-                )
-                out.events.append(
-                    Event(
-                        "Normal",
-                        "Suspending",
-                        f"stopping stage {stage.name!r}: {why}; the trainer "
-                        "checkpoints before it exits",
-                    )
-                )
-                break
-            running = any(
-                (p.get("status") or {}).get("phase") == "Running"
-                for p in pods_of(observed_pods, job.uid)
-            )
-            stages[i] = st.model_copy(
-                update={
-                    "phase": StagePhase.Running if running else StagePhase.Pending,
-                    "message": None if running else "waiting for pods to be scheduled",
-                }
-            )
-            phase = RunPhase.Running if running else RunPhase.Pending
-            updated = record_updated_at(rec.progress if rec else None)
-            if (
-                running
-                and updated is not None
-                and config.stall_timeout_seconds > 0
-                and (now - updated).total_seconds() > config.stall_timeout_seconds
-            ):
-                stalled = (
-                    f"stage {stage.name!r}: no progress for {(now - updated).total_seconds():.0f}s"
-                )
-            break
-        # No Job for the active stage.
-        if should_run:
-            out.create.append(
-                resources.build_service(run=name, namespace=namespace, uid=uid, stage=stage.name)
-            )
-            out.create.append(
-                resources.build_job(
-                    spec,
-                    i,
-                    run=name,
-                    namespace=namespace,
-                    uid=uid,
-                    config=config,
-                    attempt=st.restarts,
-                )
-            )
-            first = st.start_time is None
-            stages[i] = st.model_copy(
-                update={
-                    "phase": StagePhase.Pending,
-                    "start_time": st.start_time or format_time(now),
-                    "message": "Job created" if first else "Job recreated, resuming from LATEST",
-                }
-            )
-            out.events.append(
-                Event(
-                    "Normal",
-                    "StageStarted" if first else "StageResumed",
-                    f"stage {stage.name!r} ({i + 1}/{len(spec.stages)}): created Job {job_name}",
-                )
-            )
-            phase = RunPhase.Pending
-        elif (
-            not terminal
-            and st.phase in (StagePhase.Running, StagePhase.Pending)
-            and st.start_time is not None
-        ):
-            stages[i] = st.model_copy(
-                update={"phase": StagePhase.Suspended, "message": "stopped after a checkpoint"}
-            )
-        break
-    else:
-        if not terminal:
-            phase = RunPhase.Succeeded
-            current = spec.stages[-1].name
-
-    # ---- run phase and conditions
-    if fail_on_budget and not terminal:
-        phase = RunPhase.Failed
-        failed_message = "budget exceeded: " + "; ".join(budget.exceeded)
-    elif phase not in (RunPhase.Succeeded, RunPhase.Failed) and not should_run:
-        phase = RunPhase.Suspended
-    if failed_message and not terminal:
-        reason = "BudgetExceeded" if fail_on_budget else "ReachedMaxRestarts"
-        cond(COND_FAILED, True, reason, failed_message)
-        out.events.append(Event("Warning", reason, failed_message))
-    succeeded = sum(1 for s in stages if s.phase == StagePhase.Succeeded)
-    if phase == RunPhase.Succeeded and old.phase != RunPhase.Succeeded:
-        cond(COND_SUCCEEDED, True, "AllStagesSucceeded", f"all {len(stages)} stages succeeded")
-        out.events.append(
-            Event("Normal", "AllStagesSucceeded", f"all {len(stages)} stages succeeded")
-        )
-    elif succeeded and phase != RunPhase.Succeeded:
-        cond(COND_SUCCEEDED, False, "StageSucceeded", f"{succeeded}/{len(stages)} stages succeeded")
-    if phase == RunPhase.Running:
-        cond(COND_RUNNING, True, "Running", f"stage {current!r} is training")
-    elif phase == RunPhase.Pending:
-        cond(COND_RUNNING, False, "Pending", f"stage {current!r} is waiting for its pods")
-    elif phase == RunPhase.Succeeded:
-        cond(COND_RUNNING, False, "AllStagesSucceeded", "nothing left to train")
-    elif phase == RunPhase.Failed:
-        failed = _condition(conds, COND_FAILED)
-        cond(COND_RUNNING, False, failed.reason if failed else "Failed", "the run failed")
-    else:
-        cond(COND_RUNNING, False, "BudgetExceeded" if suspend_on_budget else "Suspended", "stopped")
-    if phase == RunPhase.Suspended:
-        reason = "BudgetExceeded" if suspend_on_budget else "Suspended"
-        message = (
-            "; ".join(budget.exceeded) + " (raise the budget to continue)"
-            if suspend_on_budget
-            else "spec.suspend is true"
-        )
-        if old.phase != RunPhase.Suspended:
-            out.events.append(Event("Normal", "Suspended", f"run suspended: {message}"))
-        cond(COND_SUSPENDED, True, reason, message)
-    elif _condition(conds, COND_SUSPENDED) is not None:
-        cond(COND_SUSPENDED, False, "Resumed", "the run is not suspended")
-    if stalled:
-        before = _condition(old.conditions, COND_STALLED)
-        if before is None or before.status != "True":
-            out.events.append(Event("Warning", "ProgressStalled", stalled))
-        cond(COND_STALLED, True, "ProgressStalled", stalled)
-    elif _condition(conds, COND_STALLED) is not None:
-        cond(COND_STALLED, False, "Progressing", "the trainer reports progress")
-
-    # ---- ttlSecondsAfterFinished: delete the children (the run and the store stay)
-    if (
-        phase in (RunPhase.Succeeded, RunPhase.Failed)
-        and spec.ttl_seconds_after_finished is not None
-    ):
-        finished = _condition(conds, COND_SUCCEEDED if phase == RunPhase.Succeeded else COND_FAILED)
-        at = parse_time(finished.last_transition_time) if finished else None
-        if at is not None and (now - at).total_seconds() >= spec.ttl_seconds_after_finished:
-            out.create = []
-            out.delete = [Delete("Job", j.name) for j in jobs.values() if not j.deleting]
-            out.delete += [Delete("Service", n) for n in sorted(observed_services or [])]
-
-    status.phase = phase
-    status.current_stage = current
-    status.stages = stages
-    status.totals = totals()
-    done = succeeded if phase != RunPhase.Succeeded else len(stages)
-    status.progress = f"{done}/{len(stages)} {status.totals.progress * 100:.0f}%"
+    status.phase, status.current_stage, status.stages = outcome.phase, walk.current, walk.stages
+    status.totals = totals(walk.stages)
+    succeeded = sum(1 for s in walk.stages if s.phase == StagePhase.Succeeded)
+    done = succeeded if outcome.phase != RunPhase.Succeeded else len(walk.stages)
+    status.progress = f"{done}/{len(walk.stages)} {status.totals.progress * 100:.0f}%"
     out.budget_used = budget.used
-    return finish()
+    return draft.finish(spec)
