@@ -583,11 +583,14 @@ class StagePhase(StrEnum):
     Failed = "Failed"
 
 
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
 class Condition(_Model):
     """The standard Kubernetes condition shape (metav1.Condition)."""
 
     type: str = Field(..., description="CamelCase condition type, e.g. `Complete`.")
-    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False, Unknown.")
+    status: ConditionStatus = Field(..., description="True, False, Unknown.")
     reason: str = Field("", description="CamelCase machine-readable reason.")
     message: str = Field("", description="Human-readable detail.")
     last_transition_time: str | None = Field(None, description="When status last changed.")

@@ -56,6 +56,7 @@ from kubetrain.core import accounting, api
 from kubetrain.core.api import (
     BudgetAction,
     Condition,
+    ConditionStatus,
     Estimate,
     ManifestError,
     Pricing,
@@ -241,7 +242,7 @@ class Plan:
 def set_condition(
     conditions: list[Condition],
     type_: str,
-    status: str,
+    status: ConditionStatus,
     reason: str,
     message: str,
     now: datetime,
