@@ -1,4 +1,4 @@
-"""Tokenizers, chat templates and SFT/DPO rows for Hugging Face models.
+"""Tokenizers, chat templates, SFT/DPO rows and packing for Hugging Face models.
 
 The tokenizer is trained in the test (byte-level BPE on a few sentences) and written by
 transformers, so the files have the layout real model folders have.
@@ -13,12 +13,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from kubetrain_trainer.data import IGNORE
 from kubetrain_trainer.hf import records
 from kubetrain_trainer.hf.config import ModelFormatError
 from kubetrain_trainer.hf.examples import TokenizedExample
+from kubetrain_trainer.hf.packing import pack_rows, pad_batch, pair_batch, plan_rows
 from kubetrain_trainer.hf.records import DataFormatError, dpo_example, sft_example
 from kubetrain_trainer.hf.tokenizer import HFTokenizer
 
@@ -274,3 +277,43 @@ def test_conversations_need_a_chat_template(base: HFTokenizer) -> None:
         records.load("f.jsonl", _jsonl([{"messages": CONVERSATION}]), sft_example, base)
     with pytest.raises(DataFormatError, match=r'line 1: expected \{"prompt": ..., "chosen"'):
         records.load("f.jsonl", _jsonl([{"prompt": "a", "chosen": "b"}]), dpo_example, base)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def test_rows_are_planned_full_and_every_example_is_placed_once() -> None:
+    lengths = [7, 3, 5, 2, 8, 1, 4, 6, 2]
+    rows = plan_rows(lengths, seq_len=10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 4  # 38 tokens: four rows of 10 is the fewest that can hold them
+    assert plan_rows(lengths, seq_len=10) == rows
+    with pytest.raises(ValueError, match=r"longer than seq_len=6 .*truncate or split"):
+        plan_rows(lengths, seq_len=6)
+
+
+def test_packed_rows_predict_within_each_example_only() -> None:
+    a = TokenizedExample([10, 11, 12, 13], [False, False, True, True])
+    b = TokenizedExample([20, 21, 22], [True, True, True])
+    batch = pack_rows([[a, b]], seq_len=9, pad_id=0)
+    assert batch.inputs.tolist() == [[10, 11, 12, 13, 20, 21, 22, 0, 0]]
+    # a's last token and b's last token predict nothing; a's prompt tokens are not trained.
+    assert batch.targets.tolist() == [[IGNORE, 12, 13, IGNORE, 21, 22, IGNORE, IGNORE, IGNORE]]
+    assert batch.document_ids.tolist() == [[0, 0, 0, 0, 1, 1, 1, -1, -1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert batch.tokens == 7
+
+
+def test_dpo_pairs_pad_to_one_length() -> None:
+    chosen = TokenizedExample([1, 2, 3, 4], [False, False, True, True])
+    rejected = TokenizedExample([1, 2, 5], [False, False, True])
+    from kubetrain_trainer.hf.examples import PreferenceExample
+
+    batch = pair_batch([PreferenceExample(chosen, rejected)], seq_len=8, pad_id=0)
+    assert batch.chosen.inputs.tolist() == [[1, 2, 3]]
+    assert batch.chosen.targets.tolist() == [[IGNORE, 3, 4]]
+    assert batch.rejected.inputs.tolist() == [[1, 2, 0]]
+    assert batch.rejected.targets.tolist() == [[IGNORE, 5, IGNORE]]
+    cut = pad_batch([chosen], seq_len=2, pad_id=0)
+    assert cut.inputs.shape == torch.Size([1, 2]) and cut.targets.tolist() == [[IGNORE, 3]]
