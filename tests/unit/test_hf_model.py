@@ -292,6 +292,19 @@ def test_flops_count_matmul_weights_and_the_attended_length() -> None:
     assert flops_per_token(gpt2, 64) == 6 * (parameter_count(gpt2) - 64 * d) + 12 * d * layers * 64
 
 
+def test_a_meta_device_model_materialised_in_place_gives_the_same_logits(loaded: dict) -> None:
+    # FSDP's way to build big models: on the meta device, then to_empty() and load.
+    _, model = loaded["llama3-rope-llama3-tied-gqa"]
+    with torch.device("meta"):
+        fresh = build_model(model.config)
+    fresh.to_empty(device="cpu")
+    fresh.reset_buffers()
+    fresh.load_state_dict(model.state_dict())
+    x = tokens(1, 10)
+    with torch.no_grad():
+        assert (fresh.eval()(x) - model(x)).abs().max().item() <= TOLERANCE
+
+
 def test_transformers_4_config_files_read_like_transformers_5_ones() -> None:
     rope = {
         "factor": 8.0,

@@ -229,6 +229,10 @@ class RotaryEmbedding(nn.Module):
         # Computed from the config, never loaded or saved.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def reset_buffers(self) -> None:
+        inv_freq, _ = rope_fns.inverse_frequencies(self.rope, self.head_dim)
+        self.inv_freq.copy_(inv_freq)
+
     def forward(
         self, position_ids: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,6 +359,14 @@ class CausalLM(nn.Module):
         """Make the output head the token embedding again (after weights were assigned)."""
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the buffers that are derived from the config, not loaded (the rotary
+        frequencies): needed after ``to_empty()`` materialises a meta-device model, as
+        FSDP initialisation on the meta device does."""
+        if self.config.family != "gpt2":
+            self.model.rotary_emb.reset_buffers()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
