@@ -80,8 +80,10 @@ def stage_env(spec: TrainingRunSpec, index: int, s3: S3Server, **extra: str) -> 
             env[var.name] = "0"
         else:
             env[var.name] = var.value or ""
-    # One thread per process: the tests share a small machine with other work.
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, **extra)
+    # One thread per process: the tests share a small machine with other work. The
+    # trainer and kubetrain are this checkout's, not whichever copy is installed.
+    code = os.pathsep.join(str(REPO / d) for d in ("operator", "trainer_image", "."))
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": code}, **extra)
     return env
 
 

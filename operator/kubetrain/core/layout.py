@@ -1,5 +1,6 @@
-"""The store's layout: where a run's stages keep what they write (DESIGN.md "Storage
-layout"). Every module builds its keys here, so moving a file moves it everywhere.
+"""The store's layout: where a run's stages keep what they write (trainer_image/README.md,
+"What a stage writes"). Every module builds its keys here, so moving a file moves it
+everywhere.
 
     <root>/<namespace>/<run>/<stage>/
         progress.json                  the trainer's newest ProgressRecord

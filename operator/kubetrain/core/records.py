@@ -18,8 +18,8 @@ manifest reads as absent, which means its checkpoint does not exist. A record th
 decodes but does not fit its model is a bug, not an accident: it is logged and read
 as absent.
 
-On the wire the keys are camelCase, as in the API, and the JSON is written with
-sorted keys so that diffs and ``grep`` stay readable.
+On the wire the keys are camelCase, as in the API, in the models' field order (the
+version first); fields without a value are left out.
 """
 
 from __future__ import annotations
@@ -31,13 +31,20 @@ import re
 from collections.abc import Iterable
 from typing import Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
 from kubetrain.core import layout
 from kubetrain.core.api import wire_name
 from kubetrain.core.store import ObjectStore
 
-log = logging.getLogger("kubetrain.records")
+log = logging.getLogger("kubetrain.core.records")
 
 # What a record without a ``format`` is.
 UNVERSIONED = "1.0"
@@ -89,6 +96,11 @@ class _Record(BaseModel):
             return f"{value}.0"
         return UNVERSIONED if value is None else value
 
+    @field_serializer("format", when_used="json")
+    def _written_format(self, _value: str) -> str:
+        # Whoever writes a record writes it in the format it knows, whatever it read.
+        return self.FORMAT
+
     @classmethod
     def check_format(cls, value: Any, source: str) -> None:
         """Refuse a record whose MAJOR this kubetrain does not read."""
@@ -122,13 +134,8 @@ class _Record(BaseModel):
             return None
         return cls.from_data(data, source)
 
-    def to_data(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        data["format"] = self.FORMAT  # whoever writes a record writes it in its format
-        return data
-
     def to_json(self) -> str:
-        return json.dumps(self.to_data(), sort_keys=True, indent=self.INDENT, allow_nan=False)
+        return self.model_dump_json(by_alias=True, exclude_none=True, indent=self.INDENT)
 
     def updated(self, **fields: Any) -> Self:
         """A validated copy with ``fields`` (Python names) replaced."""
