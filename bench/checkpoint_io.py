@@ -29,6 +29,7 @@ import boto3
 import torch
 
 from kubetrain.core.api import Hyperparameters, ModelSpec
+from kubetrain.core.records import read_manifest
 from kubetrain.core.store import open_store
 from kubetrain_trainer.checkpoint import Checkpointer
 from kubetrain_trainer.model import build_model
@@ -72,14 +73,15 @@ def main() -> None:
             t = time.perf_counter()
             ckpt.save(rep + 1, payload)
             save_s = time.perf_counter() - t
-            key = f"checkpoints/step-{rep + 1:06d}"
-            manifest = store.get_json(f"{key}/MANIFEST.json")
-            size = sum(e["bytes"] for e in manifest["files"].values())
+            key = ckpt.folder.checkpoint(rep + 1)
+            manifest = read_manifest(store, ckpt.folder.manifest(rep + 1))
+            assert manifest is not None
+            size = manifest.total_bytes
             save_mbs.append(size / MB / save_s)
 
             with tempfile.TemporaryDirectory() as tmp:
                 files = []
-                for name in manifest["files"]:
+                for name in manifest.files:
                     path = Path(tmp, name)
                     store.get_file(f"{key}/{name}", path)
                     files.append(path)

@@ -23,7 +23,9 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain.core import api
+from kubetrain.core import api, layout
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import MetricsLine, ProgressRecord, parse_metrics
 from kubetrain.operator import resources
 from tests.cluster.podrunner import PodRunner
 from tests.support.operator import OperatorProcess
@@ -235,7 +237,7 @@ class Scenario:
 
     # ---- store
     def key(self, run: str, stage: str, name: str) -> str:
-        return f"{STORE_PREFIX}/{self.namespace}/{run}/{stage}/{name}"
+        return f"{STORE_PREFIX}/{StageLayout.of(self.namespace, run, stage).key(name)}"
 
     def s3_text(self, run: str, stage: str, name: str) -> str | None:
         try:
@@ -252,12 +254,15 @@ class Scenario:
         text = self.s3_text(run, stage, "LATEST")
         return int(text.strip().rsplit("-", 1)[1]) if text else None
 
-    def progress(self, run: str, stage: str) -> dict[str, Any]:
-        return json.loads(self.s3_text(run, stage, "progress.json") or "{}")
+    def progress(self, run: str, stage: str) -> ProgressRecord:
+        """The stage's progress record; an empty one while there is none."""
+        key = self.key(run, stage, layout.PROGRESS)
+        text = self.s3_text(run, stage, layout.PROGRESS)
+        return (ProgressRecord.from_json(text, key) if text else None) or ProgressRecord()
 
-    def metrics_history(self, run: str, stage: str) -> list[dict[str, Any]]:
-        text = self.s3_text(run, stage, "metrics.jsonl") or ""
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    def metrics_history(self, run: str, stage: str) -> list[MetricsLine]:
+        text = self.s3_text(run, stage, layout.METRICS) or ""
+        return parse_metrics(text, self.key(run, stage, layout.METRICS))
 
     # ---- failure detail
     def detail(self) -> str:

@@ -63,7 +63,7 @@ def test_run_then_report_as_a_new_user(tmp_path: Path) -> None:
     store = tmp_path / ".kubetrain" / "store"
     for stage in stages:
         record = progress(store, run, stage)
-        assert table[stage]["steps"] == f"{record['totalSteps']}/{record['totalSteps']}"
+        assert table[stage]["steps"] == f"{record.total_steps}/{record.total_steps}"
         assert re.fullmatch(r"<?\$[\d.,]+", table[stage]["cost"])
         assert re.fullmatch(r"[\d.]+ (J|kJ|kWh) \(\w+\)", table[stage]["energy"])
     report_line = next(line for line in out.stdout.splitlines() if line.startswith("report: "))

@@ -196,7 +196,7 @@ def test_curriculum_trains_in_order_with_status_store_and_columns(scenario: Scen
         final = scenario.s3_text("tiny", stage, "FINAL")
         assert final == "checkpoints/step-000020", (stage, final)
         assert scenario.s3_exists("tiny", stage, f"{final}/MANIFEST.json"), stage
-        assert scenario.progress("tiny", stage)["phase"] == "completed"
+        assert scenario.progress("tiny", stage).phase == "completed"
 
     path = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{scenario.namespace}/{api.PLURAL}/tiny"
     resp = scenario.admin.call_api(
@@ -271,7 +271,7 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(scenario: Sce
     reached = next(i for i, step in enumerate(steps) if step >= checkpointed)
     assert min(steps[reached:]) >= checkpointed, (checkpointed, steps)
     assert any(restarts == 1 for restarts, _ in sampler.samples)
-    history = [r["step"] for r in scenario.metrics_history("crash", "pretrain")]
+    history = [r.step for r in scenario.metrics_history("crash", "pretrain")]
     assert history == sorted(history) and history[-1] == 300, history
 
 
@@ -295,7 +295,7 @@ def test_operator_restarts_mid_stage_and_between_stages(scenario: Scenario) -> N
     with JobWatcher(scenario, "restart") as jobs:
         _wait(
             scenario,
-            lambda: scenario.progress("restart", "pretrain").get("step", 0) > 0,
+            lambda: scenario.progress("restart", "pretrain").step > 0,
             "pretrain training (progress step > 0)",
         )
         op.stop()
@@ -346,7 +346,7 @@ def test_deleting_a_run_garbage_collects_its_children(scenario: Scenario) -> Non
     )
     _wait(
         scenario,
-        lambda: scenario.progress("doomed", "pretrain").get("step", 0) > 0,
+        lambda: scenario.progress("doomed", "pretrain").step > 0,
         "the stage training",
     )
     assert scenario.jobs("doomed") and scenario.pods("doomed") and scenario.services("doomed")
@@ -562,7 +562,7 @@ def test_budget_hit_suspends_after_a_checkpoint(
     # Nothing lost: the interrupted record's step is the step of LATEST, which is complete.
     progress = scenario.progress("budget", "pretrain")
     latest = scenario.latest_step("budget", "pretrain")
-    assert progress["phase"] == "interrupted" and progress["step"] == latest, (progress, latest)
+    assert progress.phase == "interrupted" and progress.step == latest, (progress, latest)
     assert scenario.s3_exists("budget", "pretrain", f"checkpoints/step-{latest:06d}/MANIFEST.json")
     for key, value in scenario.s3.env().items():
         monkeypatch.setenv(key, value)
@@ -604,7 +604,7 @@ def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> 
     )
     progress = scenario.progress("pause", "pretrain")
     stopped_at = scenario.latest_step("pause", "pretrain")
-    assert progress["phase"] == "interrupted" and progress["step"] == stopped_at, progress
+    assert progress.phase == "interrupted" and progress.step == stopped_at, progress
     assert 0 < stopped_at < 600
     _wait(
         scenario,
@@ -623,7 +623,7 @@ def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> 
     ]
     assert codes == [0, 0], codes
     assert [int(m) for m in RESUMED_RE.findall(scenario.trainer_logs())] == [stopped_at]
-    history = [r["step"] for r in scenario.metrics_history("pause", "pretrain")]
+    history = [r.step for r in scenario.metrics_history("pause", "pretrain")]
     assert history == sorted(history) and history[-1] == 600, history
 
 

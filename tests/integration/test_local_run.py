@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from kubetrain.core import layout
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import parse_metrics
 from tests.support.localrun import (
     cli_env,
     kubetrain_cmd,
@@ -36,16 +39,16 @@ def _assert_summary_matches_store(stdout: str, store: Path, run: str) -> None:
     assert list(table) == [*STAGES, "total"], stdout
     for stage in STAGES:
         record, row = progress(store, run, stage), table[stage]
-        assert record["phase"] == "completed"
-        assert row["steps"] == f"{record['step']}/{record['totalSteps']}"
-        assert record["step"] == record["totalSteps"]
-        assert abs(float(row["loss"]) - record["loss"]) <= 5e-5
-        assert abs(float(row["eval acc"]) - record["eval"]["accuracy"]) <= 5e-4
-        assert int(row["tokens"].replace(",", "")) == record["tokens"]
-        assert row["energy"].endswith(f"({record['energySource']})")
-        assert row["checkpoint"] == record["checkpoint"]
+        assert record.phase == "completed"
+        assert row["steps"] == f"{record.step}/{record.total_steps}"
+        assert record.step == record.total_steps
+        assert abs(float(row["loss"]) - record.loss) <= 5e-5
+        assert abs(float(row["eval acc"]) - record.eval["accuracy"]) <= 5e-4
+        assert int(row["tokens"].replace(",", "")) == record.tokens
+        assert row["energy"].endswith(f"({record.energy_source})")
+        assert row["checkpoint"] == record.checkpoint
     assert int(table["total"]["tokens"].replace(",", "")) == sum(
-        progress(store, run, s)["tokens"] for s in STAGES
+        progress(store, run, s).tokens for s in STAGES
     )
 
 
@@ -95,8 +98,9 @@ def test_tiny_curriculum_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
         ]
     }
     for stage in STAGES:
-        assert f"team/default/tiny-s3/{stage}/FINAL" in keys
-        assert f"team/default/tiny-s3/{stage}/metrics.jsonl" in keys
+        folder = StageLayout.of("default", "tiny-s3", stage)
+        assert f"team/{folder.final}" in keys
+        assert f"team/{folder.metrics}" in keys
     assert f"checkpoints: s3://{bucket}/team/default/tiny-s3/" in out.stdout
     table = parse_summary(out.stdout)
     assert table["dpo"]["checkpoint"].startswith(f"s3://{bucket}/team/default/tiny-s3/dpo/")
@@ -177,8 +181,8 @@ def test_ctrl_c_checkpoints_and_the_same_command_continues(tmp_path: Path) -> No
     assert proc.returncode == 130, stdout + stderr
     assert f"continue with: kubetrain run {manifest} --local" in stderr
     record = progress(store, "tiny-int", "pretrain")
-    assert record["phase"] == "interrupted"
-    assert 0 < record["step"] < 400
+    assert record.phase == "interrupted"
+    assert 0 < record.step < 400
     assert not (stage_folder(store, "tiny-int", "pretrain") / "FINAL").exists()
     assert not stage_folder(store, "tiny-int", "sft").exists()
 
@@ -187,10 +191,10 @@ def test_ctrl_c_checkpoints_and_the_same_command_continues(tmp_path: Path) -> No
     resumed = [line for line in out.stdout.splitlines() if line.startswith("[pretrain] started")]
     assert resumed and "resuming at step" in resumed[0], out.stdout
     # The history has each step once: the continuation picked up, it did not start over.
-    history = (stage_folder(store, "tiny-int", "pretrain") / "metrics.jsonl").read_text()
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in history.splitlines()]
+    history = (stage_folder(store, "tiny-int", "pretrain") / layout.METRICS).read_text()
+    steps = [line.step for line in parse_metrics(history, layout.METRICS)]
     assert steps == sorted(set(steps)) and steps[-1] == 400
-    assert progress(store, "tiny-int", "pretrain")["attempt"] >= 2
+    assert progress(store, "tiny-int", "pretrain").attempt >= 2
     _assert_summary_matches_store(out.stdout, store, "tiny-int")
 
 
@@ -242,7 +246,7 @@ def test_two_node_stage_runs_here_as_one_node_with_two_processes(tmp_path: Path)
     assert out.returncode == 0, out.stdout + out.stderr
     store = tmp_path / ".kubetrain" / "store"
     record = progress(store, "tiny-ddp", "pretrain")
-    assert record["phase"] == "completed"
+    assert record.phase == "completed"
     # The global batch is the manifest's (2 processes × batchSize 4 × 32 tokens a step),
     # which only holds when both processes trained together.
-    assert record["tokens"] == 6 * 2 * 4 * 32
+    assert record.tokens == 6 * 2 * 4 * 32

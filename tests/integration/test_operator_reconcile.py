@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from kubetrain.core.api import RunPhase, TrainingRunStatus
+from kubetrain.core.layout import StageLayout
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.handlers import Reconciler, silence_credential_loggers
 from kubetrain.operator.metrics import OperatorMetrics
@@ -133,10 +134,11 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
         }
     ]
     s3 = s3_server.client()
-    key = "runs/ml/demo/pretrain"
+    folder = StageLayout.of("ml", "demo", "pretrain")
+    # A record without a format, as trainers wrote them before records were versioned.
     s3.put_object(
         Bucket=bucket,
-        Key=f"{key}/progress.json",
+        Key=f"runs/{folder.progress}",
         Body=json.dumps(
             {
                 "step": 10,
@@ -147,7 +149,7 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
                 "energyJoules": 36000.0,
                 "energySource": "estimate",
                 "phase": "running",
-                "checkpoint": f"s3://{bucket}/{key}/checkpoints/step-000010",
+                "checkpoint": f"s3://{bucket}/runs/{folder.checkpoint(10)}",
                 "updatedAt": "2025-01-01T00:10:00Z",
             }
         ).encode(),
@@ -159,10 +161,10 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
     assert st["gpuSeconds"] == 600.0 and st["energySource"] == "estimate"
     assert st["checkpoint"].endswith("step-000010")
 
-    s3.put_object(Bucket=bucket, Key=f"{key}/FINAL", Body=b"checkpoints/step-000020")
+    s3.put_object(Bucket=bucket, Key=f"runs/{folder.final}", Body=b"checkpoints/step-000020")
     s3.put_object(
         Bucket=bucket,
-        Key=f"{key}/progress.json",
+        Key=f"runs/{folder.progress}",
         Body=json.dumps(
             {"step": 20, "totalSteps": 20, "phase": "completed", "energyJoules": 72000.0}
         ).encode(),

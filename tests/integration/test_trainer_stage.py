@@ -5,7 +5,6 @@ endpoint (moto's server), tiny models on CPU."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -18,8 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from kubetrain.core import contract
+from kubetrain.core import contract, layout
 from kubetrain.core.api import TrainingRunSpec
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import MetricsLine, ProgressRecord, read_metrics, read_progress
 from kubetrain.core.store import ObjectStore, open_store
 from tests.support.services import S3Server
 from tests.support.wait import wait_for
@@ -27,6 +28,7 @@ from tests.support.wait import wait_for
 pytestmark = pytest.mark.integration
 
 RUN, NAMESPACE, SECRET = "tiny", "default", "s3-creds"
+FOLDER = StageLayout()  # the trainer's store is rooted at its stage folder
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -78,8 +80,10 @@ def stage_env(spec: TrainingRunSpec, index: int, s3: S3Server, **extra: str) -> 
             env[var.name] = "0"
         else:
             env[var.name] = var.value or ""
-    # One thread per process: the tests share a small machine with other work.
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, **extra)
+    # One thread per process: the tests share a small machine with other work. The
+    # trainer and kubetrain are this checkout's, not whichever copy is installed.
+    code = os.pathsep.join(str(REPO / d) for d in ("operator", "trainer_image", "."))
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": code}, **extra)
     return env
 
 
@@ -120,13 +124,26 @@ def run_stage(spec: TrainingRunSpec, index: int, s3: S3Server) -> ObjectStore:
 
 
 def final_weights(store: ObjectStore) -> dict[str, torch.Tensor]:
-    key = store.get_text(contract.FINAL)
+    key = store.get_text(layout.FINAL)
     assert key, "no FINAL pointer"
     return torch.load(io.BytesIO(store.get_bytes(f"{key.strip()}/model.pt")), weights_only=True)
 
 
-def history(store: ObjectStore) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (store.get_text("metrics.jsonl") or "").splitlines()]
+def progress_of(store: ObjectStore) -> ProgressRecord:
+    record = read_progress(store, FOLDER.progress)
+    assert record is not None, f"no progress record in {store.uri()}"
+    return record
+
+
+def history(store: ObjectStore) -> list[MetricsLine]:
+    return read_metrics(store, FOLDER.metrics)
+
+
+def stage_store(s3_server: S3Server, bucket: str, stage: str) -> ObjectStore:
+    return open_store(
+        StageLayout.of(NAMESPACE, RUN, stage).uri(f"s3://{bucket}/runs"),
+        endpoint=s3_server.endpoint,
+    )
 
 
 # --------------------------------------------------------------------------- curriculum
@@ -166,29 +183,27 @@ def test_curriculum_pretrain_sft_dpo_on_s3(s3_server: S3Server) -> None:
     results = {}
     for i, stage in enumerate(spec.stages):
         store = run_stage(spec, i, s3_server)
-        progress = store.get_json(contract.PROGRESS)
-        assert progress["phase"] == "completed" and progress["step"] == progress["totalSteps"]
-        assert store.get_text(contract.FINAL) == store.get_text(contract.LATEST)
-        assert progress["checkpoint"] == store.uri(store.get_text(contract.FINAL).strip())
-        assert progress["energySource"] in ("rapl", "estimate")
-        assert progress["energyJoules"] > 0 and progress["tokensPerSecond"] > 0
-        assert 0 < progress["mfu"] < 1
+        progress = progress_of(store)
+        assert progress.phase == "completed" and progress.step == progress.total_steps
+        assert store.get_text(layout.FINAL) == store.get_text(layout.LATEST)
+        assert progress.checkpoint == store.uri(store.get_text(layout.FINAL).strip())
+        assert progress.energy_source in ("rapl", "estimate")
+        assert progress.energy_joules > 0 and progress.tokens_per_second > 0
+        assert 0 < progress.mfu < 1
         records = history(store)
-        assert [r["step"] for r in records] == sorted({r["step"] for r in records})
+        assert [r.step for r in records] == sorted({r.step for r in records})
         if i > 0:
             prev = spec.stages[i - 1].name
-            assert f"/{prev}/checkpoints/" in progress["initFrom"]
-        results[stage.name] = progress["eval"]
+            assert f"/{prev}/checkpoints/" in progress.init_from
+        results[stage.name] = progress.eval
     pre, sft, dpo = results["pretrain"], results["sft"], results["dpo"]
     # Pretraining never shows the question/answer format; SFT teaches it.
     assert sft["accuracy"] > pre["accuracy"], results
     assert sft["loss"] < pre["loss"] / 2, results
     assert dpo["preferenceAccuracy"] >= sft["preferenceAccuracy"] - 0.05, results
     # The progress record carries DPO's own diagnostics.
-    dpo_progress = open_store(
-        f"s3://{bucket}/runs/{NAMESPACE}/{RUN}/dpo", endpoint=s3_server.endpoint
-    ).get_json(contract.PROGRESS)
-    assert set(dpo_progress["train"]) == {
+    dpo_progress = progress_of(stage_store(s3_server, bucket, "dpo"))
+    assert set(dpo_progress.train) == {
         "rewards/chosen",
         "rewards/rejected",
         "rewards/margins",
@@ -214,37 +229,37 @@ RESUME_STAGE = {
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(s3_server: S3Server) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def uninterrupted(s3_server: S3Server) -> tuple[dict[str, torch.Tensor], ProgressRecord]:
     """The reference: the resume stage trained in one go."""
     with pytest.MonkeyPatch.context() as mp:
         for key, value in s3_server.env().items():
             mp.setenv(key, value)
         bucket = s3_server.create_bucket("uninterrupted")
         store = run_stage(spec_for(bucket, s3_server.endpoint, [RESUME_STAGE]), 0, s3_server)
-        return final_weights(store), store.get_json(contract.PROGRESS)
+        return final_weights(store), progress_of(store)
 
 
 def _assert_same_result(
-    store: ObjectStore, reference: tuple[dict[str, torch.Tensor], dict[str, Any]]
+    store: ObjectStore, reference: tuple[dict[str, torch.Tensor], ProgressRecord]
 ) -> None:
     weights, progress = reference
     mine = final_weights(store)
     assert mine.keys() == weights.keys()
     for name in weights:
         assert torch.equal(mine[name], weights[name]), f"{name} differs after resume"
-    got = store.get_json(contract.PROGRESS)
-    assert got["loss"] == progress["loss"] and got["tokens"] == progress["tokens"]
-    assert got["phase"] == "completed" and got["attempt"] == 2
+    got = progress_of(store)
+    assert got.loss == progress.loss and got.tokens == progress.tokens
+    assert got.phase == "completed" and got.attempt == 2
 
 
 def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(
-    s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], dict[str, Any]]
+    s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], ProgressRecord]
 ) -> None:
     bucket = s3_server.create_bucket("sigterm")
     spec = spec_for(bucket, s3_server.endpoint, [RESUME_STAGE])
     st = start(spec, 0, s3_server)
     wait_for(
-        lambda: st.store.exists(contract.LATEST) or st.proc.poll() is not None,
+        lambda: st.store.exists(layout.LATEST) or st.proc.poll() is not None,
         timeout=120,
         what="a first checkpoint",
     )
@@ -255,22 +270,22 @@ def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(
     elapsed = time.monotonic() - signalled
     assert rc == 0, err[-3000:]
     assert elapsed < 10, f"took {elapsed:.1f}s to stop after SIGTERM"
-    progress = st.store.get_json(contract.PROGRESS)
-    assert progress["phase"] == "interrupted" and 0 < progress["step"] < 300
-    latest = st.store.get_text(contract.LATEST)
-    assert latest == f"checkpoints/step-{progress['step']:06d}"
-    assert progress["checkpoint"] == st.store.uri(latest)
-    assert not st.store.exists(contract.FINAL)
-    energy_before = progress["energyJoules"]
+    progress = progress_of(st.store)
+    assert progress.phase == "interrupted" and 0 < progress.step < 300
+    latest = st.store.get_text(layout.LATEST)
+    assert latest == f"checkpoints/step-{progress.step:06d}"
+    assert progress.checkpoint == st.store.uri(latest)
+    assert not st.store.exists(layout.FINAL)
+    energy_before = progress.energy_joules
 
     rc, err = start(spec, 0, s3_server).wait()
     assert rc == 0, err[-3000:]
     assert f"resumed from {st.store.uri(latest)}" in err
     _assert_same_result(st.store, uninterrupted)
-    final = st.store.get_json(contract.PROGRESS)
-    assert final["energyJoules"] > energy_before
+    final = progress_of(st.store)
+    assert final.energy_joules > energy_before
     # metrics.jsonl: one record per step, no duplicates from the replayed steps.
-    steps = [r["step"] for r in history(st.store)]
+    steps = [r.step for r in history(st.store)]
     assert steps == sorted(set(steps)) and steps[-1] == 300
 
 
@@ -301,14 +316,14 @@ def test_sigterm_while_starting_still_ends_in_a_checkpoint(s3_server: S3Server) 
     st.proc.send_signal(signal.SIGTERM)
     rc, err = st.wait(timeout=120)
     assert rc == 0, err[-3000:]
-    progress = st.store.get_json(contract.PROGRESS)
-    assert progress["phase"] == "interrupted", progress
-    assert st.store.get_text(contract.LATEST) == f"checkpoints/step-{progress['step']:06d}"
-    assert progress["step"] < 300
+    progress = progress_of(st.store)
+    assert progress.phase == "interrupted", progress
+    assert st.store.get_text(layout.LATEST) == f"checkpoints/step-{progress.step:06d}"
+    assert progress.step < 300
 
 
 def test_corrupt_newest_checkpoint_is_skipped_and_partial_never_loaded(
-    s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], dict[str, Any]]
+    s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], ProgressRecord]
 ) -> None:
     bucket = s3_server.create_bucket("corrupt")
     spec = spec_for(bucket, s3_server.endpoint, [RESUME_STAGE])
@@ -358,10 +373,8 @@ def test_missing_init_checkpoint_fails_with_one_line(s3_server: S3Server) -> Non
     last = err.strip().splitlines()[-1]
     assert last.startswith("kubetrain-trainer: error: ") and "/a" in last
     assert "no complete checkpoint" in last
-    progress = open_store(
-        f"s3://{bucket}/runs/{NAMESPACE}/{RUN}/b", endpoint=s3_server.endpoint
-    ).get_json(contract.PROGRESS)
-    assert progress["phase"] == "failed" and "no complete checkpoint" in progress["message"]
+    progress = progress_of(stage_store(s3_server, bucket, "b"))
+    assert progress.phase == "failed" and "no complete checkpoint" in progress.message
 
 
 def test_two_process_torchrun_gloo(s3_server: S3Server) -> None:
@@ -380,8 +393,8 @@ def test_two_process_torchrun_gloo(s3_server: S3Server) -> None:
     rc, err = st.wait()
     assert rc == 0, err[-3000:]
     assert "world 2" in err
-    progress = st.store.get_json(contract.PROGRESS)
-    assert progress["phase"] == "completed" and progress["step"] == 6
+    progress = progress_of(st.store)
+    assert progress.phase == "completed" and progress.step == 6
     # Both ranks' batches count: 6 steps × 2 processes × 4 sequences × 32 tokens.
-    assert progress["tokens"] == 6 * 2 * 4 * 32
-    assert st.store.get_text(contract.FINAL) == "checkpoints/step-000006"
+    assert progress.tokens == 6 * 2 * 4 * 32
+    assert st.store.get_text(layout.FINAL) == "checkpoints/step-000006"

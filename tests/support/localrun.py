@@ -3,7 +3,6 @@ the real CLI, the real trainer, a real store."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -13,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kubetrain.core import layout
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import ProgressRecord
 
 # Seconds, not minutes: a model this small trains a step in milliseconds on one core.
 TINY_MODEL = {"layers": 1, "heads": 2, "dim": 32, "contextLength": 32}
@@ -115,8 +118,11 @@ def parse_summary(stdout: str) -> dict[str, dict[str, str]]:
 
 
 def stage_folder(store: Path, run: str, stage: str, namespace: str = "default") -> Path:
-    return store / namespace / run / stage
+    return store / StageLayout.of(namespace, run, stage).folder
 
 
-def progress(store: Path, run: str, stage: str) -> dict[str, Any]:
-    return json.loads((stage_folder(store, run, stage) / "progress.json").read_text())
+def progress(store: Path, run: str, stage: str) -> ProgressRecord:
+    path = stage_folder(store, run, stage) / layout.PROGRESS
+    record = ProgressRecord.from_json(path.read_text(), str(path))
+    assert record is not None, f"{path} is not a progress record"
+    return record

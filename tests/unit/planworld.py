@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import ProgressRecord
 from kubetrain.operator import plan as planner
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.progress import StageRecords, format_time
@@ -168,19 +170,20 @@ class World:
         energy: float = 0.0,
         **extra: Any,
     ) -> None:
-        record = {
-            "step": step,
-            "totalSteps": total,
-            "tokens": step * 1000,
-            "loss": 2.5,
-            "tokensPerSecond": 1000.0,
-            "energyJoules": energy,
-            "energySource": "nvml",
-            "checkpoint": f"s3://ckpt/runs/ml/demo/{stage}/checkpoints/step-{step:06d}",
-            "phase": "completed" if final else "running",
-            "updatedAt": format_time(self.now),
-            **extra,
-        }
+        meta = self.run["metadata"]
+        folder = StageLayout.of(meta["namespace"], meta["name"], stage)
+        record = ProgressRecord(
+            step=step,
+            total_steps=total,
+            tokens=step * 1000,
+            loss=2.5,
+            tokens_per_second=1000.0,
+            energy_joules=energy,
+            energy_source="nvml",
+            checkpoint=f"s3://ckpt/runs/{folder.checkpoint(step)}",
+            phase="completed" if final else "running",
+            updated_at=format_time(self.now),
+        ).updated(**extra)
         self.records[stage] = StageRecords(progress=record, final=final)
 
     def tick(self, seconds: float) -> None:

@@ -11,8 +11,9 @@ import pytest
 from kubetrain.core import contract
 from kubetrain.core.api import parse_run
 from kubetrain.core.errors import UserError
+from kubetrain.core.records import ProgressRecord, parse_metrics
 from kubetrain.local.display import fmt_cost, fmt_duration, fmt_energy, plain_table, stage_line
-from kubetrain.local.report import parse_history
+from kubetrain.local.report import one_per_step
 from kubetrain.local.runner import (
     failure_reason,
     local_environment,
@@ -124,17 +125,17 @@ def test_numbers_read_at_a_glance() -> None:
 def test_stage_line_takes_its_numbers_from_the_record() -> None:
     line = stage_line(
         "sft",
-        {
-            "step": 5,
-            "totalSteps": 10,
-            "loss": 1.5,
-            "tokens": 640,
-            "eval": {"accuracy": 0.25},
-            "energyJoules": 12.0,
-            "energySource": "estimate",
-            "checkpoint": "file:///c",
-            "phase": "running",
-        },
+        ProgressRecord(
+            step=5,
+            total_steps=10,
+            loss=1.5,
+            tokens=640,
+            eval={"accuracy": 0.25},
+            energy_joules=12.0,
+            energy_source="estimate",
+            checkpoint="file:///c",
+            phase="running",
+        ),
         cost_usd=0.5,
     )
     assert (line.step, line.total_steps, line.loss, line.accuracy) == (5, 10, 1.5, 0.25)
@@ -160,7 +161,8 @@ def test_history_keeps_the_last_record_of_each_step_and_skips_torn_lines() -> No
             '{"step": 8, "lo',
         ]
     )
-    assert [(r["step"], r["loss"]) for r in parse_history(text)] == [(2, 3.0), (4, 2.5), (6, 2.0)]
+    history = one_per_step(parse_metrics(text, "metrics.jsonl"))
+    assert [(m.step, m.loss) for m in history] == [(2, 3.0), (4, 2.5), (6, 2.0)]
 
 
 def test_missing_torch_is_one_line_saying_what_to_install(monkeypatch) -> None:

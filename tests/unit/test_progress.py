@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from kubetrain.core.api import Pricing, StageStatus, parse_spec
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import ProgressRecord, write_progress
 from kubetrain.core.store import open_store
+from kubetrain.local.runner import record_cost
 from kubetrain.operator.progress import (
     apply_costs,
     apply_record,
@@ -39,17 +42,13 @@ def test_record_applied() -> None:
         STAGE,
         SPEC.model,
         StageStatus(name="pretrain"),
-        {
-            "step": 25,
-            "totalSteps": 100,
-            "tokens": 51200,
-            "loss": 2.0,
-            "eval": {"accuracy": 0.5, "bad": "x"},
-            "tokensPerSecond": 2048.0,
-            "energyJoules": 1e6,
-            "energySource": "rapl",
-            "checkpoint": "s3://b/p/ml/r/pretrain/checkpoints/step-000025",
-        },
+        ProgressRecord.from_json(
+            """{"step": 25, "totalSteps": 100, "tokens": 51200, "loss": 2.0,
+            "eval": {"accuracy": 0.5, "bad": "x", "loss": NaN}, "tokensPerSecond": 2048.0,
+            "energyJoules": 1e6, "energySource": "rapl",
+            "checkpoint": "s3://b/p/ml/r/pretrain/checkpoints/step-000025"}""",
+            "progress.json",
+        ),
     )
     assert (st.step, st.total_steps, st.progress, st.tokens) == (25, 100, 0.25, 51200)
     assert st.eval == {"accuracy": 0.5} and st.energy_source == "rapl"
@@ -60,14 +59,19 @@ def test_record_applied() -> None:
 
 def test_numbers_never_go_backwards() -> None:
     before = StageStatus(name="pretrain", step=50, tokens=1000, energy_joules=5.0)
-    st = apply_record(STAGE, SPEC.model, before, {"step": 10, "tokens": 10, "energyJoules": 1})
+    older = ProgressRecord(step=10, tokens=10, energy_joules=1)
+    st = apply_record(STAGE, SPEC.model, before, older)
     assert (st.step, st.tokens, st.energy_joules) == (50, 1000, 5.0)
 
 
-def test_missing_or_torn_record_keeps_status() -> None:
+def test_missing_or_torn_record_keeps_status(caplog: pytest.LogCaptureFixture) -> None:
     before = StageStatus(name="pretrain", step=5)
     assert apply_record(STAGE, SPEC.model, before, None).step == 5
-    assert apply_record(STAGE, SPEC.model, before, {"step": "NaN"}).step == 5
+    torn = ProgressRecord.from_json('{"step": 7, "tok', "progress.json")
+    with caplog.at_level(logging.WARNING):
+        invalid = ProgressRecord.from_json('{"step": "NaN"}', "s3://b/ml/r/pretrain/progress.json")
+    assert torn is None and invalid is None
+    assert "s3://b/ml/r/pretrain/progress.json" in caplog.text
 
 
 def test_gpu_seconds_from_pods() -> None:
@@ -106,13 +110,42 @@ def test_costs_priced_by_gpu_type_and_table() -> None:
     assert pinned.cost_usd == pytest.approx(5.0)
 
 
-def test_read_records_from_store(tmp_path: Path) -> None:
-    folder = tmp_path / "ml" / "demo" / "pretrain"
-    folder.mkdir(parents=True)
-    (folder / "progress.json").write_text(json.dumps({"step": 3}))
-    (folder / "FINAL").write_text("checkpoints/step-000003")
-    records = read_stage_records(
-        open_store(f"file://{tmp_path}"), "ml", "demo", ["pretrain", "sft"]
+@pytest.mark.parametrize(
+    "pricing", [Pricing(), Pricing(pue=1.3, energy_usd_per_kwh=0.2, carbon_grams_per_kwh=400)]
+)
+def test_operator_and_local_run_price_the_same_spending_alike(pricing: Pricing) -> None:
+    # 2 nodes × 4 GPUs for 450 s of trainer wall time: 3600 GPU-seconds, as the
+    # operator would count them from pods held for those 450 s.
+    spec = SPEC.model_copy(update={"pricing": pricing})
+    energy = 5.4e6
+    operator = apply_costs(
+        STAGE, StageStatus(name="pretrain", energy_joules=energy), 3600.0, pricing, {}
     )
-    assert records["pretrain"].progress == {"step": 3} and records["pretrain"].final
+    local = record_cost(spec, STAGE, ProgressRecord(wall_seconds=450.0, energy_joules=energy))
+    assert operator.gpu_seconds == 3600.0
+    assert local.usd == pytest.approx(operator.cost_usd, abs=1e-6)
+    assert local.co2_grams == pytest.approx(operator.co2_grams, abs=1e-3)
+    assert local.usd > 0 and local.co2_grams > 0
+
+
+def test_read_records_from_store(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}")
+    folder = StageLayout.of("ml", "demo", "pretrain")
+    write_progress(store, folder.progress, ProgressRecord(step=3))
+    store.put_bytes(folder.final, b"checkpoints/step-000003")
+    records = read_stage_records(store, "ml", "demo", ["pretrain", "sft"])
+    assert records["pretrain"].progress == ProgressRecord(step=3) and records["pretrain"].final
     assert records["sft"].progress is None and not records["sft"].final
+
+
+def test_a_record_of_an_unknown_major_is_logged_but_final_still_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(f"file://{tmp_path}")
+    folder = StageLayout.of("ml", "demo", "pretrain")
+    store.put_bytes(folder.progress, b'{"format": "2.0", "step": 3}')
+    store.put_bytes(folder.final, b"checkpoints/step-000003")
+    with caplog.at_level(logging.WARNING):
+        records = read_stage_records(store, "ml", "demo", ["pretrain"])
+    assert records["pretrain"].progress is None and records["pretrain"].final
+    assert "progress.json format '2.0'" in caplog.text

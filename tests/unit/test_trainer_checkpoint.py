@@ -9,14 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain.core import contract
-from kubetrain.core.store import open_store, resolve_checkpoint
-from kubetrain_trainer.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    checkpoint_key,
-    load_model_weights,
-)
+from kubetrain.core import layout
+from kubetrain.core.records import read_manifest, resolve_checkpoint
+from kubetrain.core.store import open_store
+from kubetrain_trainer.checkpoint import Checkpointer, CheckpointError, load_model_weights
 
 
 def _payload(step: int) -> dict[str, object]:
@@ -32,12 +28,11 @@ def test_save_writes_files_manifest_and_latest(ckpt: Checkpointer) -> None:
     uri = ckpt.save(100, _payload(100))
     store = ckpt.store
     assert uri == store.uri("checkpoints/step-000100")
-    assert store.get_text(contract.LATEST) == "checkpoints/step-000100"
-    manifest = store.get_json("checkpoints/step-000100/MANIFEST.json")
-    assert set(manifest["files"]) == {"model.pt", "trainer.pt"}
-    for name, entry in manifest["files"].items():
-        assert len(store.get_bytes(f"checkpoints/step-000100/{name}")) == entry["bytes"]
-        assert len(entry["sha256"]) == 64
+    assert store.get_text(layout.LATEST) == "checkpoints/step-000100"
+    manifest = read_manifest(store, "checkpoints/step-000100/MANIFEST.json")
+    assert manifest is not None and set(manifest.files) == {"model.pt", "trainer.pt"}
+    for name, entry in manifest.files.items():
+        assert len(store.get_bytes(f"checkpoints/step-000100/{name}")) == entry.size
     loaded = ckpt.load_latest()
     assert loaded is not None and loaded.step == 100
     assert torch.equal(loaded.state["model"]["w"], torch.full((4,), 100.0))
@@ -77,7 +72,7 @@ def test_corrupt_checkpoint_is_skipped_for_the_previous_one(
     assert "step-000020" in caplog.text and "does not match" in caplog.text
     ckpt.discard_after(10)
     assert ckpt.steps() == ([10], [])
-    assert ckpt.store.get_text(contract.LATEST) == checkpoint_key(10)
+    assert ckpt.store.get_text(layout.LATEST) == layout.checkpoint_path(10)
 
 
 def test_no_checkpoint_means_none(ckpt: Checkpointer) -> None:
@@ -107,3 +102,22 @@ def test_resave_at_the_same_step_replaces_the_old_files(ckpt: Checkpointer) -> N
     assert files == {"model.pt", "trainer.pt", "MANIFEST.json"}
     manifest = json.loads(ckpt.store.get_bytes("checkpoints/step-000010/MANIFEST.json"))
     assert manifest["step"] == 10
+
+
+def test_a_torn_manifest_means_the_checkpoint_does_not_exist(ckpt: Checkpointer) -> None:
+    ckpt.save(10, _payload(10))
+    ckpt.save(20, _payload(20))
+    ckpt.store.put_bytes("checkpoints/step-000020/MANIFEST.json", b'{"files": {"model.pt": {"by')
+    loaded = ckpt.load_latest()
+    assert loaded is not None and loaded.step == 10
+
+
+def test_checkpoints_written_before_versioned_records_still_load(ckpt: Checkpointer) -> None:
+    ckpt.save(10, _payload(10))
+    key = "checkpoints/step-000010/MANIFEST.json"
+    legacy = json.loads(ckpt.store.get_text(key))
+    assert legacy["format"] == "1.0"
+    legacy["format"] = 1  # what manifests said before "MAJOR.MINOR"
+    ckpt.store.put_bytes(key, json.dumps(legacy).encode())
+    loaded = ckpt.load_latest()
+    assert loaded is not None and loaded.step == 10

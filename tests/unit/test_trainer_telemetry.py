@@ -8,34 +8,36 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.core import contract
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import ProgressRecord, read_metrics, read_progress
 from kubetrain.core.store import open_store
 from kubetrain_trainer.telemetry import Telemetry
 
-BASE = {
-    "run": "tiny",
-    "namespace": "ml",
-    "stage": "sft",
-    "totalSteps": 30,
-    "attempt": 1,
-    "startedAt": "2026-01-01T00:00:00Z",
-}
+BASE = ProgressRecord(
+    run="tiny",
+    namespace="ml",
+    stage="sft",
+    total_steps=30,
+    attempt=1,
+    started_at="2026-01-01T00:00:00Z",
+)
+FOLDER = StageLayout()
 
 
 def _record(step: int, **extra: object) -> dict[str, object]:
     return {
         "step": step,
         "tokens": step * 100,
-        "tokensPerSecond": 50.0,
+        "tokens_per_second": 50.0,
         "loss": 1.0 / step,
         "eval": {},
-        "energyJoules": 2.0 * step,
-        "energySource": "estimate",
-        "powerWatts": 65.0,
+        "energy_joules": 2.0 * step,
+        "energy_source": "estimate",
+        "power_watts": 65.0,
         "mfu": 0.01,
         "checkpoint": None,
         "phase": "running",
-        "wallSeconds": float(step),
+        "wall_seconds": float(step),
         **extra,
     }
 
@@ -46,24 +48,50 @@ def test_progress_and_history_are_written_and_trimmed_on_resume(tmp_path: Path) 
     for step in (10, 20, 30):
         t.write(**_record(step))
     t.write(**_record(30, phase="completed", eval={"accuracy": 0.5}))
-    progress = store.get_json(contract.PROGRESS)
-    assert progress["phase"] == "completed" and progress["step"] == 30
-    assert progress["updatedAt"].endswith("Z") and progress["startedAt"] == BASE["startedAt"]
-    lines = store.get_text("metrics.jsonl").splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [10, 20, 30]  # one point per step
+    progress = read_progress(store, FOLDER.progress)
+    assert progress is not None and progress.phase == "completed" and progress.step == 30
+    assert progress.updated_at.endswith("Z") and progress.started_at == BASE.started_at
+    assert [m.step for m in read_metrics(store, FOLDER.metrics)] == [10, 20, 30]  # one per step
 
-    resumed = Telemetry(store, base={**BASE, "attempt": 2}, enabled=True)
+    resumed = Telemetry(store, base=BASE.updated(attempt=2), enabled=True)
     resumed.restore_history(step=20)
     resumed.write(**_record(25))
-    steps = [json.loads(x)["step"] for x in store.get_text("metrics.jsonl").splitlines()]
-    assert steps == [10, 20, 25]
-    assert store.get_json(contract.PROGRESS)["attempt"] == 2
+    assert [m.step for m in read_metrics(store, FOLDER.metrics)] == [10, 20, 25]
+    assert read_progress(store, FOLDER.progress).attempt == 2
+
+
+def test_records_on_the_wire_are_camel_case_and_versioned(tmp_path: Path) -> None:
+    store = open_store((tmp_path / "stage").as_uri())
+    Telemetry(store, base=BASE, enabled=True).write(**_record(10))
+    progress = json.loads(store.get_text(FOLDER.progress))
+    assert progress["format"] == "1.0"
+    assert {"totalSteps", "tokensPerSecond", "energyJoules", "wallSeconds", "startedAt"} <= set(
+        progress
+    )
+    (line,) = store.get_text(FOLDER.metrics).splitlines()
+    assert json.loads(line) == progress
+
+
+def test_a_failure_keeps_the_last_numbers(tmp_path: Path) -> None:
+    store = open_store((tmp_path / "stage").as_uri())
+    t = Telemetry(store, base=BASE, enabled=True)
+    t.write(**_record(10))
+    t.fail("out of memory")
+    progress = read_progress(store, FOLDER.progress)
+    assert progress is not None
+    assert (progress.phase, progress.message, progress.step) == ("failed", "out of memory", 10)
+
+
+def test_a_misspelt_field_is_refused(tmp_path: Path) -> None:
+    t = Telemetry(open_store(tmp_path.as_uri()), base=BASE, enabled=True)
+    with pytest.raises(TypeError, match="no field tokensPerSecond"):
+        t.write(**_record(1, tokensPerSecond=3.0))
 
 
 def test_other_ranks_write_nothing(tmp_path: Path) -> None:
     store = open_store((tmp_path / "stage").as_uri())
     Telemetry(store, base=BASE, enabled=False).write(**_record(10))
-    assert not store.exists(contract.PROGRESS)
+    assert not store.exists(FOLDER.progress)
 
 
 def test_unknown_phase_is_refused(tmp_path: Path) -> None:

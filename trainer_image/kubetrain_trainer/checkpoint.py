@@ -3,8 +3,9 @@
 Protocol (the stage folder's layout: trainer_image/README.md, "What a stage writes"):
 1. the files of ``checkpoints/step-000100/`` are uploaded (torch.save to a temporary
    file, then ``put_file``, so large files go multipart on S3);
-2. ``MANIFEST.json`` — every file's size and sha256 — is written LAST: a folder without
-   it is an interrupted save and does not exist for any reader;
+2. ``MANIFEST.json`` (a :class:`kubetrain.core.records.CheckpointManifest`: every file's
+   size and sha256) is written LAST: a folder without it, or with a torn one, is an
+   interrupted save and does not exist for any reader;
 3. the ``LATEST`` pointer (text: ``checkpoints/step-000100``) is updated; ``FINAL``
    likewise when the stage completes;
 4. complete checkpoints beyond ``keepCheckpoints`` are deleted, oldest first.
@@ -16,9 +17,7 @@ skipped (with a warning) in favour of the previous complete one.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +27,19 @@ from typing import Any, BinaryIO
 
 import torch
 
-from kubetrain.core import contract
-from kubetrain.core.store import ObjectStore, open_store, resolve_checkpoint
+from kubetrain.core import contract, layout
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import (
+    CheckpointManifest,
+    FileEntry,
+    read_manifest,
+    resolve_checkpoint,
+    write_manifest,
+    write_pointer,
+)
+from kubetrain.core.store import ObjectStore, open_store
 
 log = logging.getLogger("kubetrain_trainer.checkpoint")
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
@@ -43,11 +48,6 @@ class CheckpointError(RuntimeError):
 
 class CorruptCheckpoint(CheckpointError):
     """A checkpoint's files do not match its manifest."""
-
-
-def checkpoint_key(step: int) -> str:
-    """``checkpoints/step-000100``: zero-padded so keys sort by step."""
-    return f"{contract.CHECKPOINTS}/step-{step:06d}"
 
 
 def _sha256(path: Path) -> str:
@@ -85,10 +85,17 @@ class Loaded:
 
 
 def save_files(
-    store: ObjectStore, key: str, payloads: dict[str, Any], meta: dict[str, Any] | None = None
+    store: ObjectStore,
+    key: str,
+    payloads: dict[str, Any],
+    *,
+    step: int | None = None,
+    run: str | None = None,
+    stage: str | None = None,
 ) -> int:
     """Write ``payloads`` (name -> object for torch.save) as ``<key>/<name>.pt`` and then
-    the manifest. Returns the bytes written."""
+    the manifest (which also records ``step``, ``run`` and ``stage``). Returns the bytes
+    written."""
     # A previous, abandoned attempt at the same step (e.g. a corrupt checkpoint that was
     # skipped) must not mix its files with this one.
     store.delete_prefix(key + "/")
@@ -96,27 +103,28 @@ def save_files(
         tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as tmp,
         ThreadPoolExecutor(max_workers=max(1, len(payloads))) as pool,
     ):
-        entries: dict[str, dict[str, Any]] = {}
+        entries: dict[str, FileEntry] = {}
         uploads = []
         for name, obj in payloads.items():
             path = Path(tmp) / f"{name}.pt"
             with open(path, "wb") as fh:
                 out = _HashingWriter(fh)
                 torch.save(obj, out)
-            entries[path.name] = {"bytes": out.size, "sha256": out.sha256.hexdigest()}
+            entries[path.name] = FileEntry(size=out.size, sha256=out.sha256.hexdigest())
             # Each file uploads as soon as it is written, while the next one serialises
             # (boto3 clients are thread-safe; one stream per file rarely fills the link).
             uploads.append(pool.submit(store.put_file, f"{key}/{path.name}", path))
         for upload in uploads:
             upload.result()
-    manifest = {
-        "format": FORMAT,
-        "files": entries,
-        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(meta or {}),
-    }
-    store.put_bytes(f"{key}/{contract.MANIFEST}", json.dumps(manifest, indent=1).encode())
-    return sum(e["bytes"] for e in entries.values())
+    manifest = CheckpointManifest(
+        files=entries,
+        step=step,
+        run=run,
+        stage=stage,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    write_manifest(store, f"{key}/{layout.MANIFEST}", manifest)
+    return manifest.total_bytes
 
 
 def load_files(
@@ -128,22 +136,21 @@ def load_files(
     """Verify and load the files of the checkpoint at ``key`` ('' = the store root).
 
     ``names`` limits loading to some files (e.g. only ``model`` to initialise a stage).
-    Raises CheckpointError when there is no manifest, CorruptCheckpoint on a mismatch.
+    Raises CheckpointError when there is no manifest, CorruptCheckpoint on a mismatch,
+    RecordFormatError for a manifest of a format this kubetrain does not read.
     """
     prefix = f"{key}/" if key else ""
-    manifest = store.get_json(f"{prefix}{contract.MANIFEST}")
-    if not isinstance(manifest, dict) or "files" not in manifest:
-        raise CheckpointError(f"{store.uri(key)} has no complete {contract.MANIFEST}")
+    manifest = read_manifest(store, f"{prefix}{layout.MANIFEST}")
+    if manifest is None:
+        raise CheckpointError(f"{store.uri(key)} has no complete {layout.MANIFEST}")
     files = {
-        f: e
-        for f, e in manifest["files"].items()
-        if names is None or f.removesuffix(".pt") in names
+        f: e for f, e in manifest.files.items() if names is None or f.removesuffix(".pt") in names
     }
     if names is not None and len(files) < len(names):
         raise CheckpointError(f"{store.uri(key)} lacks {', '.join(names)}")
     with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as tmp:
 
-        def fetch(item: tuple[str, dict[str, Any]]) -> tuple[str, Path]:
+        def fetch(item: tuple[str, FileEntry]) -> tuple[str, Path]:
             fname, entry = item
             path = Path(tmp) / fname
             try:
@@ -151,11 +158,11 @@ def load_files(
             except FileNotFoundError:
                 raise CorruptCheckpoint(f"{store.uri(prefix + fname)} is missing") from None
             size = path.stat().st_size
-            if size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            if size != entry.size or _sha256(path) != entry.sha256:
                 raise CorruptCheckpoint(
                     f"{store.uri(prefix + fname)} does not match "
-                    f"{contract.MANIFEST} (size {size}, "
-                    f"expected {entry['bytes']}; or sha256 differs)"
+                    f"{layout.MANIFEST} (size {size}, "
+                    f"expected {entry.size}; or sha256 differs)"
                 )
             return fname, path
 
@@ -170,46 +177,54 @@ def load_files(
 
 
 class Checkpointer:
-    """Saves and finds the checkpoints of one stage folder."""
+    """Saves and finds the checkpoints of one stage folder (``store`` is rooted at it)."""
 
     def __init__(self, store: ObjectStore, keep: int = 2):
         self.store = store
         self.keep = keep
+        self.folder = StageLayout()
 
     def steps(self) -> tuple[list[int], list[int]]:
         """(complete, incomplete) checkpoint steps, newest first."""
         has_manifest: dict[int, bool] = {}
-        for k in self.store.list(contract.CHECKPOINTS + "/"):
-            parts = k.split("/")
-            if len(parts) < 3 or not (m := _STEP_DIR.match(parts[1])):
+        prefix = self.folder.checkpoints
+        for k in self.store.list(prefix):
+            parts = k[len(prefix) :].split("/")
+            if len(parts) < 2 or (step := layout.checkpoint_step(parts[0])) is None:
                 continue
-            step = int(m.group(1))
-            has_manifest[step] = has_manifest.get(step, False) or parts[2] == contract.MANIFEST
+            has_manifest[step] = has_manifest.get(step, False) or parts[1] == layout.MANIFEST
         complete = sorted((s for s, ok in has_manifest.items() if ok), reverse=True)
         incomplete = sorted((s for s, ok in has_manifest.items() if not ok), reverse=True)
         return complete, incomplete
 
-    def save(self, step: int, payloads: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
+    def save(
+        self,
+        step: int,
+        payloads: dict[str, Any],
+        *,
+        run: str | None = None,
+        stage: str | None = None,
+    ) -> str:
         """Write a complete checkpoint, move LATEST to it, prune old ones; its URI."""
-        key = checkpoint_key(step)
-        save_files(self.store, key, payloads, {"step": step, **(meta or {})})
-        self.store.put_bytes(contract.LATEST, key.encode())
+        key = self.folder.checkpoint(step)
+        save_files(self.store, key, payloads, step=step, run=run, stage=stage)
+        write_pointer(self.store, self.folder.latest, step)
         self.prune(keep_step=step)
         return self.store.uri(key)
 
     def mark_final(self, step: int) -> None:
         """Point FINAL at the (complete) checkpoint of ``step``: the stage's result."""
-        self.store.put_bytes(contract.FINAL, checkpoint_key(step).encode())
+        write_pointer(self.store, self.folder.final, step)
 
     def prune(self, keep_step: int) -> None:
         """Keep the newest ``keep`` complete checkpoints; drop older partial saves."""
         complete, incomplete = self.steps()
         for step in complete[self.keep :]:
             if step != keep_step:
-                self.store.delete_prefix(checkpoint_key(step) + "/")
+                self._delete(step)
         for step in incomplete:
             if step < keep_step:
-                self.store.delete_prefix(checkpoint_key(step) + "/")
+                self._delete(step)
 
     def discard_after(self, step: int) -> None:
         """Delete checkpoints newer than ``step`` (found unusable when resuming), so the
@@ -217,15 +232,18 @@ class Checkpointer:
         complete, incomplete = self.steps()
         for s in complete + incomplete:
             if s > step:
-                self.store.delete_prefix(checkpoint_key(s) + "/")
+                self._delete(s)
         if step > 0:
-            self.store.put_bytes(contract.LATEST, checkpoint_key(step).encode())
+            write_pointer(self.store, self.folder.latest, step)
+
+    def _delete(self, step: int) -> None:
+        self.store.delete_prefix(self.folder.checkpoint(step) + "/")
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> Loaded | None:
         """The newest checkpoint that verifies, or None when there is none."""
         complete, _ = self.steps()
         for step in complete:
-            key = checkpoint_key(step)
+            key = self.folder.checkpoint(step)
             try:
                 state = load_files(self.store, key, map_location=map_location)
             except CheckpointError as exc:
@@ -249,8 +267,8 @@ def load_model_weights(
     key = resolve_checkpoint(store)
     if key is None:
         raise CheckpointError(
-            f"{uri} holds no complete checkpoint (no {contract.MANIFEST}, "
-            f"{contract.FINAL} or {contract.LATEST}); expected a stage "
+            f"{uri} holds no complete checkpoint (no {layout.MANIFEST}, "
+            f"{layout.FINAL} or {layout.LATEST}); expected a stage "
             "folder that finished or a checkpoint folder"
         )
     state = load_files(store, key, names=("model",), map_location=map_location)

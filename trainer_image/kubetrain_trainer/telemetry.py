@@ -2,22 +2,17 @@
 Prometheus endpoint.
 
 ``progress.json`` (rank 0, every ``logEvery`` steps and at eval/checkpoint/end) is what
-the operator and the local runner read; its keys are camelCase like the API:
-step, totalSteps, tokens, tokensPerSecond, loss, eval{accuracy, loss,
-preferenceAccuracy, examples, ...}, energyJoules, energySource, powerWatts, mfu,
-checkpoint (URI of the newest complete checkpoint), phase
-(running|completed|interrupted|failed), startedAt, updatedAt (ISO-8601 UTC),
-wallSeconds, attempt, plus run/namespace/stage/stageType and, for DPO, the training
-batch's rewards/* diagnostics under ``train``.
+the operator and the local runner read: a :class:`kubetrain.core.records.ProgressRecord`
+(its fields say what each number is).
 
-``metrics.jsonl`` is the history of those records, one JSON object per line,
-rewritten whole each time (objects cannot be appended to on S3); after a resume the
-records past the resumed step are dropped, so curves never double back.
+``metrics.jsonl`` is the history of those records, one
+:class:`kubetrain.core.records.MetricsLine` per step, rewritten whole each time (objects
+cannot be appended to on S3); after a resume the lines past the resumed step are
+dropped, so curves never double back.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -27,13 +22,21 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kubetrain.core import contract
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import (
+    PHASES,
+    MetricsLine,
+    ProgressRecord,
+    read_metrics,
+    write_metrics,
+    write_progress,
+)
 from kubetrain.core.store import ObjectStore
 
 log = logging.getLogger("kubetrain_trainer.telemetry")
 
-METRICS = "metrics.jsonl"
-PHASES = ("running", "completed", "interrupted", "failed")
+# The trainer's store is rooted at its stage folder.
+FOLDER = StageLayout()
 
 
 def utc_now() -> str:
@@ -46,11 +49,11 @@ class TrainerCollector:
 
     def __init__(self, labels: dict[str, str]):
         self.labels = labels
-        self.record: dict[str, Any] = {}
+        self.record: ProgressRecord | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         r = self.record
-        if not r:
+        if r is None:
             return
         names, values = list(self.labels), list(self.labels.values())
 
@@ -70,30 +73,26 @@ class TrainerCollector:
             return c
 
         families = [
-            gauge("kubetrain_trainer_step", "Optimizer steps done.", r.get("step")),
-            counter("kubetrain_trainer_tokens", "Tokens trained on.", r.get("tokens")),
-            gauge("kubetrain_trainer_loss", "Training loss of the last step.", r.get("loss")),
+            gauge("kubetrain_trainer_step", "Optimizer steps done.", r.step),
+            counter("kubetrain_trainer_tokens", "Tokens trained on.", r.tokens),
+            gauge("kubetrain_trainer_loss", "Training loss of the last step.", r.loss),
             gauge(
-                "kubetrain_trainer_tokens_per_second",
-                "Training throughput.",
-                r.get("tokensPerSecond"),
+                "kubetrain_trainer_tokens_per_second", "Training throughput.", r.tokens_per_second
             ),
-            gauge("kubetrain_trainer_mfu_ratio", "Model FLOPs utilisation, 0..1.", r.get("mfu")),
+            gauge("kubetrain_trainer_mfu_ratio", "Model FLOPs utilisation, 0..1.", r.mfu),
             counter(
                 "kubetrain_trainer_energy_joules",
                 "Energy of the stage's devices.",
-                r.get("energyJoules"),
-                {"source": str(r.get("energySource", "estimate"))},
+                r.energy_joules,
+                {"source": r.energy_source or "estimate"},
             ),
             gauge(
-                "kubetrain_trainer_power_watts",
-                "Mean power over the last interval.",
-                r.get("powerWatts"),
+                "kubetrain_trainer_power_watts", "Mean power over the last interval.", r.power_watts
             ),
             gauge(
                 "kubetrain_trainer_eval_accuracy",
                 "Held-out exact-match accuracy, 0..1.",
-                (r.get("eval") or {}).get("accuracy"),
+                r.eval.get("accuracy"),
             ),
         ]
         yield from (f for f in families if f is not None)
@@ -106,7 +105,7 @@ class Telemetry:
         self,
         store: ObjectStore,
         *,
-        base: dict[str, Any],
+        base: ProgressRecord,
         enabled: bool,
         metrics_port: int = 0,
         serve_metrics: bool = False,
@@ -114,14 +113,10 @@ class Telemetry:
         self.store = store
         self.base = base  # run, namespace, stage, totalSteps, attempt, startedAt, ...
         self.enabled = enabled
-        self.history: list[dict[str, Any]] = []
-        self.last: dict[str, Any] = {}
+        self.history: list[MetricsLine] = []
+        self.last: ProgressRecord | None = None
         self.collector = TrainerCollector(
-            {
-                "run": str(base.get("run", "")),
-                "namespace": str(base.get("namespace", "")),
-                "stage": str(base.get("stage", "")),
-            }
+            {"run": base.run or "", "namespace": base.namespace or "", "stage": base.stage or ""}
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)  # type: ignore[arg-type]
@@ -130,41 +125,35 @@ class Telemetry:
             server, _ = start_http_server(metrics_port, registry=self.registry)
             self.port = server.server_port
 
-    def previous(self) -> dict[str, Any] | None:
-        """The progress record a previous attempt left, if any."""
-        prev = self.store.get_json(contract.PROGRESS)
-        return prev if isinstance(prev, dict) else None
-
     def restore_history(self, step: int) -> None:
-        """Load metrics.jsonl, keeping only records up to the resumed ``step``."""
-        text = self.store.get_text(METRICS) or ""
-        self.history = []
-        for line in text.splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("step", 0) <= step:
-                self.history.append(rec)
+        """Load metrics.jsonl, keeping only the lines up to the resumed ``step``."""
+        self.history = [m for m in read_metrics(self.store, FOLDER.metrics) if m.step <= step]
 
-    def write(self, **fields: Any) -> dict[str, Any]:
-        """Publish one record: progress.json, metrics.jsonl, the Prometheus snapshot."""
+    def write(self, **fields: Any) -> ProgressRecord:
+        """Publish one record (``fields`` by their ProgressRecord names over ``base``):
+        progress.json, metrics.jsonl, the Prometheus snapshot."""
         if fields.get("phase") not in PHASES:
-            raise ValueError(f"phase {fields.get('phase')!r} (accepted: {PHASES})")
-        record = {**self.base, **fields, "updatedAt": utc_now()}
+            raise ValueError(f"phase {fields.get('phase')!r} (accepted: {', '.join(PHASES)})")
+        return self._publish(self.base.updated(**fields, updated_at=utc_now()))
+
+    def fail(self, reason: str) -> ProgressRecord:
+        """Publish the last record (or the base) again, as failed for ``reason``."""
+        record = self.last or self.base
+        return self._publish(record.updated(phase="failed", message=reason, updated_at=utc_now()))
+
+    def _publish(self, record: ProgressRecord) -> ProgressRecord:
         self.last = record
         self.collector.record = record
         if not self.enabled:
             return record
-        if self.history and self.history[-1].get("step") == record["step"]:
-            self.history[-1] = record  # eval/checkpoint at a logged step: one point per step
+        line = MetricsLine.of(record)
+        if self.history and self.history[-1].step == record.step:
+            self.history[-1] = line  # eval/checkpoint at a logged step: one point per step
         else:
-            self.history.append(record)
+            self.history.append(line)
         started = time.monotonic()
-        self.store.put_bytes(
-            METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history).encode()
-        )
-        self.store.put_json(contract.PROGRESS, record)
+        write_metrics(self.store, FOLDER.metrics, self.history)
+        write_progress(self.store, FOLDER.progress, record)
         elapsed = time.monotonic() - started
         if elapsed > 5:
             log.warning("writing progress took %.1fs; raise logEvery", elapsed)

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kubetrain.core import accounting, contract
 from kubetrain.core.api import Hyperparameters
+from kubetrain.core.records import ProgressRecord, read_progress, write_progress
 from kubetrain.core.store import StoreError, open_store
 from kubetrain_trainer import checkpoint as ckpt
 from kubetrain_trainer import signals as early_signals
@@ -47,7 +48,7 @@ from kubetrain_trainer.energy import EnergyMeter, open_meter
 from kubetrain_trainer.evaluation import evaluate
 from kubetrain_trainer.model import GPT, build_model
 from kubetrain_trainer.objectives import dpo_step_loss, lm_loss
-from kubetrain_trainer.telemetry import Telemetry, utc_now
+from kubetrain_trainer.telemetry import FOLDER, Telemetry, utc_now
 
 log = logging.getLogger("kubetrain_trainer")
 
@@ -99,6 +100,15 @@ def init_distributed(environ: Mapping[str, str]) -> Dist:
             device_id=device if device.type == "cuda" else None,
         )
     return Dist(rank, world, local_rank, local_world, device)
+
+
+@dataclass
+class _Window:
+    """Tokens and FLOPs since the last progress record: its throughput and MFU."""
+
+    started: float
+    tokens: float = 0.0
+    flops: float = 0.0
 
 
 class StopRequest:
@@ -264,14 +274,18 @@ class Trainer:
         self.saved_step = -1
         self.eval: dict[str, float] = {}
         self.train_metrics: dict[str, float] = {}
-        self.telemetry_prev: Any = None
+        self.loss_value = float("nan")
+        # The record a previous attempt left (rank 0 reads it when resuming).
+        self.previous: ProgressRecord | None = None
+        self.telemetry: Telemetry | None = None
+        self.started = time.monotonic()
+        self.window = _Window(self.started)
 
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
         loaded = self.checkpointer.load_latest(map_location=self.d.device)
-        prev = None
         if self.d.is_main:
-            prev = self.telemetry_prev = self.store.get_json(contract.PROGRESS)
+            self.previous = read_progress(self.store, FOLDER.progress)
         if loaded is not None:
             s = loaded.state
             self.model.load_state_dict(s["model"])
@@ -288,16 +302,17 @@ class Trainer:
             if self.d.is_main:
                 self.checkpointer.discard_after(loaded.step)
             log.info("resumed from %s at step %d", loaded.uri, loaded.step)
-        if isinstance(prev, dict):
+        if self.previous is not None:
             # Energy and time spent after the last checkpoint were really spent: continue
             # from the newer of the two records.
-            self.energy_base = max(self.energy_base, float(prev.get("energyJoules") or 0.0))
-            self.wall_base = max(self.wall_base, float(prev.get("wallSeconds") or 0.0))
+            self.energy_base = max(self.energy_base, self.previous.energy_joules)
+            self.wall_base = max(self.wall_base, self.previous.wall_seconds)
 
-    def save(self, energy: float, wall: float) -> None:
+    def save(self) -> None:
         """Rank 0 writes a complete checkpoint of the current step."""
         if self.step == self.saved_step:
             return
+        energy = self.energy_base + self._energy_total()
         if self.d.is_main:
             raw = self.model
             rng: dict[str, Any] = {"torch": torch.get_rng_state()}
@@ -308,7 +323,7 @@ class Trainer:
                 "cursor": self.cursor,
                 "tokens": self.tokens,
                 "energyJoules": energy,
-                "wallSeconds": wall,
+                "wallSeconds": self.wall(),
                 "rng": rng,
                 "eval": self.eval,
                 "totalSteps": self.total,
@@ -322,7 +337,8 @@ class Trainer:
                     "scheduler": self.scheduler.state_dict(),
                     "trainer": trainer,
                 },
-                meta={"run": self.cfg.run, "stage": self.stage.name},
+                run=self.cfg.run,
+                stage=self.stage.name,
             )
         self.saved_step = self.step
 
@@ -337,82 +353,99 @@ class Trainer:
         return per_token * batch.tokens
 
     def run(self, stop: StopRequest | None = None) -> int:
-        d, hp = self.d, self.hp
+        """Train the stage to its end or to a stop request; the exit code."""
         stop = stop or StopRequest()
         self.resume()
-        prev = self.telemetry_prev if isinstance(self.telemetry_prev, dict) else {}
+        self.telemetry = self._open_telemetry()
+        model, autocast = self._training_model()
+        self.started = time.monotonic()
+        self.window = _Window(self.started)
+        self._log_start()
+        self.publish("running")
+        while self.step < self.total and not self._should_stop(stop):
+            self._train_step(model, autocast)
+            self._after_step()
+        if self.step < self.total:
+            self._interrupted()
+        else:
+            self._completed()
+        return 0
+
+    def _open_telemetry(self) -> Telemetry:
+        """Progress records continue the previous attempt's (attempt count, start)."""
+        prev = self.previous
         telemetry = Telemetry(
             self.store,
-            enabled=d.is_main,
+            enabled=self.d.is_main,
             metrics_port=int(self.env.get(contract.ENV_METRICS_PORT, "0") or 0),
-            serve_metrics=d.local_rank == 0,
-            base={
-                "run": self.cfg.run,
-                "namespace": self.cfg.namespace,
-                "stage": self.stage.name,
-                "stageType": self.kind,
-                "totalSteps": self.total,
-                "attempt": int(prev.get("attempt", 0)) + 1,
-                "startedAt": prev.get("startedAt") or utc_now(),
-            },
+            serve_metrics=self.d.local_rank == 0,
+            base=ProgressRecord(
+                run=self.cfg.run,
+                namespace=self.cfg.namespace,
+                stage=self.stage.name,
+                stage_type=self.kind,
+                total_steps=self.total,
+                attempt=(prev.attempt if prev is not None else 0) + 1,
+                started_at=(prev.started_at if prev is not None else None) or utc_now(),
+            ),
         )
-        self.telemetry = telemetry
-        if d.is_main:
+        if self.d.is_main:
             telemetry.restore_history(self.step)
+        return telemetry
 
+    def _training_model(self) -> tuple[nn.Module, contextlib.AbstractContextManager[Any]]:
+        """The model as the step runs it (DDP, compiled) and its autocast context."""
+        d = self.d
         model: nn.Module = self.model
         if d.world > 1:
             model = DistributedDataParallel(
                 model, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
-        if hp.compile:
+        if self.hp.compile:
             model = torch.compile(model)
         autocast = (
             torch.autocast(d.device.type, dtype=torch.bfloat16)
             if self.precision == "bf16"
             else contextlib.nullcontext()
         )
+        return model, autocast
 
-        started = time.monotonic()
-        window_t, window_tokens, window_flops = started, 0.0, 0.0
-        loss_value = float("nan")
+    def wall(self) -> float:
+        """Wall seconds of the stage over all attempts."""
+        return self.wall_base + time.monotonic() - self.started
 
-        def wall() -> float:
-            return self.wall_base + time.monotonic() - started
+    def publish(self, phase: str) -> None:
+        """Write a progress record. Called on every rank at the same steps: the energy
+        sum is a collective."""
+        assert self.telemetry is not None, "publish() before run() opened the telemetry"
+        w, now = self.window, time.monotonic()
+        dt = max(now - w.started, 1e-9)
+        last = self.telemetry.last
+        # A record with no step since the previous one (eval, end) repeats the last
+        # throughput rather than reporting none.
+        tps = w.tokens / dt if w.tokens else (last.tokens_per_second if last else None)
+        mfu = w.flops / dt / self.peak_flops if w.flops else (last.mfu if last else None)
+        self.telemetry.write(
+            step=self.step,
+            tokens=self.tokens,
+            tokens_per_second=tps,
+            loss=None if math.isnan(self.loss_value) else self.loss_value,
+            eval=self.eval,
+            energy_joules=self.energy_base + self._energy_total(),
+            energy_source=self.energy.source,
+            power_watts=self.energy.power_watts,
+            mfu=mfu,
+            checkpoint=self.checkpoint_uri,
+            phase=phase,
+            wall_seconds=self.wall(),
+            train=self.train_metrics,
+            learning_rate=self.scheduler.get_last_lr()[0],
+            init_from=self.init_source,
+        )
+        self.window = _Window(now)
 
-        def publish(phase: str) -> None:
-            # Called on every rank at the same steps: the energy sum is a collective.
-            nonlocal window_t, window_tokens, window_flops
-            now = time.monotonic()
-            dt = max(now - window_t, 1e-9)
-            joules = self._energy_total()
-            # A record with no step since the previous one (eval, end) repeats the
-            # last throughput rather than reporting none.
-            tps = window_tokens / dt if window_tokens else telemetry.last.get("tokensPerSecond")
-            mfu = window_flops / dt / self.peak_flops if window_flops else telemetry.last.get("mfu")
-            telemetry.write(
-                step=self.step,
-                tokens=self.tokens,
-                tokensPerSecond=tps,
-                loss=None if math.isnan(loss_value) else loss_value,
-                eval=self.eval,
-                energyJoules=self.energy_base + joules,
-                energySource=self.energy.source,
-                powerWatts=self.energy.power_watts,
-                mfu=mfu,
-                checkpoint=self.checkpoint_uri,
-                phase=phase,
-                wallSeconds=wall(),
-                train=self.train_metrics,
-                learningRate=self.scheduler.get_last_lr()[0],
-                **({"initFrom": self.init_source} if self.init_source else {}),
-            )
-            window_t, window_tokens, window_flops = now, 0.0, 0.0
-
-        def checkpoint() -> None:
-            self.save(self.energy_base + self._energy_total(), wall())
-
-        if d.is_main:
+    def _log_start(self) -> None:
+        if self.d.is_main:
             log.info(
                 "stage %s (%s): %d parameters, steps %d/%d, %s on %s, world %d",
                 self.stage.name,
@@ -421,102 +454,109 @@ class Trainer:
                 self.step,
                 self.total,
                 self.precision,
-                d.device,
-                d.world,
+                self.d.device,
+                self.d.world,
             )
-        publish("running")
 
+    def _train_step(
+        self, model: nn.Module, autocast: contextlib.AbstractContextManager[Any]
+    ) -> None:
+        """One optimizer step over ``gradientAccumulation`` micro-batches per rank."""
+        d, hp = self.d, self.hp
         ga, bsz = hp.gradient_accumulation, hp.batch_size
-        while self.step < self.total and not self._should_stop(stop):
-            stats = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, flops
-            metric_sums: dict[str, float] = {}
-            for micro in range(ga):
-                batch = self.data.batch(self.cursor + d.rank * bsz, bsz).to(d.device)
-                self.cursor += bsz * d.world
-                sync = (
-                    model.no_sync()
-                    if isinstance(model, DistributedDataParallel) and micro < ga - 1
-                    else contextlib.nullcontext()
-                )
-                with sync:
-                    with autocast:
-                        if isinstance(batch, PairBatch):
-                            assert self.reference is not None
-                            loss, m = dpo_step_loss(model, self.reference, batch, hp.beta)
-                            for k, v in m.items():
-                                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / ga
-                        else:
-                            loss = lm_loss(model, batch)
-                    (loss / ga).backward()
-                stats += torch.tensor(
-                    [float(loss.detach()) / ga, batch.tokens, self.flops(batch)],
-                    dtype=torch.float64,
-                )
-            if hp.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            if d.world > 1:
-                dist.all_reduce(stats)
-                stats[0] /= d.world
-            loss_value = float(stats[0])
-            self.tokens += int(stats[1])
-            window_tokens += float(stats[1])
-            window_flops += float(stats[2])
-            self.train_metrics = metric_sums
-            if not math.isfinite(loss_value):
-                raise StageError(
-                    f"loss became {loss_value} at step {self.step} (lower "
-                    "hyperparameters.learningRate or set gradClip)"
-                )
+        stats = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, flops
+        metric_sums: dict[str, float] = {}
+        for micro in range(ga):
+            batch = self.data.batch(self.cursor + d.rank * bsz, bsz).to(d.device)
+            self.cursor += bsz * d.world
+            sync = (
+                model.no_sync()
+                if isinstance(model, DistributedDataParallel) and micro < ga - 1
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with autocast:
+                    if isinstance(batch, PairBatch):
+                        assert self.reference is not None
+                        loss, m = dpo_step_loss(model, self.reference, batch, hp.beta)
+                        for k, v in m.items():
+                            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / ga
+                    else:
+                        loss = lm_loss(model, batch)
+                (loss / ga).backward()
+            stats += torch.tensor(
+                [float(loss.detach()) / ga, batch.tokens, self.flops(batch)],
+                dtype=torch.float64,
+            )
+        if hp.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if d.world > 1:
+            dist.all_reduce(stats)
+            stats[0] /= d.world
+        self.loss_value = float(stats[0])
+        self.tokens += int(stats[1])
+        self.window.tokens += float(stats[1])
+        self.window.flops += float(stats[2])
+        self.train_metrics = metric_sums
+        if not math.isfinite(self.loss_value):
+            raise StageError(
+                f"loss became {self.loss_value} at step {self.step} (lower "
+                "hyperparameters.learningRate or set gradClip)"
+            )
 
-            last = self.step == self.total
-            evaluated = saved = False
-            if hp.eval_every and self.step % hp.eval_every == 0 and not last:
-                self._evaluate()
-                evaluated = True
-            if self.step % self.stage.checkpoint_every == 0 and not last:
-                checkpoint()
-                saved = True
-            if self.step % hp.log_every == 0 or evaluated or saved:
-                publish("running")
-            if d.is_main and (self.step % hp.log_every == 0 or evaluated):
-                log.info(
-                    "step %d/%d loss %.4f%s",
-                    self.step,
-                    self.total,
-                    loss_value,
-                    f" eval {self.eval}" if evaluated else "",
-                )
+    def _after_step(self) -> None:
+        """Evaluate, checkpoint and publish on their schedules (the last step's are done
+        by ``_completed``)."""
+        hp = self.hp
+        last = self.step == self.total
+        evaluated = saved = False
+        if hp.eval_every and self.step % hp.eval_every == 0 and not last:
+            self._evaluate()
+            evaluated = True
+        if self.step % self.stage.checkpoint_every == 0 and not last:
+            self.save()
+            saved = True
+        if self.step % hp.log_every == 0 or evaluated or saved:
+            self.publish("running")
+        if self.d.is_main and (self.step % hp.log_every == 0 or evaluated):
+            log.info(
+                "step %d/%d loss %.4f%s",
+                self.step,
+                self.total,
+                self.loss_value,
+                f" eval {self.eval}" if evaluated else "",
+            )
 
-        if self.step < self.total:
-            checkpoint()
-            publish("interrupted")
-            if d.is_main:
-                log.warning(
-                    "interrupted at step %d/%d; checkpoint %s",
-                    self.step,
-                    self.total,
-                    self.checkpoint_uri,
-                )
-            return 0
+    def _interrupted(self) -> None:
+        self.save()
+        self.publish("interrupted")
+        if self.d.is_main:
+            log.warning(
+                "interrupted at step %d/%d; checkpoint %s",
+                self.step,
+                self.total,
+                self.checkpoint_uri,
+            )
+
+    def _completed(self) -> None:
         self._evaluate()
-        checkpoint()
-        if d.is_main:
+        self.save()
+        if self.d.is_main:
             self.checkpointer.mark_final(self.step)
-        publish("completed")
-        if d.is_main:
+        self.publish("completed")
+        if self.d.is_main:
             log.info(
                 "completed %d steps: eval %s, checkpoint %s",
                 self.step,
                 self.eval,
                 self.checkpoint_uri,
             )
-        if d.world > 1:
+        if self.d.world > 1:
             dist.barrier()
-        return 0
 
     def _should_stop(self, stop: StopRequest) -> bool:
         flag = stop.signal is not None
@@ -575,11 +615,11 @@ def main(environ: Mapping[str, str] | None = None) -> int:
 
 def _report_failure(trainer: Trainer | None, reason: str, environ: Mapping[str, str]) -> None:
     """Best effort: tell the progress reader why the stage failed."""
-    telemetry = getattr(trainer, "telemetry", None)
+    telemetry = trainer.telemetry if trainer is not None else None
     with contextlib.suppress(Exception):
         if telemetry is not None and trainer is not None:
             if trainer.d.is_main:
-                telemetry.write(**{**telemetry.last, "phase": "failed", "message": reason})
+                telemetry.fail(reason)
         elif environ.get("RANK", "0") == "0" and environ.get(contract.ENV_CHECKPOINT_URI):
             # Failed before training started (bad init URI, unreadable data): keep the
             # previous record's numbers, if any, and mark it failed.
@@ -587,9 +627,9 @@ def _report_failure(trainer: Trainer | None, reason: str, environ: Mapping[str, 
             store = open_store(
                 environ[contract.ENV_CHECKPOINT_URI], endpoint=s3.endpoint, region=s3.region
             )
-            prev = store.get_json(contract.PROGRESS)
-            record = prev if isinstance(prev, dict) else {}
-            store.put_json(
-                contract.PROGRESS,
-                {**record, "phase": "failed", "message": reason, "updatedAt": utc_now()},
+            record = read_progress(store, FOLDER.progress) or ProgressRecord()
+            write_progress(
+                store,
+                FOLDER.progress,
+                record.updated(phase="failed", message=reason, updated_at=utc_now()),
             )

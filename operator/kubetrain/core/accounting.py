@@ -15,14 +15,24 @@ Conventions (stated so anyone can redo the arithmetic by hand):
 - Energy (IT) = GPU-hours × board power; facility energy = IT × PUE.
 - Cost = GPU-hours × price per GPU-hour + facility kWh × energy price.
 - CO2 = facility kWh × grid carbon intensity.
+
+What a stage has spent is priced by one function, :func:`stage_cost`, wherever it ran.
+Only the GPU-seconds are counted differently, each by what its runner can observe:
+- on a cluster (``kubetrain.operator.progress``) they are what the cluster allocated:
+  GPUs per pod × the seconds each pod held them, attempts and restarts included, so
+  time spent pulling images or waiting on a checkpoint upload is billed as it is by a
+  cloud;
+- in a local run (``kubetrain.local.runner``) they are :func:`wall_gpu_seconds`: the
+  stage's GPUs × the trainer's own wall seconds (no pods to observe; 0 on CPU).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from kubetrain.core.api import ModelSpec, Pricing, Stage, TrainingRunSpec
+from kubetrain.core.api import ModelSpec, Pricing, Resources, Stage, TrainingRunSpec
 
 JOULES_PER_KWH = 3.6e6
 DEFAULT_MFU = 0.40
@@ -117,6 +127,34 @@ def accrue(
     cost = gpu_seconds / 3600.0 * gpu_hour_usd + facility_kwh * pricing.energy_usd_per_kwh
     co2 = facility_kwh * pricing.carbon_grams_per_kwh
     return cost, co2
+
+
+class Spent(NamedTuple):
+    """What GPU time and energy cost: dollars and grams CO2."""
+
+    usd: float
+    co2_grams: float
+
+
+def stage_cost(
+    gpu_seconds: float,
+    energy_joules: float,
+    resources: Resources,
+    pricing: Pricing,
+    price_table: dict[str, float] | None = None,
+) -> Spent:
+    """Cost and CO2 of a stage's GPU-seconds and IT energy (joules), priced by its
+    gpuType: ``pricing.gpuHourUSD``, else ``price_table`` (the operator's), else the
+    list price. The one place spending is priced (see the module docstring for how
+    each runner counts GPU-seconds)."""
+    acc = accelerator(resources.gpu_type, resources.gpus_per_node)
+    price = gpu_hour_price(pricing, acc, price_table)
+    return Spent(*accrue(gpu_seconds, energy_joules, pricing, price))
+
+
+def wall_gpu_seconds(resources: Resources, wall_seconds: float) -> float:
+    """A local run's GPU-seconds: every GPU of the stage for the trainer's wall time."""
+    return resources.gpus_per_node * resources.nodes * wall_seconds
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from kubetrain.core.api import ModelSpec, Stage, StageType, TrainingRunSpec, _Model
+from kubetrain.core.layout import StageLayout
 
 # torchrun
 PET_NNODES = "PET_NNODES"
@@ -43,13 +44,6 @@ ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 
 METRICS_PORT = 9400
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-
-# Files in a stage folder (its layout: trainer_image/README.md, "What a stage writes").
-LATEST = "LATEST"
-FINAL = "FINAL"
-PROGRESS = "progress.json"
-MANIFEST = "MANIFEST.json"
-CHECKPOINTS = "checkpoints"
 
 
 class StageConfig(_Model):
@@ -87,11 +81,6 @@ class EnvVar:
         return {"name": self.name, "value": self.value or ""}
 
 
-def stage_folder(store_root: str, namespace: str, run: str, stage: str) -> str:
-    """``<root>/<namespace>/<run>/<stage>``: where a stage keeps everything it writes."""
-    return f"{store_root.rstrip('/')}/{namespace}/{run}/{stage}"
-
-
 def init_uri(
     spec: TrainingRunSpec, index: int, store_root: str, namespace: str, run: str
 ) -> str | None:
@@ -99,7 +88,7 @@ def init_uri(
     or ``model.from`` for the first stage; None means random initialisation."""
     if index > 0:
         prev = spec.stages[index - 1].name
-        return stage_folder(store_root, namespace, run, prev)
+        return StageLayout.of(namespace, run, prev).uri(store_root)
     return spec.model.from_
 
 
@@ -154,7 +143,7 @@ def stage_environment(
         EnvVar(PET_MASTER_ADDR, master_addr),
         EnvVar(PET_MASTER_PORT, str(MASTER_PORT)),
         EnvVar(ENV_STAGE_CONFIG, config.model_dump_json(by_alias=True, exclude_none=True)),
-        EnvVar(ENV_CHECKPOINT_URI, stage_folder(store_root, namespace, run, stage.name)),
+        EnvVar(ENV_CHECKPOINT_URI, StageLayout.of(namespace, run, stage.name).uri(store_root)),
         EnvVar(ENV_METRICS_PORT, str(metrics_port)),
     ]
     init = init_uri(spec, index, store_root, namespace, run)

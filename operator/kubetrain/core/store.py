@@ -1,7 +1,8 @@
 """One object-store interface over ``s3://`` (boto3) and ``file://``: the trainer writes
 checkpoints and progress through it, the operator and the local runner read progress
 and pointers through it. Same code path for both schemes, so what is tested on
-``file://`` holds on S3.
+``file://`` holds on S3. What the objects hold, typed, is :mod:`kubetrain.core.records`;
+where they are, :mod:`kubetrain.core.layout`.
 
 Writes of one object are atomic in both back ends (S3 PUTs are; files are written to a
 temporary name and renamed), which is what the checkpoint protocol builds on.
@@ -10,17 +11,13 @@ temporary name and renamed), which is what the checkpoint protocol builds on.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
-
-from kubetrain.core import contract
 
 DEFAULT_REGION = "us-east-1"
 # A trainer's checkpoint upload may wait out a slow or briefly unavailable store; the
@@ -68,19 +65,6 @@ class ObjectStore(ABC):
             return self.get_bytes(key).decode()
         except FileNotFoundError:
             return None
-
-    def get_json(self, key: str) -> Any | None:
-        """The object parsed as JSON, or None when it does not exist or is torn."""
-        text = self.get_text(key)
-        if text is None:
-            return None
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return None
-
-    def put_json(self, key: str, obj: Any) -> None:
-        self.put_bytes(key, json.dumps(obj, sort_keys=True).encode())
 
     def child(self, sub: str) -> ObjectStore:
         """A store rooted at ``<root>/<sub>``."""
@@ -336,15 +320,3 @@ def open_store(
     if uri.startswith("file://") or "://" not in uri:
         return FileStore(uri)
     raise ValueError(f"unsupported store URI {uri!r} (accepted: s3://... or file://...)")
-
-
-def resolve_checkpoint(store: ObjectStore) -> str | None:
-    """For a stage folder: the checkpoint key its FINAL (else LATEST) pointer names;
-    for a checkpoint folder (with a manifest): ''. None when there is nothing complete."""
-    if store.exists(contract.MANIFEST):
-        return ""
-    for pointer in (contract.FINAL, contract.LATEST):
-        text = store.get_text(pointer)
-        if text and text.strip():
-            return text.strip()
-    return None

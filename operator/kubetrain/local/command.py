@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from kubetrain.core import accounting, contract
+from kubetrain.core import accounting, layout
 from kubetrain.core.errors import UserError
 from kubetrain.core.manifest import load_manifest
 from kubetrain.core.store import ObjectStore, StoreError
@@ -46,7 +46,7 @@ def check_trainer_installed() -> None:
 def check_store(store: ObjectStore, uri: str) -> None:
     """Touch the store once up front so an unreachable S3 is one line, not a traceback."""
     try:
-        store.exists(contract.PROGRESS)
+        store.exists(layout.PROGRESS)
     except StoreError as exc:
         raise UserError(f"store {uri}: {exc}") from None
     except Exception as exc:
@@ -102,7 +102,7 @@ def _intro(runner: LocalRunner, display: Display, args: argparse.Namespace) -> N
     run = runner.run
     stages = " -> ".join(s.name for s in run.spec.stages)
     params = accounting.parameter_count(run.spec.model)
-    folder = f"{runner.store_root}/{run.metadata.namespace}/{run.metadata.name}/"
+    folder = runner.store.uri(layout.run_folder(run.metadata.namespace, run.metadata.name)) + "/"
     display.message(
         f"kubetrain: run {run.metadata.name!r}, {params / 1e6:.2f}M parameters, stages {stages}"
     )
@@ -133,8 +133,8 @@ def _conclude(
     last = outcomes[-1] if outcomes else None
     if last is not None and last.result == "interrupted":
         where = ""
-        if last.record and last.record.get("checkpoint"):
-            where = f"; last checkpoint {last.record['checkpoint']}"
+        if last.record is not None and last.record.checkpoint:
+            where = f"; last checkpoint {last.record.checkpoint}"
         display.close()
         print(
             f"kubetrain: interrupted in stage {last.name!r}{where}; continue with: {again}",
@@ -153,7 +153,7 @@ def _conclude(
     )
     display.close()
     if outcomes and all(o.result == "skipped" for o in outcomes):
-        folder = f"{runner.store_root}/{run.metadata.namespace}/{run.metadata.name}"
+        folder = runner.store.uri(layout.run_folder(run.metadata.namespace, run.metadata.name))
         if folder.startswith("file://"):
             folder = os.path.relpath(folder.removeprefix("file://"))
         print(

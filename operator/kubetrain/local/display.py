@@ -12,11 +12,12 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 from kubetrain.core.accounting import JOULES_PER_KWH
+from kubetrain.core.records import ProgressRecord
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class StageLine:
 
 def stage_line(
     name: str,
-    record: Mapping[str, Any] | None,
+    record: ProgressRecord | None,
     *,
     phase: str | None = None,
     cost_usd: float = 0.0,
@@ -50,31 +51,25 @@ def stage_line(
     eta_seconds: float | None = None,
 ) -> StageLine:
     """A :class:`StageLine` from a trainer progress record (``progress.json``)."""
-    if not record:
+    if record is None:
         return StageLine(name, phase or "pending")
-    evaluation = record.get("eval") or {}
-    accuracy = evaluation.get("accuracy") if isinstance(evaluation, Mapping) else None
     return StageLine(
         name=name,
-        phase=phase or str(record.get("phase") or "running"),
-        step=int(record.get("step") or 0),
-        total_steps=record.get("totalSteps"),
-        loss=_num(record.get("loss")),
-        accuracy=_num(accuracy),
-        tokens=int(record.get("tokens") or 0),
-        tokens_per_second=_num(record.get("tokensPerSecond")),
+        phase=phase or record.phase or "running",
+        step=record.step,
+        total_steps=record.total_steps,
+        loss=record.loss,
+        accuracy=record.eval.get("accuracy"),
+        tokens=record.tokens,
+        tokens_per_second=record.tokens_per_second,
         eta_seconds=eta_seconds,
-        wall_seconds=float(record.get("wallSeconds") or 0.0),
-        energy_joules=float(record.get("energyJoules") or 0.0),
-        energy_source=record.get("energySource"),
+        wall_seconds=record.wall_seconds,
+        energy_joules=record.energy_joules,
+        energy_source=record.energy_source,
         cost_usd=cost_usd,
         co2_grams=co2_grams,
-        checkpoint=record.get("checkpoint"),
+        checkpoint=record.checkpoint,
     )
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
 
 
 # --------------------------------------------------------------------------- formatting

@@ -16,86 +16,67 @@ import argparse
 import base64
 import html
 import io
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-from kubetrain.core import contract
+from kubetrain.core import contract, layout
 from kubetrain.core.api import TrainingRunSpec
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import MetricsLine, read_metrics, read_progress
 from kubetrain.core.store import ObjectStore, StoreError, open_store
 from kubetrain.local.display import SUMMARY_COLUMNS, stage_line, summary_rows
 from kubetrain.local.runner import record_cost
 
-METRICS = "metrics.jsonl"
-# (title, y label, function of a record -> value or None)
-PANELS: list[tuple[str, str, str]] = [
-    ("loss", "training loss", "loss"),
-    ("eval", "evaluation accuracy", "eval.accuracy"),
-    ("throughput", "tokens / second", "tokensPerSecond"),
-    ("energy", "energy (kJ, cumulative per stage)", "energyJoules"),
+# (title, y label, the value of a history line or None)
+Panel = tuple[str, str, Callable[[MetricsLine], float | None]]
+PANELS: list[Panel] = [
+    ("loss", "training loss", lambda m: m.loss),
+    ("eval", "evaluation accuracy", lambda m: m.eval.get("accuracy")),
+    ("throughput", "tokens / second", lambda m: m.tokens_per_second),
+    ("energy", "energy (kJ, cumulative per stage)", lambda m: m.energy_joules / 1000.0),
 ]
 
 
-def _value(record: Mapping[str, Any], path: str) -> float | None:
-    value: Any = record
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    if not isinstance(value, int | float):
-        return None
-    return float(value) / 1000.0 if path == "energyJoules" else float(value)
+def one_per_step(lines: Sequence[MetricsLine]) -> list[MetricsLine]:
+    """The lines of one history, one per step, sorted by step.
 
-
-def parse_history(text: str) -> list[dict[str, Any]]:
-    """Records of one ``metrics.jsonl``, one per step, sorted by step.
-
-    A resumed stage repeats the steps after its last checkpoint; the later record of a
-    step wins, because that is the attempt whose weights the stage kept. A torn last
-    line (the trainer killed mid-write) is skipped.
+    A resumed stage repeats the steps after its last checkpoint; the later line of a
+    step wins, because that is the attempt whose weights the stage kept.
     """
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            by_step[record["step"]] = record
+    by_step = {line.step: line for line in lines}
     return [by_step[s] for s in sorted(by_step)]
 
 
 def discover_stages(store: ObjectStore, namespace: str, run: str) -> list[str]:
     """Stage folders of a run that have a history, in the order they started."""
-    prefix = f"{namespace}/{run}/"
-    names = {
-        key[len(prefix) :].split("/", 1)[0]
-        for key in store.list(prefix)
-        if key.endswith(f"/{METRICS}") and key.count("/") == prefix.count("/") + 1
-    }
+    prefix = layout.run_folder(namespace, run) + "/"
+    names = set()
+    for key in store.list(prefix):
+        parts = key[len(prefix) :].split("/")
+        if len(parts) == 2 and parts[1] == layout.METRICS:
+            names.add(parts[0])
 
     def started(name: str) -> str:
-        record = store.get_json(f"{prefix}{name}/{contract.PROGRESS}") or {}
-        return str(record.get("startedAt") or "")
+        record = read_progress(store, StageLayout.of(namespace, run, name).progress)
+        return (record.started_at if record is not None else None) or ""
 
     return sorted(names, key=lambda n: (started(n), n))
 
 
 def load_histories(
     store: ObjectStore, namespace: str, run: str, stages: Sequence[str]
-) -> dict[str, list[dict[str, Any]]]:
+) -> dict[str, list[MetricsLine]]:
     out = {}
     for name in stages:
-        text = store.get_text(f"{namespace}/{run}/{name}/{METRICS}")
-        if text:
-            out[name] = parse_history(text)
+        lines = read_metrics(store, StageLayout.of(namespace, run, name).metrics)
+        if lines:
+            out[name] = one_per_step(lines)
     return out
 
 
 def _figure(
-    histories: Mapping[str, list[dict[str, Any]]],
-    panels: Sequence[tuple[str, str, str]],
+    histories: Mapping[str, list[MetricsLine]],
+    panels: Sequence[Panel],
     title: str,
 ) -> bytes:
     """One PNG: a panel per metric, the stages side by side on the curriculum step."""
@@ -111,15 +92,11 @@ def _figure(
     offsets, offset = {}, 0
     for name, records in histories.items():
         offsets[name] = offset
-        offset += max((r["step"] for r in records), default=0)
-    for ax, (key, label, path) in zip(axes[:, 0], panels, strict=True):
+        offset += max((r.step for r in records), default=0)
+    for ax, (key, label, value) in zip(axes[:, 0], panels, strict=True):
         stage_ends = []
         for i, (name, records) in enumerate(histories.items()):
-            points = [
-                (offsets[name] + r["step"], v)
-                for r in records
-                if (v := _value(r, path)) is not None
-            ]
+            points = [(offsets[name] + r.step, v) for r in records if (v := value(r)) is not None]
             if not points:
                 continue
             xs, ys = zip(*points, strict=True)
@@ -160,7 +137,7 @@ def _summary_html(
     """The same table the runner prints, from the stored progress records."""
     lines = []
     for name in stages:
-        record = store.get_json(f"{namespace}/{run}/{name}/{contract.PROGRESS}")
+        record = read_progress(store, StageLayout.of(namespace, run, name).progress)
         cost = co2 = 0.0
         if spec is not None and name in {s.name for s in spec.stages}:
             cost, co2 = record_cost(spec, spec.stage(name), record)

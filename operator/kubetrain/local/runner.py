@@ -38,6 +38,8 @@ from typing import Any
 from kubetrain.core import accounting, contract
 from kubetrain.core.api import Stage, TrainingRun, TrainingRunSpec
 from kubetrain.core.errors import UserError
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import ProgressRecord, RecordFormatError, read_progress
 from kubetrain.core.store import StoreError, open_store
 from kubetrain.local.collector import RunCollector
 from kubetrain.local.display import Display, StageLine, stage_line
@@ -159,19 +161,18 @@ def failure_reason(stderr_lines: list[str]) -> str:
 
 
 def record_cost(
-    spec: TrainingRunSpec, stage: Stage, record: Mapping[str, Any] | None
-) -> tuple[float, float]:
+    spec: TrainingRunSpec, stage: Stage, record: ProgressRecord | None
+) -> accounting.Spent:
     """USD and grams CO2 of a progress record at the manifest's prices: GPU time is
     the stage's GPUs × the trainer's wall seconds (0 on CPU), energy its joules."""
-    if not record:
-        return 0.0, 0.0
+    if record is None:
+        return accounting.Spent(0.0, 0.0)
     res = stage.resources
-    acc = accounting.accelerator(res.gpu_type, res.gpus_per_node)
-    return accounting.accrue(
-        res.gpus_per_node * res.nodes * float(record.get("wallSeconds") or 0.0),
-        float(record.get("energyJoules") or 0.0),
+    return accounting.stage_cost(
+        accounting.wall_gpu_seconds(res, record.wall_seconds),
+        record.energy_joules,
+        res,
         spec.pricing,
-        accounting.gpu_hour_price(spec.pricing, acc),
     )
 
 
@@ -180,7 +181,7 @@ class StageOutcome:
     name: str
     result: str  # completed | skipped | interrupted | failed
     reason: str = ""
-    record: dict[str, Any] | None = None
+    record: ProgressRecord | None = None
 
 
 @dataclass
@@ -215,15 +216,15 @@ class LocalRunner:
         s3 = self.run.spec.storage.s3
         return s3.region if s3 else contract.s3_endpoint(self.environ).region
 
-    def key(self, stage: Stage, name: str) -> str:
-        """A key in the stage's folder, relative to the store root (the root store keeps
-        the S3 endpoint and region; ``ObjectStore.child`` would not)."""
-        return f"{self.run.metadata.namespace}/{self.run.metadata.name}/{stage.name}/{name}"
+    def folder(self, stage: Stage) -> StageLayout:
+        """The stage's folder, relative to the store root (the root store keeps the S3
+        endpoint and region; ``ObjectStore.child`` would not)."""
+        return StageLayout.of(self.run.metadata.namespace, self.run.metadata.name, stage.name)
 
     def line(
         self,
         stage: Stage,
-        record: Mapping[str, Any] | None,
+        record: ProgressRecord | None,
         *,
         phase: str | None = None,
         eta_seconds: float | None = None,
@@ -234,12 +235,14 @@ class LocalRunner:
             stage.name, record, phase=phase, cost_usd=cost, co2_grams=co2, eta_seconds=eta_seconds
         )
 
-    def progress_record(self, stage: Stage) -> dict[str, Any] | None:
-        record = self.store.get_json(self.key(stage, contract.PROGRESS))
-        return record if isinstance(record, dict) else None
+    def progress_record(self, stage: Stage) -> ProgressRecord | None:
+        try:
+            return read_progress(self.store, self.folder(stage).progress)
+        except RecordFormatError as exc:
+            raise UserError(str(exc)) from None
 
     def is_final(self, stage: Stage) -> bool:
-        return self.store.exists(self.key(stage, contract.FINAL))
+        return self.store.exists(self.folder(stage).final)
 
     # -- signals
 
@@ -323,7 +326,7 @@ class LocalRunner:
         if child.returncode != 0:
             reason = failure_reason(list(stderr_tail))
         else:
-            phase = (record or {}).get("phase", "unknown")
+            phase = record.phase if record is not None and record.phase else "unknown"
             reason = f"the trainer exited without completing the stage (phase {phase})"
         self.display.stage_ended(self.line(stage, record, phase="failed"), "failed")
         return StageOutcome(
@@ -334,9 +337,9 @@ class LocalRunner:
         self,
         stage: Stage,
         child: subprocess.Popen[bytes],
-        previous: dict[str, Any] | None,
+        previous: ProgressRecord | None,
         total: int,
-    ) -> dict[str, Any] | None:
+    ) -> ProgressRecord | None:
         """Poll the stage's progress record until the trainer exits; feed the display and
         the metrics. ETA comes from the step rate seen in this attempt."""
         # Compare whole records: updatedAt has one-second resolution, steps are faster.
@@ -357,20 +360,20 @@ class LocalRunner:
                 fresh = self.progress_record(stage)
             except StoreError:
                 continue  # a transient read error; the trainer is still the judge
-            if not fresh or fresh == stale:
+            if fresh is None or fresh == stale:
                 continue
             record = stale = fresh
-            step = int(fresh.get("step") or 0)
+            step = fresh.step
             now = time.monotonic()
             eta = None
             if first is None:
                 first = (now, step)
             elif step > first[1]:
                 rate = (step - first[1]) / (now - first[0])
-                eta = (int(fresh.get("totalSteps") or total) - step) / rate
+                eta = ((fresh.total_steps or total) - step) / rate
             line = self.line(stage, fresh, phase="running", eta_seconds=eta)
             self.display.update(line)
-            self.collector.observe(line, int(fresh.get("totalSteps") or total))
+            self.collector.observe(line, fresh.total_steps or total)
         return record
 
     # -- the curriculum
@@ -388,11 +391,10 @@ class LocalRunner:
                     break
                 outcome = self.run_stage(index)
                 outcomes.append(outcome)
-                if outcome.record:
+                if outcome.record is not None:
                     total = accounting.total_steps(stage, self.run.spec.model)
                     self.collector.observe(
-                        self.line(stage, outcome.record),
-                        int(outcome.record.get("totalSteps") or total),
+                        self.line(stage, outcome.record), outcome.record.total_steps or total
                     )
                 if outcome.result in ("interrupted", "failed"):
                     break

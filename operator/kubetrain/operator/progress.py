@@ -8,19 +8,25 @@ GPU-seconds count what the cluster allocated, not what the trainer used: for eve
 of the stage, GPUs per pod × seconds since the pod started (until its container
 finished). A stage's earlier attempts (restarts, suspensions) are banked in a small
 ledger kept in the run's annotations (``kubetrain.dev/ledger``), because their pods are
-gone by the time the next attempt runs.
+gone by the time the next attempt runs. (A local run has no pods and counts its
+GPU-seconds from the trainer's wall time; both are priced by
+``kubetrain.core.accounting.stage_cost``.)
 """
 
 from __future__ import annotations
 
-import math
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetrain.core import accounting, contract
+from kubetrain.core import accounting
 from kubetrain.core.api import ModelSpec, Pricing, Stage, StageStatus
+from kubetrain.core.layout import StageLayout
+from kubetrain.core.records import ProgressRecord, RecordFormatError, read_progress
 from kubetrain.core.store import ObjectStore
+
+log = logging.getLogger("kubetrain.operator.progress")
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -44,7 +50,7 @@ class StageRecords:
     """What the store says about one stage: its progress record and whether FINAL
     exists (written only when the stage completed)."""
 
-    progress: dict[str, Any] | None
+    progress: ProgressRecord | None
     final: bool
 
 
@@ -52,15 +58,20 @@ def read_stage_records(
     store: ObjectStore, namespace: str, run: str, stages: list[str]
 ) -> dict[str, StageRecords]:
     """Read progress.json and test for FINAL for each named stage; ``store`` is rooted
-    at the run's store root (``spec.storage.s3.uri()``)."""
+    at the run's store root (``spec.storage.s3.uri()``).
+
+    A progress record this operator cannot read (a newer trainer's format) is logged and
+    left out, but FINAL is still looked at: the stage's lifecycle must not depend on
+    its numbers."""
     out: dict[str, StageRecords] = {}
     for stage in stages:
-        folder = f"{namespace}/{run}/{stage}"
-        record = store.get_json(f"{folder}/{contract.PROGRESS}")
-        out[stage] = StageRecords(
-            progress=record if isinstance(record, dict) else None,
-            final=store.exists(f"{folder}/{contract.FINAL}"),
-        )
+        folder = StageLayout.of(namespace, run, stage)
+        try:
+            record = read_progress(store, folder.progress)
+        except RecordFormatError as exc:
+            log.warning("%s/%s: stage %s: %s", namespace, run, stage, exc)
+            record = None
+        out[stage] = StageRecords(progress=record, final=store.exists(folder.final))
     return out
 
 
@@ -107,49 +118,41 @@ def banked_gpu_seconds(
     return banked, {"job": job_uid, "banked": round(banked, 3)}
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def apply_record(
-    stage: Stage, model: ModelSpec, previous: StageStatus, record: dict[str, Any] | None
+    stage: Stage, model: ModelSpec, previous: StageStatus, record: ProgressRecord | None
 ) -> StageStatus:
     """The stage status with the trainer's record applied (training numbers only).
 
-    Numbers that only grow (step, tokens, energy) never go back, so a record torn by a
-    restart or read from an older attempt cannot make progress jump backwards.
+    Numbers that only grow (step, tokens, energy) never go back, so a record read from
+    an older attempt cannot make progress jump backwards.
     """
     total = previous.total_steps or accounting.total_steps(stage, model)
     out = previous.model_copy(update={"total_steps": total})
-    if not record:
+    if record is None:
         return out
-    step = int(_number(record.get("step")) or 0)
-    total = int(_number(record.get("totalSteps")) or total)
+    total = record.total_steps or total
     updates: dict[str, Any] = {
-        "step": max(previous.step, step),
+        "step": max(previous.step, record.step),
         "total_steps": total,
-        "tokens": max(previous.tokens, int(_number(record.get("tokens")) or 0)),
-        "energy_joules": max(previous.energy_joules, _number(record.get("energyJoules")) or 0.0),
+        "tokens": max(previous.tokens, record.tokens),
+        "energy_joules": max(previous.energy_joules, record.energy_joules),
     }
-    if (loss := _number(record.get("loss"))) is not None:
-        updates["loss"] = round(loss, 6)
-    if isinstance(record.get("eval"), dict):
-        evals = {str(k): _number(v) for k, v in record["eval"].items()}
-        updates["eval"] = {k: round(v, 6) for k, v in evals.items() if v is not None}
-    tps = _number(record.get("tokensPerSecond"))
+    if record.loss is not None:
+        updates["loss"] = round(record.loss, 6)
+    if "eval" in record.model_fields_set:
+        updates["eval"] = {k: round(v, 6) for k, v in record.eval.items()}
+    tps = record.tokens_per_second
     if tps is not None:
         updates["tokens_per_second"] = round(tps, 3)
-    if isinstance(record.get("energySource"), str):
-        updates["energy_source"] = record["energySource"]
-    if isinstance(record.get("checkpoint"), str) and record["checkpoint"]:
-        updates["checkpoint"] = record["checkpoint"]
+    if record.energy_source is not None:
+        updates["energy_source"] = record.energy_source
+    if record.checkpoint:
+        updates["checkpoint"] = record.checkpoint
     done = updates["step"]
     updates["progress"] = round(min(1.0, done / total), 4) if total else 0.0
     remaining = max(0, total - done)
     per_step = accounting.tokens_per_step(stage, model)
-    wall = _number(record.get("wallSeconds"))
+    wall = record.wall_seconds
     if remaining == 0:
         updates["eta_seconds"] = 0.0
     elif tps:
@@ -166,12 +169,11 @@ def apply_costs(
     pricing: Pricing,
     price_table: dict[str, float],
 ) -> StageStatus:
-    """GPU-seconds, cost and CO2 of the stage, priced by its gpuType."""
-    res = stage.resources
-    acc = accounting.accelerator(res.gpu_type, res.gpus_per_node)
-    price = accounting.gpu_hour_price(pricing, acc, price_table)
+    """GPU-seconds (the pods', see the module docstring), cost and CO2 of the stage."""
     gpu_seconds = max(status.gpu_seconds, gpu_seconds)
-    cost, co2 = accounting.accrue(gpu_seconds, status.energy_joules, pricing, price)
+    cost, co2 = accounting.stage_cost(
+        gpu_seconds, status.energy_joules, stage.resources, pricing, price_table
+    )
     return status.model_copy(
         update={
             "gpu_seconds": round(gpu_seconds, 3),
@@ -181,8 +183,6 @@ def apply_costs(
     )
 
 
-def record_updated_at(record: dict[str, Any] | None) -> datetime | None:
+def record_updated_at(record: ProgressRecord | None) -> datetime | None:
     """When the trainer last wrote the record (for stall detection)."""
-    if not record:
-        return None
-    return parse_time(record.get("updatedAt") if isinstance(record.get("updatedAt"), str) else None)
+    return parse_time(record.updated_at) if record is not None else None

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kubetrain.core import store as kstore
+from kubetrain.core.contract import S3Endpoint
 from kubetrain_trainer.hf.config import ARCHITECTURES, ModelConfig, ModelFormatError, read_config
 from kubetrain_trainer.hf.model import CausalLM, build_model
 
@@ -190,10 +191,11 @@ def load_pretrained(
     return model.to(device).eval()
 
 
-def local_folder(uri: str, scratch: str | Path) -> Path:
+def local_folder(uri: str, scratch: str | Path, s3: S3Endpoint | None = None) -> Path:
     """A local copy of the model folder at ``uri``: ``file://`` folders are used where
-    they are; ``s3://`` folders are downloaded into ``scratch``."""
-    store = kstore.open_store(uri)
+    they are; ``s3://`` folders are downloaded into ``scratch`` (from ``s3``'s endpoint)."""
+    s3 = s3 or S3Endpoint()
+    store = kstore.open_store(uri, endpoint=s3.endpoint, region=s3.region)
     if isinstance(store, kstore.FileStore):
         if not store.base.is_dir():
             raise FileNotFoundError(f"model.from {uri}: no such folder")
