@@ -23,6 +23,7 @@ from kubetrain.core.api import (
     parse_spec,
 )
 from kubetrain.core.conditions import ConditionType, Reason
+from kubetrain.core.records import ProgressRecord
 from kubetrain.operator import plan as planner
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.progress import StageRecords, format_time
@@ -380,7 +381,7 @@ def test_job_pending_until_a_pod_runs() -> None:
 
 def test_running_stage_without_progress_is_stalled() -> None:
     timeout = OperatorConfig().stall_timeout_seconds
-    record = StageRecords(progress={"step": 3, "updatedAt": format_time(T0)}, final=False)
+    record = StageRecords(progress=ProgressRecord(step=3, updated_at=format_time(T0)), final=False)
     ctx = context(jobs={"pretrain": job()}, pods=[running_pod()], now_offset=timeout + 5)
     d = planner.decide_stage(at(ctx, record=record), ctx)
     assert d.stalled == f"stage 'pretrain': no progress for {timeout + 5:.0f}s"
