@@ -81,13 +81,14 @@ class ControlPlaneError(RuntimeError):
 def pinned_version(component: str) -> str:
     """Version pinned in tests/cluster/<component>/go.mod, e.g. "v1.36.3".
 
-    ``component`` is one of "k8s", "etcd", "kwok", "helm".
+    ``component`` is one of "k8s", "etcd", "kwok", "helm", "seaweedfs".
     """
     modules = {
         "k8s": "k8s.io/kubernetes",
         "etcd": "go.etcd.io/etcd/server/v3",
         "kwok": "sigs.k8s.io/kwok",
         "helm": "helm.sh/helm/v3",
+        "seaweedfs": "github.com/seaweedfs/seaweedfs",
     }
     module = modules[component]
     text = (CLUSTER_DIR / component / "go.mod").read_text()
