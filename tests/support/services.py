@@ -15,6 +15,7 @@ Both offer the same interface (:class:`S3Service`): ``endpoint``, ``env()``,
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -45,6 +46,19 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:  # type: 
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a server process: Linux SIGKILLs it when its parent dies
+    without tearing down (e.g. pytest killed by a CI timeout), so no server outlives its
+    test run. Linux means the parent *thread*: start servers from one that outlives
+    them (the main thread), not from a short-lived helper."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def free_port() -> int:
@@ -259,6 +273,7 @@ class SeaweedS3(_S3Clients):
                 # (and from ~/.seaweedfs, /etc/seaweedfs): none of ours exist there.
                 cwd=self.workdir,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         try:
             self._wait_ready()
@@ -354,10 +369,12 @@ class SeaweedS3(_S3Clients):
             "-master.electionTimeout=1s",
             # Shut down at once on SIGTERM (the default waits 10 s for heartbeats to stop).
             "-volume.preStopSeconds=0",
-            # Every bucket is a collection with volumes of its own; small ones keep a
-            # session's many buckets within the disk of a CI machine.
-            "-master.volumeSizeLimitMB=256",
-            "-volume.max=0",
+            # Every bucket is a collection that grows 7 volumes at its first write. They
+            # take disk only as they fill, so the count is set rather than derived from
+            # free disk / size (which would allow 20 buckets on a 36 GB disk), and small
+            # volumes keep what one test can fill in check.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=1000",
         ]
 
     def _signal(self, sig: signal.Signals) -> None:
