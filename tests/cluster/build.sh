@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the binaries of the e2e test cluster from the pinned Go modules in
-# tests/cluster/{k8s,etcd,kwok,helm} into .cache/bin/ (repository-relative):
-#   kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm
+# tests/cluster/{k8s,etcd,kwok,helm,seaweedfs} into .cache/bin/ (repository-relative):
+#   kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm weed
+# (weed is SeaweedFS, whose S3 gateway is the e2e tier's S3 server.)
 #
 # Each tool lives in its own Go module because their dependency pins (client-go,
 # grpc, otel, ...) conflict; one module would silently move them all.
@@ -12,12 +13,28 @@
 # build flags. A binary whose inputs did not change is not rebuilt, so changing one
 # tool's flags rebuilds that tool only; with nothing changed the script returns at
 # once. Set FORCE=1 to rebuild everything anyway.
+#
+# ONLY="weed helm" builds (and stamps) just the binaries named; the others are left
+# as they are, built or not.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "${here}/../.." && pwd)"
 bin_dir="${root}/.cache/bin"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm weed)
+
+selected=" ${binaries[*]} "
+if [[ -n "${ONLY:-}" ]]; then
+  selected=" "
+  for name in ${ONLY}; do
+    if [[ " ${binaries[*]} " != *" ${name} "* ]]; then
+      echo "ONLY: unknown binary '${name}' (accepted: ${binaries[*]})" >&2
+      exit 2
+    fi
+    selected+="${name} "
+  done
+fi
+is_selected() { [[ "${selected}" == *" $1 "* ]]; }
 
 # Builds must not pick up a go.work from a parent directory or a developer's
 # GOFLAGS (e.g. -mod=mod would rewrite the committed go.sum).
@@ -73,6 +90,7 @@ adopt_legacy() { # output-name module-dir pinned-module
 build() { # module-dir output-name package [ldflags...]
   local dir="$1" out="$2" pkg="$3"
   shift 3
+  is_selected "${out}" || return 0
   local args=(build -trimpath -ldflags "-s -w $*")
   want["${out}"]="$(inputs_hash "${dir}" "${args[@]}" "${pkg}")"
   local stamp_file="${bin_dir}/.stamp.${out}"
@@ -135,17 +153,23 @@ build helm helm helm.sh/helm/v3/cmd/helm \
   "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=${k8s_major}" \
   "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=${k8s_minor}"
 
+# SeaweedFS reports its release number from source; the commit it leaves empty is the
+# one its pseudo-version names (v0.0.0-<date>-<commit>).
+seaweedfs_version="$(mod_version seaweedfs github.com/seaweedfs/seaweedfs)"
+build seaweedfs weed github.com/seaweedfs/seaweedfs/weed \
+  "-X github.com/seaweedfs/seaweedfs/weed/util/version.COMMIT=${seaweedfs_version##*-}"
+
 for b in "${built[@]}"; do
   mv -f "${stage}/${b}" "${bin_dir}/${b}"
 done
 # Stamps last: a binary is current only once it is in place.
-for b in "${binaries[@]}"; do
+for b in "${!want[@]}"; do
   printf '%s\n' "${want[${b}]}" >"${bin_dir}/.stamp.${b}"
 done
-rm -f "${legacy_stamp}"
+[[ -n "${ONLY:-}" ]] || rm -f "${legacy_stamp}"
 if ((${#built[@]} == 0)); then
   echo "cluster binaries in .cache/bin are up to date"
 else
   echo "built ${built[*]} into .cache/bin (kubernetes ${k8s_version}, helm ${helm_version}," \
-    "helm's default Kubernetes ${k8s_major}.${k8s_minor})"
+    "helm's default Kubernetes ${k8s_major}.${k8s_minor}, seaweedfs ${seaweedfs_version})"
 fi

@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -43,6 +42,8 @@ from typing import TypeVar
 
 import yaml
 from kubernetes import client, config
+
+from tests.support.services import die_with_parent
 
 CLUSTER_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CLUSTER_DIR.parent.parent
@@ -81,13 +82,14 @@ class ControlPlaneError(RuntimeError):
 def pinned_version(component: str) -> str:
     """Version pinned in tests/cluster/<component>/go.mod, e.g. "v1.36.3".
 
-    ``component`` is one of "k8s", "etcd", "kwok", "helm".
+    ``component`` is one of "k8s", "etcd", "kwok", "helm", "seaweedfs".
     """
     modules = {
         "k8s": "k8s.io/kubernetes",
         "etcd": "go.etcd.io/etcd/server/v3",
         "kwok": "sigs.k8s.io/kwok",
         "helm": "helm.sh/helm/v3",
+        "seaweedfs": "github.com/seaweedfs/seaweedfs",
     }
     module = modules[component]
     text = (CLUSTER_DIR / component / "go.mod").read_text()
@@ -137,18 +139,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    # Runs in the child before exec: ask Linux to SIGKILL the component if the
-    # test process dies without tearing down (e.g. pytest killed by a CI
-    # timeout), so no apiserver or etcd outlives its test run.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -417,7 +407,7 @@ class ControlPlane:
             cwd=self.workdir,
             # Own process group, so teardown can signal everything it forks.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._components.append(comp)
         return comp

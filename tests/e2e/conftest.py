@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster"))
 
 from controlplane import ControlPlane
 
+from tests.support.services import SeaweedS3
+
 
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane]:
@@ -23,3 +25,14 @@ def control_plane() -> Iterator[ControlPlane]:
     """
     with ControlPlane() as cp:
         yield cp
+
+
+@pytest.fixture(scope="session")
+def seaweed_s3() -> Iterator[SeaweedS3]:
+    """One SeaweedFS server (its S3 gateway) per session: the e2e tier's object store,
+    a real server with data on disk rather than moto's in-memory emulation.
+
+    Fails with a pointer to `make cluster-bin` when the weed binary is missing.
+    """
+    with SeaweedS3() as server:
+        yield server

@@ -1,5 +1,6 @@
-"""Helpers for the end-to-end scenarios (tests/e2e/test_scenarios.py): the operator as a
-process, a namespace per scenario with its bucket and credentials Secret, the tiny
+"""Helpers for the end-to-end scenarios (tests/e2e/test_scenarios.py, and the scale
+benchmark bench/scale.py): the CRD and an operator identity on the cluster, the operator
+as a process, a namespace per scenario with its bucket and credentials Secret, the tiny
 curriculum, S3 and API reads, and the failure detail every wait prints.
 
 The trainer runs on CPU (PodRunner executes the container command as a local process);
@@ -24,12 +25,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetrain.core import api, layout
+from kubetrain.core.crd import render_crd
 from kubetrain.core.layout import StageLayout
 from kubetrain.core.records import MetricsLine, ProgressRecord, parse_metrics
 from kubetrain.operator import resources
 from tests.cluster.podrunner import PodRunner
 from tests.support.operator import OperatorProcess
-from tests.support.services import S3Server
+from tests.support.services import S3Service
 from tests.support.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,6 +109,64 @@ def write_operator_config(path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- cluster
+
+
+def install_crd(admin: client.ApiClient) -> None:
+    """The CRD generated from kubetrain.core.api (what `kubetrain crd` and the chart ship);
+    replaced when another test installed an older copy."""
+    ext = client.ApiextensionsV1Api(admin)
+    crd = yaml.safe_load(render_crd())
+    name = crd["metadata"]["name"]
+    try:
+        ext.create_custom_resource_definition(crd)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        crd["metadata"]["resourceVersion"] = ext.read_custom_resource_definition(
+            name
+        ).metadata.resource_version
+        ext.replace_custom_resource_definition(name, crd)
+    wait_for(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition(name).status.conditions or []
+        ),
+        timeout=60,
+        what="the TrainingRun CRD becoming Established",
+    )
+
+
+def service_account_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with a ServiceAccount token, as the operator's pod
+    does in a cluster (the same CA and server as the admin's).
+
+    A token rather than impersonation (the kubeconfig's ``as:``): the kubernetes Python
+    client's kubeconfig loader ignores ``as:`` and kopf's connection settings carry no
+    Impersonate-User header, so an impersonating kubeconfig would silently run the
+    operator as the admin."""
+    admin = yaml.safe_load(admin_kubeconfig.read_text())
+    cluster = admin["clusters"][0]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [cluster],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [
+                    {
+                        "name": "operator",
+                        "context": {"cluster": cluster["name"], "user": "operator"},
+                    }
+                ],
+                "current-context": "operator",
+            }
+        )
+    )
+    return path
+
+
 # --------------------------------------------------------------------------- scenario
 
 
@@ -117,7 +177,7 @@ class Scenario:
     admin: client.ApiClient
     admin_kubeconfig: Path
     runner: PodRunner
-    s3: S3Server
+    s3: S3Service
     namespace: str
     bucket: str
     workdir: Path
@@ -306,7 +366,7 @@ def new_scenario(
     admin: client.ApiClient,
     kubeconfig: Path,
     runner: PodRunner,
-    s3: S3Server,
+    s3: S3Service,
     control_plane: Any,
     label: str,
     workdir: Path,

@@ -5,8 +5,9 @@ collector controllers, scheduler) with fake KWOK GPU nodes, and stages that real
 Stages request ``gpusPerNode: 1`` so that the real scheduler must place them on the fake
 nodes' ``nvidia.com/gpu`` capacity; PodRunner (a test-only kubelet) then runs each pod's
 trainer container as a local process, which trains a tiny model on CPU here, reading and
-writing checkpoints and progress in moto's S3 server with the credentials of the Secret
-named in ``storage.s3.credentialsSecret``. The operator has no AWS credentials of its own:
+writing checkpoints and progress in a real object store (SeaweedFS's S3 gateway, a
+separate server process) with the credentials of the Secret named in
+``storage.s3.credentialsSecret``. The operator has no AWS credentials of its own:
 it reads that Secret through the API.
 
 Every wait prints, when it times out, the run's status, its Jobs and Pods, the operator's
@@ -28,12 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kubetrain.core import api
-from kubetrain.core.crd import render_crd
 from tests.cluster.podrunner import PodRunner
 from tests.e2e.scenario_harness import (
     RUNNER_KEY,
@@ -42,12 +41,14 @@ from tests.e2e.scenario_harness import (
     Scenario,
     StatusSampler,
     condition,
+    install_crd,
     new_scenario,
+    service_account_kubeconfig,
     stage_status,
     tiny_curriculum,
 )
 from tests.support.chart import render
-from tests.support.services import S3Server
+from tests.support.services import S3Service
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -61,32 +62,7 @@ class E2E:
     control_plane: Any
     admin: client.ApiClient
     runner: PodRunner
-    s3: S3Server
-
-
-def _install_crd(admin: client.ApiClient) -> None:
-    """The CRD generated from kubetrain.core.api (what `kubetrain crd` and the chart ship);
-    replaced when another test installed an older copy."""
-    ext = client.ApiextensionsV1Api(admin)
-    crd = yaml.safe_load(render_crd())
-    name = crd["metadata"]["name"]
-    try:
-        ext.create_custom_resource_definition(crd)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        crd["metadata"]["resourceVersion"] = ext.read_custom_resource_definition(
-            name
-        ).metadata.resource_version
-        ext.replace_custom_resource_definition(name, crd)
-    wait_for(
-        lambda: any(
-            c.type == "Established" and c.status == "True"
-            for c in ext.read_custom_resource_definition(name).status.conditions or []
-        ),
-        timeout=60,
-        what="the TrainingRun CRD becoming Established",
-    )
+    s3: S3Service
 
 
 def _add_runner_nodes(control_plane: Any, admin: client.ApiClient) -> None:
@@ -107,15 +83,16 @@ def _add_runner_nodes(control_plane: Any, admin: client.ApiClient) -> None:
 
 
 @pytest.fixture(scope="module")
-def e2e(control_plane: Any, s3_server: S3Server) -> Iterator[E2E]:
-    """The shared control plane with the CRD, two fake GPU nodes and a PodRunner on them.
-    One trainer thread per process: two busy cores are shared with everything else."""
+def e2e(control_plane: Any, seaweed_s3: S3Service) -> Iterator[E2E]:
+    """The shared control plane with the CRD, two fake GPU nodes and a PodRunner on them,
+    and SeaweedFS as the S3 store. One trainer thread per process: two busy cores are
+    shared with everything else."""
     admin = control_plane.api_client()
-    _install_crd(admin)
+    install_crd(admin)
     _add_runner_nodes(control_plane, admin)
     runner = PodRunner(admin, set(RUNNER_NODES), extra_env={"OMP_NUM_THREADS": "1"}).start()
     try:
-        yield E2E(control_plane, admin, runner, s3_server)
+        yield E2E(control_plane, admin, runner, seaweed_s3)
     finally:
         runner.stop()
 
@@ -630,36 +607,6 @@ def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> 
 # --------------------------------------------------------------------------- 8
 
 
-def _service_account_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
-    """A kubeconfig that authenticates with a ServiceAccount token, as the operator's pod
-    does in a cluster (the same CA and server as the admin's).
-
-    A token rather than impersonation (the kubeconfig's ``as:``): the kubernetes Python
-    client's kubeconfig loader ignores ``as:`` and kopf's connection settings carry no
-    Impersonate-User header, so an impersonating kubeconfig would silently run the
-    operator as the admin."""
-    admin = yaml.safe_load(admin_kubeconfig.read_text())
-    cluster = admin["clusters"][0]
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [cluster],
-                "users": [{"name": "operator", "user": {"token": token}}],
-                "contexts": [
-                    {
-                        "name": "operator",
-                        "context": {"cluster": cluster["name"], "user": "operator"},
-                    }
-                ],
-                "current-context": "operator",
-            }
-        )
-    )
-    return path
-
-
 def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) -> None:
     """The chart's ServiceAccount, ClusterRole and ClusterRoleBinding (rendered by Helm)
     are all the operator gets: it authenticates with a token of that ServiceAccount and
@@ -687,7 +634,7 @@ def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) 
                 spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
             ),
         ).status.token
-        kubeconfig = _service_account_kubeconfig(
+        kubeconfig = service_account_kubeconfig(
             e2e.control_plane.kubeconfig, token, scenario.workdir / "operator.kubeconfig"
         )
         restricted = config.new_client_from_config(config_file=str(kubeconfig))

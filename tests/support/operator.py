@@ -34,6 +34,7 @@ class OperatorProcess:
         self.kubeconfig, self.config, self.namespace, self.log = kubeconfig, config, namespace, log
         self.env = environment_without_aws() if env is None else env
         self.metrics_port = metrics_port or free_port()
+        self.liveness_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -49,7 +50,7 @@ class OperatorProcess:
             "--metrics-port",
             str(self.metrics_port),
             "--liveness-port",
-            str(free_port()),
+            str(self.liveness_port),
         ]
         if self.config is not None:
             argv += ["--config", str(self.config)]
