@@ -14,6 +14,7 @@ gone by the time the next attempt runs.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,17 +50,23 @@ class StageRecords:
 
 
 def read_stage_records(
-    store: ObjectStore, namespace: str, run: str, stages: list[str]
+    store: ObjectStore,
+    namespace: str,
+    run: str,
+    stages: list[str],
+    final_for: Collection[str] | None = None,
 ) -> dict[str, StageRecords]:
-    """Read progress.json and test for FINAL for each named stage; ``store`` is rooted
-    at the run's store root (``spec.storage.s3.uri()``)."""
+    """Read progress.json of each named stage, and test for FINAL for those in
+    ``final_for`` (None: all; the others report ``final`` False without a request);
+    ``store`` is rooted at the run's store root (``spec.storage.s3.uri()``)."""
     out: dict[str, StageRecords] = {}
     for stage in stages:
         folder = f"{namespace}/{run}/{stage}"
         record = store.get_json(f"{folder}/{contract.PROGRESS}")
         out[stage] = StageRecords(
             progress=record if isinstance(record, dict) else None,
-            final=store.exists(f"{folder}/{contract.FINAL}"),
+            final=(final_for is None or stage in final_for)
+            and store.exists(f"{folder}/{contract.FINAL}"),
         )
     return out
 
