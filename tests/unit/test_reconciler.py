@@ -163,6 +163,21 @@ def test_a_write_planned_from_an_old_copy_never_overwrites_the_newer() -> None:
     assert h.stage()["restarts"] == 1 and h.stage()["step"] == 10
 
 
+def test_a_copy_older_than_its_own_write_waits_for_the_watch() -> None:
+    """Right after a write the informer may still show the copy before it: planning
+    from that would only conflict, so the reconcile waits for the write's event."""
+    h = Harness()
+    before = h.cluster.run("ml", "demo")
+    h.reconcile()
+    sent = len(h.cluster.requests)
+    h.cluster.stale = before
+    result = h.reconcile()
+    assert result.plan is None and result.wake_after == 2.0
+    assert len(h.cluster.requests) == sent
+    h.cluster.stale = None
+    assert h.reconcile().plan is not None
+
+
 def test_a_failed_job_is_deleted_by_the_uid_that_was_seen() -> None:
     h = Harness()
     h.running()

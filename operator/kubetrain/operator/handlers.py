@@ -48,6 +48,7 @@ CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "kubernetes.
 # Status fields that change with the passing of time alone (per stage and in totals).
 ACCRUAL = ("gpu_seconds", "energy_joules", "cost_usd", "co2_grams", "eta_seconds")
 POLL_JITTER = 0.1  # polls are spread by ±10% so that runs created together drift apart
+STALE_COPY_RETRY_SECONDS = 2.0
 
 # What the Kopf-based operator of kubetrain 0.1 left on runs: its finalizer (which would
 # block deletion for ever now that nothing removes it) and its bookkeeping annotations.
@@ -204,6 +205,9 @@ class Reconciler:
         self._lock = threading.Lock()
         self._accrued: dict[tuple[str, str], TrainingRunStatus] = {}  # not yet written
         self._written: dict[tuple[str, str], float] = {}  # monotonic time of last write
+        # The run's resourceVersions this process has written over: while the informer
+        # still shows one of them, the copy predates our own write.
+        self._superseded: dict[tuple[str, str], set[str]] = {}
 
     def forget(self, namespace: str, name: str) -> None:
         """The run is gone: drop its metric series and what is remembered of it."""
@@ -213,6 +217,7 @@ class Reconciler:
         with self._lock:
             self._accrued.pop(key, None)
             self._written.pop(key, None)
+            self._superseded.pop(key, None)
 
     def reconcile(self, namespace: str, name: str) -> Result:
         """Close the gap between the run's spec and what exists."""
@@ -249,11 +254,16 @@ class Reconciler:
         if run is None:
             self.forget(namespace, name)
             return Result(None, None)
+        if self._behind_own_write(key, run):
+            # Planning from it would only conflict: the watch event of the write is on
+            # its way and queues the run again (the wake-up is the fallback).
+            return Result(None, STALE_COPY_RETRY_SECONDS)
         cleanup = legacy_cleanup(run["metadata"])
         if cleanup is not None:
-            run = self.kube.patch_run_metadata(
-                namespace, name, cleanup, run["metadata"]["resourceVersion"]
-            )
+            base = run["metadata"]["resourceVersion"]
+            written = self.kube.patch_run_metadata(namespace, name, cleanup, base)
+            self._wrote(run, base, written)
+            run = written
         if run["metadata"].get("deletionTimestamp"):
             return Result(None, None)
         jobs = self.cache.jobs(namespace, name)
@@ -300,7 +310,7 @@ class Reconciler:
             written = self.kube.patch_run_metadata(
                 namespace, name, {"annotations": p.annotations}, version
             )
-            version = written["metadata"]["resourceVersion"]
+            version = self._wrote(run, version, written)
         if p.run_status is not None:
             self.write_status(run, p.run_status, version)
         uids = {
@@ -341,11 +351,29 @@ class Reconciler:
                 self._accrued[key] = new
             return
         if changed:
-            self.kube.patch_run_status(key[0], key[1], api.dump(new), version)
+            written = self.kube.patch_run_status(key[0], key[1], api.dump(new), version)
+            self._wrote(run, version, written)
             with self._lock:
                 self._written[key] = now
         with self._lock:
             self._accrued.pop(key, None)
+
+    def _wrote(self, run: dict[str, Any], base: str, written: dict[str, Any]) -> str:
+        """Remember that ``base`` is superseded by our write; the version written."""
+        key = (run["metadata"]["namespace"], run["metadata"]["name"])
+        with self._lock:
+            self._superseded.setdefault(key, set()).add(base)
+        return str(written["metadata"]["resourceVersion"])
+
+    def _behind_own_write(self, key: tuple[str, str], run: dict[str, Any]) -> bool:
+        version = run["metadata"].get("resourceVersion")
+        with self._lock:
+            superseded = self._superseded.get(key, set())
+            if version in superseded:
+                return True
+            # The informer caught up (or someone else wrote): nothing older matters now.
+            self._superseded.pop(key, None)
+            return False
 
     def wake_after(
         self, p: planner.Plan, jobs: list[dict[str, Any]], now: datetime
