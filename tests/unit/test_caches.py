@@ -63,6 +63,9 @@ def test_a_secret_is_read_again_only_after_its_ttl() -> None:
     cache.get("ml", "s3")
     cache.get("other", "s3")
     assert reads == [("ml", "s3"), ("ml", "s3"), ("other", "s3")]
+    clock.now += 61
+    cache.get("third", "s3")
+    assert "entries=1," in repr(cache)  # the expired ones are gone
     assert "secret-value" not in repr(cache) and "AKIA" not in repr(cache)
 
 

@@ -83,11 +83,13 @@ class SecretCache:
             return hit[1]
         data = self._read(namespace, name)
         with self._lock:
+            # Expired entries go, so Secrets of deleted runs are not kept for ever.
+            self._entries = {k: v for k, v in self._entries.items() if now - v[0] < self.ttl}
             self._entries[(namespace, name)] = (now, data)
         return data
 
     def __repr__(self) -> str:
-        return f"SecretCache({len(self._entries)} secrets, ttl={self.ttl:g}s)"
+        return f"SecretCache(entries={len(self._entries)}, ttl={self.ttl:g}s)"
 
 
 def fingerprint(credentials: dict[str, str] | None) -> str:
