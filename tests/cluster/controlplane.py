@@ -49,6 +49,18 @@ CLUSTER_DIR = Path(__file__).resolve().parent
 REPO_ROOT = CLUSTER_DIR.parent.parent
 DEFAULT_BIN_DIR = REPO_ROOT / ".cache" / "bin"
 KWOK_STAGES = CLUSTER_DIR / "kwok" / "stages.yaml"
+# Who sent which request, for tests that count a client's requests (the operator's).
+# The control plane's own components are left out; the rest is logged at Metadata level.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "None", "users": ["system:kube-controller-manager", "system:kube-scheduler"]},
+        {"level": "None", "userGroups": ["system:serviceaccounts:kube-system", "system:nodes"]},
+        {"level": "Metadata"},
+    ],
+}
 
 #: Annotation that makes the test-only kwok Stage finish a Running pod.
 EXIT_CODE_ANNOTATION = "kubetrain.dev/test-exit-code"
@@ -175,6 +187,7 @@ class ControlPlane:
         self.workdir: Path = Path()
         self.kubeconfig: Path = Path()
         self.server: str = ""
+        self.audit_log: Path = Path()
         self._components: list[_Component] = []
         self._binaries = self._resolve_binaries()
         #: True when kube-apiserver/etcd come from KUBEBUILDER_ASSETS.
@@ -274,9 +287,16 @@ class ControlPlane:
         )
         self._wait_http("etcd", f"{etcd_url}/health", lambda body: '"health":"true"' in body)
 
+        self.audit_log = self.workdir / "audit.log"
+        audit_policy = self.workdir / "audit-policy.yaml"
+        audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY))
         self._spawn(
             "kube-apiserver",
             [
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-maxsize=200",
+                "--audit-log-maxbackup=1",
                 f"--etcd-servers={etcd_url}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
@@ -671,6 +691,21 @@ class ControlPlane:
         core = client.CoreV1Api(self.api_client())
         body = {"metadata": {"annotations": {EXIT_CODE_ANNOTATION: str(exit_code)}}}
         core.patch_namespaced_pod(name, namespace, body)
+
+    def audit_events(self) -> list[dict[str, object]]:
+        """The API server's audit log so far: one event per request (and stage), with
+        ``userAgent``, ``verb``, ``objectRef`` and ``requestReceivedTimestamp``."""
+        try:
+            lines = self.audit_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue  # the line being written
+        return events
 
     def server_version(self) -> dict[str, str]:
         """The apiserver's /version document."""

@@ -197,13 +197,18 @@ class Scenario:
         return client.BatchV1Api(self.admin)
 
     # ---- operator
-    def start_operator(self, kubeconfig: Path | None = None) -> OperatorProcess:
+    def start_operator(
+        self, kubeconfig: Path | None = None, env: dict[str, str] | None = None
+    ) -> OperatorProcess:
+        """``kubetrain operator -n NAMESPACE`` (its Lease in that namespace, unless
+        ``env`` names another by POD_NAMESPACE)."""
         config = write_operator_config(self.workdir / "operator-config.yaml")
         op = OperatorProcess(
             kubeconfig or self.admin_kubeconfig,
             self.namespace,
             self.workdir / f"operator-{len(self.operators)}.log",
             config=config,
+            env=env,
         )
         self.operators.append(op)
         return op.start()

@@ -14,7 +14,13 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetrain.core import api
-from tests.support.chart import OPERATOR_NAMESPACED, REPO, helm_install, helm_uninstall
+from tests.support.chart import (
+    OPERATOR_LEASES,
+    OPERATOR_NAMESPACED,
+    REPO,
+    helm_install,
+    helm_uninstall,
+)
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -98,21 +104,21 @@ def test_operator_service_account_may_do_what_the_operator_does(
         if not _allowed(admin, SA_USER, g, r, v, "default")
     ]
     assert not denied
-    for group, resource in [
-        ("apiextensions.k8s.io", "customresourcedefinitions"),
-        ("", "namespaces"),
+    for group, resource, verb in sorted(OPERATOR_LEASES):
+        assert _allowed(admin, SA_USER, group, resource, verb, "kubetrain"), verb
+        assert not _allowed(admin, SA_USER, group, resource, verb, "default"), verb
+    # Least privilege: no Secret listing, no pod deletion, nothing cluster-scoped.
+    for group, resource, verb, namespace in [
+        ("", "secrets", "list", "default"),
+        ("", "pods", "delete", "default"),
+        ("kubetrain.dev", "trainingruns", "delete", "default"),
+        ("kubetrain.dev", "trainingruns", "update", "default"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list", None),
+        ("", "namespaces", "list", None),
     ]:
-        assert _allowed(admin, SA_USER, group, resource, "watch", None)
-    # Least privilege: no Secret listing, no pod deletion, no CRD changes.
-    for group, resource, verb in [
-        ("", "secrets", "list"),
-        ("", "pods", "delete"),
-        ("apiextensions.k8s.io", "customresourcedefinitions", "delete"),
-        ("kubetrain.dev", "trainingruns", "delete"),
-    ]:
-        assert not _allowed(admin, SA_USER, group, resource, verb, "default")
+        assert not _allowed(admin, SA_USER, group, resource, verb, namespace), (resource, verb)
 
-    # The calls kopf and the operator start with, made as the ServiceAccount.
+    # The calls the operator starts with, made as the ServiceAccount.
     run = yaml.safe_load((REPO / "examples" / "tiny-run.yaml").read_text())
     run["metadata"] = {"name": "rbac-check", "namespace": "default"}
     custom_admin = client.CustomObjectsApi(admin)
@@ -135,7 +141,17 @@ def test_operator_service_account_may_do_what_the_operator_does(
             "rbac-check",
             {"status": {"phase": "Pending"}},
         )
-        client.ApiextensionsV1Api(operator).list_custom_resource_definition()
+        lease = client.CoordinationV1Api(operator).create_namespaced_lease(
+            "kubetrain",
+            client.V1Lease(
+                metadata=client.V1ObjectMeta(name="kubetrain-operator"),
+                spec=client.V1LeaseSpec(holder_identity="rbac-check", lease_duration_seconds=1),
+            ),
+        )
+        client.CoordinationV1Api(operator).replace_namespaced_lease(
+            "kubetrain-operator", "kubetrain", lease
+        )
+        client.CoordinationV1Api(admin).delete_namespaced_lease("kubetrain-operator", "kubetrain")
         with pytest.raises(ApiException) as exc:
             client.CoreV1Api(operator).list_namespaced_secret("default")
         assert exc.value.status == 403
@@ -160,8 +176,48 @@ def test_namespaced_install_grants_only_the_watched_namespaces(control_plane: An
             assert _allowed(admin, user, group, resource, verb, "team-a"), (resource, verb)
             assert not _allowed(admin, user, group, resource, verb, "default"), (resource, verb)
         assert not _allowed(admin, user, "kubetrain.dev", "trainingruns", "list", None)
-        assert _allowed(
-            admin, user, "apiextensions.k8s.io", "customresourcedefinitions", "list", None
-        )
+        for group, resource, verb in sorted(OPERATOR_LEASES):
+            assert _allowed(admin, user, group, resource, verb, "kt-ns"), verb
+            assert not _allowed(admin, user, group, resource, verb, "team-a"), verb
     finally:
         helm_uninstall(control_plane.kubeconfig, release="kt-ns", namespace="kt-ns")
+
+
+def test_uninstall_leaves_runs_that_delete_at_once(control_plane: Any) -> None:
+    """The operator puts no finalizer on runs: after `helm uninstall`, with no operator
+    left, deleting a run (or its namespace) completes at once."""
+    control_plane.create_namespace("after-uninstall")
+    helm_install(
+        control_plane.kubeconfig,
+        release="kt-gone",
+        namespace="kt-gone",
+        values={"grafanaDashboard": {"enabled": False}},
+    )
+    admin = control_plane.api_client()
+    custom = client.CustomObjectsApi(admin)
+    run = yaml.safe_load((REPO / "examples" / "tiny-run.yaml").read_text())
+    run["metadata"] = {"name": "orphan", "namespace": "after-uninstall"}
+    custom.create_namespaced_custom_object(
+        api.GROUP, api.VERSION, "after-uninstall", api.PLURAL, run
+    )
+    helm_uninstall(control_plane.kubeconfig, release="kt-gone", namespace="kt-gone")
+    # The CRD stays (Helm never deletes what crds/ installed), and so does the run.
+    body = custom.get_namespaced_custom_object(
+        api.GROUP, api.VERSION, "after-uninstall", api.PLURAL, "orphan"
+    )
+    assert not body["metadata"].get("finalizers")
+    custom.delete_namespaced_custom_object(
+        api.GROUP, api.VERSION, "after-uninstall", api.PLURAL, "orphan"
+    )
+
+    def gone() -> bool:
+        try:
+            custom.get_namespaced_custom_object(
+                api.GROUP, api.VERSION, "after-uninstall", api.PLURAL, "orphan"
+            )
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(gone, timeout=30, what="the run deleted without an operator")
+    client.CoreV1Api(admin).delete_namespace("after-uninstall")

@@ -48,6 +48,7 @@ from tests.e2e.scenario_harness import (
     tiny_curriculum,
 )
 from tests.support.chart import render
+from tests.support.operator import environment_without_aws
 from tests.support.services import S3Service
 from tests.support.wait import wait_for
 
@@ -622,10 +623,15 @@ def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) 
     role = next(o for o in objects if o["kind"] == "ClusterRole")
     binding = next(o for o in objects if o["kind"] == "ClusterRoleBinding")
     assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
-    assert not [o for o in objects if o["kind"] == "Role"]  # cluster-wide mode (default)
+    # The Lease rights, in the operator's own namespace only.
+    (lease_role,) = [o for o in objects if o["kind"] == "Role"]
+    (lease_binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert lease_role["metadata"]["namespace"] == op_ns
     core.create_namespaced_service_account(op_ns, sa)
     rbac.create_cluster_role(role)
     rbac.create_cluster_role_binding(binding)
+    rbac.create_namespaced_role(op_ns, lease_role)
+    rbac.create_namespaced_role_binding(op_ns, lease_binding)
     try:
         token = core.create_namespaced_service_account_token(
             sa["metadata"]["name"],
@@ -648,7 +654,10 @@ def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) 
             as_operator.list_namespaced_secret(scenario.namespace)
         assert no_list.value.status == 403
 
-        op = scenario.start_operator(kubeconfig)
+        # As the chart's Deployment sets it: the Lease goes in the operator's namespace.
+        op = scenario.start_operator(
+            kubeconfig, env={**environment_without_aws(), "POD_NAMESPACE": op_ns}
+        )
         scenario.create_run(
             tiny_curriculum("rbac", steps=20, checkpoint_every=10, stages=("pretrain",))
         )
@@ -658,6 +667,7 @@ def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) 
         assert scenario.s3_text("rbac", "pretrain", "FINAL") == "checkpoints/step-000020"
         log = op.tail(200000)
         assert "Forbidden" not in log and " 403" not in log, log[-4000:]
+        assert f"leads (Lease {op_ns}/kubetrain-operator)" in log, log[-4000:]
     finally:
         for op in scenario.operators:
             op.stop()

@@ -1,11 +1,9 @@
-"""The reconciler (handlers' core) with a real S3 endpoint and an in-memory API:
-progress read from the store with the run's own Secret, stage hand-over, and the
-Secret's values never leaving memory."""
+"""The reconciler with a real S3 endpoint and an in-memory cluster: progress read from
+the store with the run's own Secret, stage hand-over, and the Secret's values never
+leaving memory."""
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -15,69 +13,32 @@ import pytest
 
 from kubetrain.core.api import RunPhase, TrainingRunStatus
 from kubetrain.core.layout import StageLayout
+from kubetrain.operator.caches import ProgressReader, SecretCache, StoreCache, open_run_store
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.handlers import Reconciler, silence_credential_loggers
 from kubetrain.operator.metrics import OperatorMetrics
+from tests.support.fakecluster import FakeCluster
 from tests.support.services import S3Server
 
 pytestmark = pytest.mark.integration
-_uids = itertools.count(1)
 
 
-class FakeApi:
-    """The API calls the reconciler makes, against dicts; records what it was asked."""
-
-    def __init__(self, run: dict[str, Any], secrets: dict[str, dict[str, str]]):
-        self.run = run
-        self.secrets = secrets
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self.services: set[str] = set()
-        self.pods: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, str]] = []
-        self.requests: list[Any] = []
-
-    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return copy.deepcopy(self.run) if self.run else None
-
-    def list_jobs(self, namespace: str, run: str) -> list[dict[str, Any]]:
-        return copy.deepcopy(list(self.jobs.values()))
-
-    def list_pods(self, namespace: str, run: str) -> list[dict[str, Any]]:
-        return copy.deepcopy(self.pods)
-
-    def list_services(self, namespace: str, run: str) -> list[str]:
-        return sorted(self.services)
-
-    def create(self, obj: dict[str, Any]) -> bool:
-        self.requests.append(obj)
-        name = obj["metadata"]["name"]
-        if obj["kind"] == "Service":
-            self.services.add(name)
-            return True
-        if name in self.jobs:
-            return False
-        job = copy.deepcopy(obj)
-        job["metadata"]["uid"] = f"job-{next(_uids)}"
-        self.jobs[name] = job
-        return True
-
-    def delete(self, kind: str, namespace: str, name: str, propagation: str) -> bool:
-        self.requests.append((kind, name, propagation))
-        return self.jobs.pop(name, None) is not None if kind == "Job" else True
-
-    def patch_run_annotations(self, namespace: str, name: str, annotations: dict) -> None:
-        self.requests.append(annotations)
-        self.run["metadata"].setdefault("annotations", {}).update(annotations)
-
-    def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.requests.append(status)
-        self.run["status"] = status
-
-    def read_secret(self, namespace: str, name: str) -> dict[str, str]:
-        return dict(self.secrets[name])
-
-    def emit_event(self, run: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        self.events.append((type_, reason, message))
+def reconciler(
+    cluster: FakeCluster,
+    secrets: dict[str, dict[str, str]],
+    metrics: OperatorMetrics,
+    clock: Any = None,
+    store_factory: Any = open_run_store,
+) -> Reconciler:
+    """The operator's reconciler over ``cluster``, reading the run's Secret from
+    ``secrets`` and its store with real S3 clients."""
+    progress = ProgressReader(
+        SecretCache(lambda ns, name: dict(secrets[name]), ttl=60),
+        StoreCache(store_factory),
+        OperatorConfig().poll_interval_seconds,
+    )
+    kwargs = {"clock": clock} if clock is not None else {}
+    return Reconciler(cluster, cluster, OperatorConfig(), metrics, progress, **kwargs)
 
 
 def test_reconcile_reads_progress_with_run_secret_and_hands_over(
@@ -117,22 +78,15 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
             ],
         },
     }
-    fake = FakeApi(run, {"s3-creds": secret})
+    cluster = FakeCluster(run)
     now = [datetime(2025, 1, 1, tzinfo=UTC)]
     metrics = OperatorMetrics()
-    rec = Reconciler(fake, OperatorConfig(), metrics, clock=lambda: now[0])
+    rec = reconciler(cluster, {"s3-creds": secret}, metrics, clock=lambda: now[0])
     silence_credential_loggers()  # as `kubetrain operator` does at start-up
     caplog.set_level(logging.DEBUG)
 
     rec.reconcile("ml", "demo")
-    job = fake.jobs["demo-pretrain"]
-    uid = job["metadata"]["uid"]
-    fake.pods = [
-        {
-            "metadata": {"name": "demo-pretrain-0-abcde", "ownerReferences": [{"uid": uid}]},
-            "status": {"phase": "Running", "startTime": "2025-01-01T00:00:00Z"},
-        }
-    ]
+    cluster.pods_running("pretrain", since="2025-01-01T00:00:00Z")
     s3 = s3_server.client()
     folder = StageLayout.of("ml", "demo", "pretrain")
     # A record without a format, as trainers wrote them before records were versioned.
@@ -156,7 +110,7 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
     )
     now[0] += timedelta(minutes=10)
     rec.reconcile("ml", "demo")
-    st = fake.run["status"]["stages"][0]
+    st = cluster.status["stages"][0]
     assert (st["phase"], st["step"], st["progress"]) == ("Running", 10, 0.5)
     assert st["gpuSeconds"] == 600.0 and st["energySource"] == "estimate"
     assert st["checkpoint"].endswith("step-000010")
@@ -169,16 +123,12 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
             {"step": 20, "totalSteps": 20, "phase": "completed", "energyJoules": 72000.0}
         ).encode(),
     )
-    fake.jobs["demo-pretrain"]["status"] = {
-        "succeeded": 1,
-        "completionTime": "2025-01-01T00:20:00Z",
-        "conditions": [{"type": "Complete", "status": "True"}],
-    }
+    cluster.job_finished("pretrain", ok=True, at="2025-01-01T00:20:00Z")
     now[0] += timedelta(minutes=10)
     rec.reconcile("ml", "demo")
-    assert fake.run["status"]["stages"][0]["phase"] == "Succeeded"
-    assert "demo-sft" in fake.jobs
-    assert [r for _, r, _ in fake.events] == [
+    assert cluster.status["stages"][0]["phase"] == "Succeeded"
+    assert "demo-sft" in cluster.jobs_by_name
+    assert [r for _, r, _ in cluster.events] == [
         "Created",
         "StageStarted",
         "StageSucceeded",
@@ -186,7 +136,7 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
     ]
 
     # Nothing the operator wrote or said contains the Secret's values.
-    everything = json.dumps([fake.requests, fake.run, fake.events], default=str)
+    everything = json.dumps([cluster.requests, cluster.stored, cluster.events], default=str)
     everything += caplog.text
     from prometheus_client import generate_latest
 
@@ -196,7 +146,7 @@ def test_reconcile_reads_progress_with_run_secret_and_hands_over(
     assert "s3-creds" in everything  # referenced by name, as it should be
 
 
-def test_unreadable_store_keeps_reconciling(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_store_keeps_reconciling() -> None:
     run = {
         "metadata": {"name": "demo", "namespace": "ml", "uid": "u", "generation": 1},
         "spec": {
@@ -204,23 +154,23 @@ def test_unreadable_store_keeps_reconciling(monkeypatch: pytest.MonkeyPatch) -> 
             "stages": [{"name": "pretrain", "type": "pretrain"}],
         },
     }
-    fake = FakeApi(run, {})
+    cluster = FakeCluster(run)
 
     def broken_store(*_: Any) -> Any:
         raise OSError("connection refused")
 
-    rec = Reconciler(fake, OperatorConfig(), OperatorMetrics(), store_factory=broken_store)
+    rec = reconciler(cluster, {}, OperatorMetrics(), store_factory=broken_store)
     rec.reconcile("ml", "demo")
-    assert "demo-pretrain" in fake.jobs
-    assert fake.run["status"]["phase"] == "Pending"
+    assert "demo-pretrain" in cluster.jobs_by_name
+    rec.reconcile("ml", "demo")  # with a Job: the store is read, and fails
+    assert cluster.status["phase"] == "Pending"
 
 
 def test_deleted_run_forgotten() -> None:
-    fake = FakeApi({}, {})
     metrics = OperatorMetrics()
     metrics.observe_run(
         "ml", "demo", TrainingRunStatus(), TrainingRunStatus(phase=RunPhase.Running), {}, {}
     )
-    rec = Reconciler(fake, OperatorConfig(), metrics)
-    assert rec.reconcile("ml", "demo") is None
+    rec = reconciler(FakeCluster(), {}, metrics)
+    assert rec.reconcile("ml", "demo").plan is None
     assert metrics.snapshots() == {}

@@ -79,7 +79,8 @@ def operator_as_chart_sa(
         NAMESPACE,
         tmp_path / "operator.log",
         config=config,
-        env={**os.environ, **s3_server.env()},
+        # As the chart's Deployment sets it: the Lease in the operator's own namespace.
+        env={**os.environ, **s3_server.env(), "POD_NAMESPACE": RELEASE},
     ).start()
     try:
         yield proc.metrics_port, proc.log

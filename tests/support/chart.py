@@ -23,20 +23,19 @@ DASHBOARD = CHART / "files" / "dashboard.json"
 # against its schemas.
 KUBE_VERSION = "1.36.0"
 
-# What the operator calls (kubetrain.operator.kube.KubeApi, kopf's watches, events and
-# annotations), per namespace: no more, no less.
+# What the operator calls (kubetrain.operator.kube.KubeApi: its informers' lists and
+# watches, its writes, Secrets, events), per namespace: no more, no less.
 OPERATOR_NAMESPACED = {
-    *(("kubetrain.dev", "trainingruns", v) for v in ("get", "list", "watch", "patch", "update")),
-    *(("kubetrain.dev", "trainingruns/status", v) for v in ("get", "patch", "update")),
-    *(("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete", "patch")),
-    *(("", "pods", v) for v in ("get", "list", "watch")),
-    *(("", "services", v) for v in ("get", "list", "watch", "create", "delete")),
+    *(("kubetrain.dev", "trainingruns", v) for v in ("list", "watch", "patch")),
+    ("kubetrain.dev", "trainingruns/status", "patch"),
+    *(("batch", "jobs", v) for v in ("list", "watch", "create", "delete")),
+    *(("", "pods", v) for v in ("list", "watch")),
+    *(("", "services", v) for v in ("list", "watch", "create", "delete")),
     ("", "secrets", "get"),
     ("", "events", "create"),
-    ("", "events", "patch"),
-    ("events.k8s.io", "events", "create"),
-    ("events.k8s.io", "events", "patch"),
 }
+# Leader election, in the release's namespace only.
+OPERATOR_LEASES = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
 
 
 def helm() -> Path:

@@ -4,6 +4,8 @@ with its log in a file."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +67,19 @@ class OperatorProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as the kernel's OOM killer or a lost node would: no clean-up, no
+        Lease handed back."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+    def identity(self) -> str:
+        """The name this process holds the leader Lease under (host and pid)."""
+        assert self.proc is not None
+        return f"{socket.gethostname()}-{self.proc.pid}"
 
     def stop(self) -> None:
         """SIGTERM (what Kubernetes sends a pod), then SIGKILL if it does not exit."""

@@ -18,6 +18,7 @@ from tests.support.chart import (
     CHART,
     DASHBOARD,
     KUBE_VERSION,
+    OPERATOR_LEASES,
     OPERATOR_NAMESPACED,
     REPO,
     alert_rules,
@@ -172,14 +173,6 @@ def _rules(obj: dict[str, Any]) -> set[tuple[str, str, str]]:
     }
 
 
-# kopf's scanning of CRDs and namespaces, needed in both modes.
-OPERATOR_CLUSTER = {
-    *(("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")),
-    ("", "namespaces", "list"),
-    ("", "namespaces", "watch"),
-}
-
-
 def test_pinned_helm_defaults_to_the_test_clusters_kubernetes(tmp_path: Path) -> None:
     """Without a server, Helm renders for the Kubernetes version linked into it; the
     pinned client is built with the control plane's (tests/cluster/build.sh), so the
@@ -236,8 +229,11 @@ def test_default_install_objects(rendered: dict[str, list[dict[str, Any]]]) -> N
             "ConfigMap",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
             "Service",
             "Deployment",
+            "PodDisruptionBudget",
         ]
     )
     # The monitoring kinds need the Prometheus Operator's CRDs: off unless asked for.
@@ -249,7 +245,6 @@ def test_default_install_objects(rendered: dict[str, list[dict[str, Any]]]) -> N
 def test_operator_deployment_is_hardened(rendered: dict[str, list[dict[str, Any]]]) -> None:
     dep = one(rendered["default"], "Deployment")
     spec = dep["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == "kubetrain"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -276,6 +271,36 @@ def test_operator_deployment_is_hardened(rendered: dict[str, list[dict[str, Any]
     assert "--namespace" not in argv
 
 
+def test_two_replicas_elect_a_leader_and_survive_a_drain(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = rendered["default"]
+    dep = one(objects, "Deployment")
+    spec = dep["spec"]
+    assert spec["replicas"] == 2
+    # A rolling update starts a new replica before it stops an old one.
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    spread = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert (
+        spread[0]["podAffinityTerm"]["labelSelector"]["matchLabels"]
+        == spec["selector"]["matchLabels"]
+    )
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": spec["selector"]}
+
+    single = render({"replicas": 1})
+    assert not by_kind(single, "PodDisruptionBudget")
+    assert "affinity" not in one(single, "Deployment")["spec"]["template"]["spec"]
+
+
 def test_dockerfile_matches_the_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
     dockerfile = (REPO / "operator" / "Dockerfile").read_text()
     pod = one(rendered["default"], "Deployment")["spec"]["template"]["spec"]
@@ -294,22 +319,41 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(
 ) -> None:
     objects = rendered["default"]
     role = one(objects, "ClusterRole")
-    assert _rules(role) == OPERATOR_NAMESPACED | OPERATOR_CLUSTER
+    assert _rules(role) == OPERATOR_NAMESPACED
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "kubetrain", "namespace": "kubetrain"}
     ]
-    assert not by_kind(objects, "Role")
+    _assert_lease_role(objects)
+
+
+def _assert_lease_role(objects: list[dict[str, Any]]) -> None:
+    """The Lease rights: in the release's namespace, and nowhere else."""
+    (lease_role,) = [r for r in by_kind(objects, "Role") if _rules(r) == OPERATOR_LEASES]
+    assert lease_role["metadata"]["namespace"] == "kubetrain"
+    binding = one(objects, "RoleBinding", lease_role["metadata"]["name"])
+    assert binding["metadata"]["namespace"] == "kubetrain"
+    assert binding["roleRef"]["name"] == lease_role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == "kubetrain"
 
 
 def test_namespaced_mode_grants_only_the_watched_namespaces(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
     objects = rendered["namespaced"]
-    assert _rules(one(objects, "ClusterRole")) == OPERATOR_CLUSTER
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(objects, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(objects, "RoleBinding")}
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+    _assert_lease_role(objects)
+    roles = {
+        r["metadata"]["namespace"]: r
+        for r in by_kind(objects, "Role")
+        if _rules(r) != OPERATOR_LEASES
+    }
+    bindings = {
+        b["metadata"]["namespace"]: b
+        for b in by_kind(objects, "RoleBinding")
+        if b["roleRef"]["name"] in {r["metadata"]["name"] for r in roles.values()}
+    }
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     for ns, role in roles.items():
         assert _rules(role) == OPERATOR_NAMESPACED, ns

@@ -14,7 +14,7 @@ from kubetrain.core.api import S3Storage, parse_run
 from kubetrain.core.store import S3Store, open_store
 from kubetrain.local.display import PlainDisplay
 from kubetrain.local.runner import LocalRunner
-from kubetrain.operator import handlers
+from kubetrain.operator import caches
 
 ENV = {contract.ENV_S3_ENDPOINT: "http://from-env:9000", contract.ENV_AWS_REGION: "eu-west-3"}
 
@@ -59,12 +59,12 @@ def test_half_a_key_pair_is_refused() -> None:
 
 def test_the_operator_reads_with_short_limits_and_the_runs_endpoint() -> None:
     s3 = S3Storage(bucket="ckpt", prefix="runs", endpoint="http://minio:9000", region="eu-west-1")
-    store = handlers.open_run_store(s3, {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"})
+    store = caches.open_run_store(s3, {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"})
     assert isinstance(store, S3Store) and store.root == "s3://ckpt/runs"
     meta = store.client.meta
     assert (meta.endpoint_url, meta.region_name) == ("http://minio:9000", "eu-west-1")
-    assert meta.config.retries["total_max_attempts"] == handlers.STORE_RETRIES + 1
-    assert meta.config.read_timeout == handlers.STORE_READ_TIMEOUT
+    assert meta.config.retries["total_max_attempts"] == caches.STORE_RETRIES + 1
+    assert meta.config.read_timeout == caches.STORE_READ_TIMEOUT
 
 
 def test_s3_endpoint_from_the_environment() -> None:

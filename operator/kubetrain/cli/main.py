@@ -2,7 +2,7 @@
 
 Each subcommand's work lives in the module that owns it; this file only parses
 arguments and turns expected failures into one clear line and a non-zero exit code.
-Heavy imports (torch, kopf, kubernetes) happen inside the subcommands so that
+Heavy imports (torch, kubernetes, boto3) happen inside the subcommands so that
 `kubetrain validate` stays instant.
 """
 

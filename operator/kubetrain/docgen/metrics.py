@@ -84,6 +84,7 @@ def example_operator_metrics() -> OperatorMetrics:
     )
     metrics.reconcile_errors.inc(0)
     metrics.reconcile_duration.observe(0.05)
+    metrics.count_request("watch", "pods")
     return metrics
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kubetrain.core.api import Pricing, format_errors, wire_name
 
@@ -84,10 +84,92 @@ class OperatorConfig(BaseModel):
         description="ServiceAccount of trainer pods (the namespace default when unset).",
     )
     server_timeout_seconds: int = Field(
-        300,
+        60,
         ge=10,
-        description="Watch requests are renewed after this long (kopf setting).",
+        le=3600,
+        description="Watch requests end after this long on the API server's side and are "
+        "renewed from where they stopped; a watch silent for 30 s longer counts as a lost "
+        "connection.",
     )
+    workers: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Runs reconciled at once (each run by one worker at a time).",
+    )
+    status_accrual_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="The status fields that grow with time alone (gpuSeconds, costUSD, "
+        "co2Grams, energyJoules, etaSeconds) are written at most this often while "
+        "nothing else in the status changes (0: with every change); metrics show them "
+        "at every reconcile.",
+    )
+    api_connect_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="Connect timeout of every Kubernetes API request."
+    )
+    api_read_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="Read timeout of every Kubernetes API request except watches.",
+    )
+    secret_cache_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="How long a run's credentials Secret is used before it is read again "
+        "(rotated credentials take effect after at most this long).",
+    )
+    stuck_reconcile_seconds: float = Field(
+        300.0,
+        ge=10,
+        description="/healthz fails when one reconcile has run longer than this, so the "
+        "kubelet restarts a hung operator.",
+    )
+    leader_election: bool = Field(
+        True,
+        description="Take a Lease before reconciling, so that of several replicas exactly "
+        "one acts; the others keep their caches warm and take over when it stops renewing.",
+    )
+    lease_name: str = Field(
+        "kubetrain-operator",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of the coordination.k8s.io Lease the replicas share.",
+    )
+    lease_namespace: str | None = Field(
+        None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Namespace of the Lease; unset: the operator pod's own ($POD_NAMESPACE "
+        "or the service account's), else the first watched namespace, else default.",
+    )
+    lease_duration_seconds: int = Field(
+        15,
+        ge=2,
+        le=300,
+        description="A leader that has not renewed the Lease for this long is replaced.",
+    )
+    lease_renew_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=100,
+        description="How often the leader renews the Lease and followers look at it; the "
+        "leader stops acting when it could not renew for 2/3 of leaseDurationSeconds.",
+    )
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self) -> OperatorConfig:
+        if self.lease_renew_seconds * 2 > self.lease_duration_seconds:
+            raise ValueError(
+                f"leaseRenewSeconds ({self.lease_renew_seconds:g}) must be at most half of "
+                f"leaseDurationSeconds ({self.lease_duration_seconds:g}): a leader must get "
+                "a second try to renew before its Lease expires"
+            )
+        return self
 
 
 def load_config(path: str | None) -> OperatorConfig:

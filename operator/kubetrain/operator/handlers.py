@@ -1,31 +1,42 @@
-"""Thin Kopf handlers: every event about a TrainingRun, its Jobs or its Pods, and a
-timer per run, ends in ``Reconciler.reconcile(namespace, name)``, which gathers what
-exists, asks ``kubetrain.operator.plan`` what to do, and applies it.
+"""The reconcile of one run: gather what exists (from the informers' copies, not the
+API), ask ``kubetrain.operator.plan`` what to do, apply it, and say when to look again.
 
 No state lives in this process that is not also in the cluster or the store (status,
-annotations, children, progress records), so the operator can restart at any moment.
-Children are owned through ownerReferences, so deletion needs no finalizer.
+annotations, children, progress records), except the accrued numbers between two
+status writes (below), so the operator can restart at any moment. Children are owned
+through ownerReferences, so deletion needs no finalizer.
+
+Status writes. A status is written when something a user reads in it changed. The
+fields that grow with time alone (``ACCRUAL``: GPU-seconds, cost, CO2, energy, ETA) are
+written at most every ``statusAccrualSeconds`` when nothing else changed; meanwhile the
+reconciler keeps them in memory and lays them over the stored status before planning,
+so the plan (budgets, the GPU-seconds ledger) sees them as if they had been written, and
+the metrics export them at every reconcile. Every write carries the resourceVersion of
+the copy it was planned from: a write based on an old copy fails with ``Conflict`` and
+the run is planned again from the newer copy, never overwritten.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import kopf
-
 from kubetrain.core import api
-from kubetrain.core.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
-from kubetrain.core.store import ObjectStore, StoreError, open_store
+from kubetrain.core.api import RunPhase, TrainingRunSpec, TrainingRunStatus
+from kubetrain.core.conditions import ConditionType
+from kubetrain.core.store import StoreError
 from kubetrain.operator import plan as planner
-from kubetrain.operator import resources
+from kubetrain.operator.caches import ProgressReader
 from kubetrain.operator.config import OperatorConfig
+from kubetrain.operator.kube import Conflict
 from kubetrain.operator.metrics import OperatorMetrics
-from kubetrain.operator.progress import StageRecords, read_stage_records
+from kubetrain.operator.progress import StageRecords, parse_time
 
 log = logging.getLogger("kubetrain.operator")
 
@@ -34,6 +45,21 @@ log = logging.getLogger("kubetrain.operator")
 # operator runs with --verbose.
 CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "kubernetes.client.rest")
 
+# Status fields that change with the passing of time alone (per stage and in totals).
+ACCRUAL = ("gpu_seconds", "energy_joules", "cost_usd", "co2_grams", "eta_seconds")
+POLL_JITTER = 0.1  # polls are spread by ±10% so that runs created together drift apart
+STALE_COPY_RETRY_SECONDS = 2.0
+
+# What the Kopf-based operator of kubetrain 0.1 left on runs: its finalizer (which would
+# block deletion for ever now that nothing removes it) and its bookkeeping annotations.
+LEGACY_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
+LEGACY_ANNOTATIONS = (
+    "kubetrain.dev/last-handled-configuration",
+    "kubetrain.dev/reconcile",
+    "kubetrain.dev/poll",
+    "kubetrain.dev/touch-dummy",
+)
+
 
 def silence_credential_loggers() -> None:
     """Keep libraries that would log credentials at WARNING."""
@@ -41,149 +67,258 @@ def silence_credential_loggers() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class Api(Protocol):
-    """What the reconciler needs from the cluster (``kubetrain.operator.kube.KubeApi``; tests
-    pass an in-memory fake)."""
+class Cache(Protocol):
+    """What exists, as the informers last saw it (``kubetrain.operator.controller``)."""
 
-    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None: ...
-    def list_jobs(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
-    def list_pods(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
-    def list_services(self, namespace: str, run: str) -> list[str]: ...
+    def run(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def jobs(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
+    def pods(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
+    def services(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
+
+
+class Writer(Protocol):
+    """The writes a reconcile makes (``kubetrain.operator.kube.KubeApi``)."""
+
+    def patch_run_metadata(
+        self, namespace: str, name: str, metadata: dict[str, Any], resource_version: str
+    ) -> dict[str, Any]: ...
+    def patch_run_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str
+    ) -> dict[str, Any]: ...
     def create(self, obj: dict[str, Any]) -> bool: ...
-    def delete(self, kind: str, namespace: str, name: str, propagation: str) -> bool: ...
-    def patch_run_annotations(
-        self, namespace: str, name: str, annotations: dict[str, str]
-    ) -> None: ...
-    def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
-    def read_secret(self, namespace: str, name: str) -> dict[str, str]: ...
+    def delete(
+        self, kind: str, namespace: str, name: str, propagation: str, uid: str | None = None
+    ) -> bool: ...
     def emit_event(self, run: dict[str, Any], type_: str, reason: str, message: str) -> None: ...
 
 
-StoreFactory = Callable[[api.S3Storage, dict[str, str] | None], ObjectStore]
+@dataclass(frozen=True)
+class Result:
+    """A reconcile's outcome: the plan applied (None: the run is gone or being deleted)
+    and in how many seconds to reconcile again (None: only when something changes)."""
 
-# A reconcile holds its run's lock while it reads the store: fail fast and let the next
-# timer tick retry, rather than wait out a trainer's patient upload settings.
-STORE_RETRIES = 3
-STORE_CONNECT_TIMEOUT = 5.0
-STORE_READ_TIMEOUT = 20.0
+    plan: planner.Plan | None
+    wake_after: float | None
 
 
-def open_run_store(s3: api.S3Storage, credentials: dict[str, str] | None) -> ObjectStore:
-    """The run's store, read with the run's own credentials when it names a Secret
-    (held in the boto3 client only, never logged), else the operator's."""
-    credentials = credentials or {}
-    return open_store(
-        s3.uri(),
-        endpoint=s3.endpoint,
-        region=s3.region,
-        access_key_id=credentials.get(ENV_AWS_ACCESS_KEY_ID) or None,
-        secret_access_key=credentials.get(ENV_AWS_SECRET_ACCESS_KEY) or None,
-        retries=STORE_RETRIES,
-        connect_timeout=STORE_CONNECT_TIMEOUT,
-        read_timeout=STORE_READ_TIMEOUT,
-    )
+# --------------------------------------------------------------------------- status
+
+
+def _accrual_wire() -> tuple[list[str], list[str]]:
+    stage = [api.StageStatus.model_fields[f].alias or f for f in ACCRUAL]
+    totals = [
+        api.Totals.model_fields[f].alias or f for f in ACCRUAL if f in api.Totals.model_fields
+    ]
+    return stage, totals
+
+
+STAGE_ACCRUAL, TOTALS_ACCRUAL = _accrual_wire()
+
+
+def visible(status: TrainingRunStatus) -> dict[str, Any]:
+    """The status in wire form without the accrual fields: what, when it changes, is
+    worth a write at once."""
+    out = api.dump(status)
+    for st in out.get("stages") or []:
+        for name in STAGE_ACCRUAL:
+            st.pop(name, None)
+    for name in TOTALS_ACCRUAL:
+        (out.get("totals") or {}).pop(name, None)
+    return out
+
+
+def with_accrual(stored: dict[str, Any], accrued: TrainingRunStatus) -> dict[str, Any]:
+    """``stored`` (wire form) with the accrual fields of ``accrued`` laid over it, stage
+    by stage (by name) and in totals."""
+    out = dict(stored)
+    by_name = {s.name: api.dump(s) for s in accrued.stages}
+    stages = []
+    for st in stored.get("stages") or []:
+        fresh = by_name.get(st.get("name"))
+        if fresh is not None:
+            st = {**st, **{k: fresh[k] for k in STAGE_ACCRUAL if k in fresh}}
+        stages.append(st)
+    if stages:
+        out["stages"] = stages
+    totals = api.dump(accrued.totals)
+    out["totals"] = {**(stored.get("totals") or {}), **{k: totals[k] for k in TOTALS_ACCRUAL}}
+    return out
+
+
+def ttl_due(
+    spec: TrainingRunSpec | None, status: TrainingRunStatus | None, now: datetime
+) -> float | None:
+    """Seconds until ``ttlSecondsAfterFinished`` expires for a finished run (the time
+    ``plan.expired_children`` reads: the Succeeded or Failed condition's transition);
+    None when there is nothing to wait for."""
+    if spec is None or status is None or spec.ttl_seconds_after_finished is None:
+        return None
+    if status.phase not in planner.FINISHED:
+        return None
+    kind = ConditionType.SUCCEEDED if status.phase == RunPhase.Succeeded else ConditionType.FAILED
+    cond = next((c for c in status.conditions if c.type == kind), None)
+    at = parse_time(cond.last_transition_time) if cond else None
+    if at is None:
+        return None
+    left = spec.ttl_seconds_after_finished - (now - at).total_seconds()
+    return left + 1.0 if left > 0 else None
+
+
+def legacy_cleanup(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The metadata patch that removes what the Kopf-based operator left (None: none)."""
+    patch: dict[str, Any] = {}
+    finalizers = meta.get("finalizers") or []
+    if LEGACY_FINALIZER in finalizers:
+        patch["finalizers"] = [f for f in finalizers if f != LEGACY_FINALIZER]
+    stale = [k for k in LEGACY_ANNOTATIONS if k in (meta.get("annotations") or {})]
+    if stale:
+        patch["annotations"] = dict.fromkeys(stale)
+    return patch or None
+
+
+# --------------------------------------------------------------------------- reconcile
 
 
 class Reconciler:
-    """Gathers the observed state of a run, plans, applies. One lock per run: Kopf runs
-    sync handlers in threads, and a Job event may arrive while the timer reconciles."""
+    """Plans and applies one run at a time; the caller (``controller.Controller``)
+    makes sure no run is reconciled by two threads at once."""
 
     def __init__(
         self,
-        kube: Api,
+        cache: Cache,
+        kube: Writer,
         config: OperatorConfig,
         metrics: OperatorMetrics,
-        store_factory: StoreFactory = open_run_store,
+        progress: ProgressReader,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ):
+        self.cache = cache
         self.kube = kube
         self.config = config
         self.metrics = metrics
-        self.store_factory = store_factory
+        self.progress = progress
         self.clock = clock
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-
-    def _lock(self, namespace: str, name: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
+        self.monotonic = monotonic
+        self.jitter = jitter
+        self._lock = threading.Lock()
+        self._accrued: dict[tuple[str, str], TrainingRunStatus] = {}  # not yet written
+        self._written: dict[tuple[str, str], float] = {}  # monotonic time of last write
+        # The run's resourceVersions this process has written over: while the informer
+        # still shows one of them, the copy predates our own write.
+        self._superseded: dict[tuple[str, str], set[str]] = {}
 
     def forget(self, namespace: str, name: str) -> None:
-        """The run is gone: drop its metric series and its lock."""
+        """The run is gone: drop its metric series and what is remembered of it."""
+        key = (namespace, name)
         self.metrics.forget_run(namespace, name)
-        with self._locks_guard:
-            self._locks.pop((namespace, name), None)
+        self.progress.forget(key)
+        with self._lock:
+            self._accrued.pop(key, None)
+            self._written.pop(key, None)
+            self._superseded.pop(key, None)
 
-    def read_records(
-        self, run: dict[str, Any], jobs: list[dict[str, Any]]
-    ) -> dict[str, StageRecords]:
-        """The progress records the plan needs (``plan.records_to_read``); none when the
-        store or the Secret cannot be read (the run still reconciles; progress waits)."""
-        meta = run["metadata"]
-        wanted = planner.records_to_read(run, jobs)
-        s3 = wanted.s3
-        if s3 is None or not wanted.stages:
-            return {}
-        credentials = None
-        if s3.credentials_secret:
-            try:
-                credentials = self.kube.read_secret(meta["namespace"], s3.credentials_secret)
-            except Exception as exc:  # the run still reconciles; progress waits
-                log.warning(
-                    "%s/%s: cannot read Secret %s: %s",
-                    meta["namespace"],
-                    meta["name"],
-                    s3.credentials_secret,
-                    type(exc).__name__,
-                )
-                return {}
-        try:
-            store = self.store_factory(s3, credentials)
-            return read_stage_records(store, meta["namespace"], meta["name"], wanted.stages)
-        except (StoreError, OSError, ValueError) as exc:
-            log.warning(
-                "%s/%s: cannot read progress from the store: %s",
-                meta["namespace"],
-                meta["name"],
-                exc,
-            )
-            return {}
-
-    def reconcile(self, namespace: str, name: str) -> planner.Plan | None:
-        """Close the gap between the run's spec and what exists; None when the run is
-        gone."""
+    def reconcile(self, namespace: str, name: str) -> Result:
+        """Close the gap between the run's spec and what exists."""
         started = time.monotonic()
         try:
-            with self._lock(namespace, name):
-                return self._reconcile(namespace, name)
+            return self._reconcile(namespace, name)
+        except Conflict:
+            raise  # another writer was first: not an error, the run is planned again
         except Exception:
             self.metrics.reconcile_errors.inc()
             raise
         finally:
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
 
-    def _reconcile(self, namespace: str, name: str) -> planner.Plan | None:
-        run = self.kube.get_run(namespace, name)
+    def read_records(
+        self, run: dict[str, Any], jobs: list[dict[str, Any]]
+    ) -> dict[str, StageRecords]:
+        """The progress records the plan needs; none when the store or the Secret cannot
+        be read (the run still reconciles; progress waits)."""
+        meta = run["metadata"]
+        try:
+            return self.progress.read(run, jobs)
+        except (StoreError, OSError, ValueError) as exc:
+            reason = f"the store: {exc}"
+        except Exception as exc:  # the Secret: missing, forbidden, unreachable
+            # Only the type: an API error's text is not worth the risk near credentials.
+            reason = f"the credentials Secret: {type(exc).__name__}"
+        log.warning("%s/%s: cannot read progress from %s", meta["namespace"], meta["name"], reason)
+        return {}
+
+    def _reconcile(self, namespace: str, name: str) -> Result:
+        key = (namespace, name)
+        run = self.cache.run(namespace, name)
         if run is None:
             self.forget(namespace, name)
-            return None
+            return Result(None, None)
+        if self._behind_own_write(key, run):
+            # Planning from it would only conflict: the watch event of the write is on
+            # its way and queues the run again (the wake-up is the fallback).
+            return Result(None, STALE_COPY_RETRY_SECONDS)
+        cleanup = legacy_cleanup(run["metadata"])
+        if cleanup is not None:
+            base = run["metadata"]["resourceVersion"]
+            written = self.kube.patch_run_metadata(namespace, name, cleanup, base)
+            self._wrote(run, base, written)
+            run = written
         if run["metadata"].get("deletionTimestamp"):
-            return None
-        jobs = self.kube.list_jobs(namespace, name)
-        pods = self.kube.list_pods(namespace, name)
-        services = self.kube.list_services(namespace, name)
+            return Result(None, None)
+        jobs = self.cache.jobs(namespace, name)
+        pods = self.cache.pods(namespace, name)
+        services = self.cache.services(namespace, name)
         records = self.read_records(run, jobs)
+        with self._lock:
+            accrued = self._accrued.get(key)
+        planned_from = run
+        if accrued is not None:
+            planned_from = {**run, "status": with_accrual(run.get("status") or {}, accrued)}
+        now = self.clock()
         p = planner.plan(
-            run, jobs, pods, records, self.clock(), self.config, observed_services=services
+            planned_from,
+            jobs,
+            pods,
+            records,
+            now,
+            self.config,
+            observed_services=[s["metadata"]["name"] for s in services],
         )
-        # Order matters: annotations and status first, so that what a delete is about
-        # to make unobservable (a failed Job's attempt) is already recorded.
+        self.apply(run, p, jobs, services)
+        if p.previous_status is not None and p.run_status is not None:
+            stage_types = {s.name: s.type.value for s in p.spec.stages} if p.spec else {}
+            self.metrics.observe_run(
+                namespace, name, p.previous_status, p.run_status, p.budget_used, stage_types
+            )
+        return Result(p, self.wake_after(p, jobs, now))
+
+    def apply(
+        self,
+        run: dict[str, Any],
+        p: planner.Plan,
+        jobs: list[dict[str, Any]],
+        services: list[dict[str, Any]],
+    ) -> None:
+        """Apply ``p`` to ``run`` in the plan's order: annotations and status first, so
+        that what a delete is about to make unobservable (a failed Job's attempt) is
+        already recorded."""
+        meta = run["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        version = meta["resourceVersion"]
         if p.annotations:
-            self.kube.patch_run_annotations(namespace, name, p.annotations)
-        if p.status is not None:
-            self.kube.patch_run_status(namespace, name, p.status)
+            written = self.kube.patch_run_metadata(
+                namespace, name, {"annotations": p.annotations}, version
+            )
+            version = self._wrote(run, version, written)
+        if p.run_status is not None:
+            self.write_status(run, p.run_status, version)
+        uids = {
+            **{("Job", j["metadata"]["name"]): j["metadata"].get("uid") for j in jobs},
+            **{("Service", s["metadata"]["name"]): s["metadata"].get("uid") for s in services},
+        }
         for d in p.delete:
-            self.kube.delete(d.kind, namespace, d.name, d.propagation)
+            self.kube.delete(d.kind, namespace, d.name, d.propagation, uids.get((d.kind, d.name)))
         for obj in p.create:
             self.kube.create(obj)
         for ev in p.events:
@@ -194,71 +329,67 @@ class Reconciler:
                     "%s/%s: event %s not posted: %s", namespace, name, ev.reason, type(exc).__name__
                 )
             log.info("%s/%s: %s: %s", namespace, name, ev.reason, ev.message)
-        if p.previous_status is not None and p.run_status is not None:
-            stage_types = {s.name: s.type.value for s in p.spec.stages} if p.spec else {}
-            self.metrics.observe_run(
-                namespace, name, p.previous_status, p.run_status, p.budget_used, stage_types
-            )
-        return p
 
+    def write_status(self, run: dict[str, Any], new: TrainingRunStatus, version: str) -> None:
+        """Write ``new`` if a user would see a difference from the stored status, or if
+        only accrual fields differ and the last write is ``statusAccrualSeconds`` old;
+        otherwise keep the accrual in memory."""
+        meta = run["metadata"]
+        key = (meta["namespace"], meta["name"])
+        stored = planner.previous_status(run)
+        now = self.monotonic()
+        with self._lock:
+            # A run first seen by this process was written by the previous one.
+            last = self._written.setdefault(key, now)
+        changed = api.dump(new) != api.dump(stored)
+        if (
+            changed
+            and visible(new) == visible(stored)
+            and now - last < self.config.status_accrual_seconds
+        ):
+            with self._lock:
+                self._accrued[key] = new
+            return
+        if changed:
+            written = self.kube.patch_run_status(key[0], key[1], api.dump(new), version)
+            self._wrote(run, version, written)
+            with self._lock:
+                self._written[key] = now
+        with self._lock:
+            self._accrued.pop(key, None)
 
-def register(
-    registry: kopf.OperatorRegistry, reconciler: Reconciler, config: OperatorConfig
-) -> None:
-    """Attach the handlers to ``registry``."""
-    runs = (api.GROUP, api.VERSION, api.PLURAL)
-    owned = {resources.LABEL_RUN: kopf.PRESENT}
+    def _wrote(self, run: dict[str, Any], base: str, written: dict[str, Any]) -> str:
+        """Remember that ``base`` is superseded by our write; the version written."""
+        key = (run["metadata"]["namespace"], run["metadata"]["name"])
+        with self._lock:
+            self._superseded.setdefault(key, set()).add(base)
+        return str(written["metadata"]["resourceVersion"])
 
-    # TrainingRuns, Jobs and Pods are namespaced: kopf always passes a namespace.
-    def on_run(namespace: str | None, name: str, **_: Any) -> None:
-        reconciler.reconcile(namespace or "default", name)
+    def _behind_own_write(self, key: tuple[str, str], run: dict[str, Any]) -> bool:
+        version = run["metadata"].get("resourceVersion")
+        with self._lock:
+            superseded = self._superseded.get(key, set())
+            if version in superseded:
+                return True
+            # The informer caught up (or someone else wrote): nothing older matters now.
+            self._superseded.pop(key, None)
+            return False
 
-    kopf.on.resume(*runs, registry=registry, id="reconcile")(on_run)
-    kopf.on.create(*runs, registry=registry, id="reconcile")(on_run)
-    # Only spec changes: the operator's own annotation and status patches must not
-    # wake it up again.
-    kopf.on.update(*runs, registry=registry, id="reconcile", field="spec")(on_run)
-    kopf.timer(
-        *runs,
-        registry=registry,
-        id="poll",
-        interval=config.poll_interval_seconds,
-        initial_delay=config.poll_interval_seconds,
-    )(on_run)
-
-    def on_run_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
-        if type == "DELETED":
-            reconciler.forget(namespace or "default", name)
-
-    kopf.on.event(*runs, registry=registry, id="forget")(on_run_event)
-
-    def on_child(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-        run = labels.get(resources.LABEL_RUN)
-        if run:
-            reconciler.reconcile(namespace or "default", run)
-
-    kopf.on.event("batch", "v1", "jobs", registry=registry, labels=owned, id="job")(on_child)
-
-    seen: dict[str, str] = {}  # pod uid -> last phase that triggered a reconcile
-    seen_guard = threading.Lock()
-
-    def on_pod(
-        namespace: str | None,
-        labels: Mapping[str, str],
-        type: str,
-        status: kopf.Status,
-        uid: str,
-        **_: Any,
-    ) -> None:
-        # Pods change often (conditions, IPs); only phase changes and deletions matter.
-        phase = "Deleted" if type == "DELETED" else str(status.get("phase"))
-        with seen_guard:
-            if seen.get(uid) == phase:
-                return
-            if phase == "Deleted":
-                seen.pop(uid, None)
-            else:
-                seen[uid] = phase
-        on_child(namespace=namespace, labels=labels)
-
-    kopf.on.event("", "v1", "pods", registry=registry, labels=owned, id="pod")(on_pod)
+    def wake_after(
+        self, p: planner.Plan, jobs: list[dict[str, Any]], now: datetime
+    ) -> float | None:
+        """When to reconcile again without an event: what the plan asks for, the poll
+        interval (jittered) while the run is Pending or Running with a Job, the end of
+        its TTL once finished; None for a run that only waits for changes (suspended,
+        finished, no Job yet)."""
+        wakes = []
+        if p.requeue_after is not None:
+            wakes.append(p.requeue_after)
+        status = p.run_status
+        if status is not None and status.phase in (RunPhase.Pending, RunPhase.Running) and jobs:
+            spread = 1.0 + POLL_JITTER * (2 * self.jitter() - 1)
+            wakes.append(self.config.poll_interval_seconds * spread)
+        ttl = ttl_due(p.spec, status, now)
+        if ttl is not None:
+            wakes.append(ttl)
+        return min(wakes) if wakes else None

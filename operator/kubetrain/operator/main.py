@@ -1,15 +1,15 @@
-"""``kubetrain operator``: the process the Helm chart runs (one replica).
+"""``kubetrain operator``: the process the Helm chart runs (two replicas by default).
 
-Kopf settings, and why:
-- progress and the last-handled spec live in annotations (``kubetrain.dev/...``), not in
-  status, so that status holds only what users read;
-- no finalizers: children carry ownerReferences and the garbage collector removes them;
-- standalone (no peering objects needed): there is exactly one replica;
-- ``posting.level`` WARNING: events users see are the ones the operator posts on
-  purpose (StageStarted, BudgetExceeded ...), not every log line;
-- watches are renewed every ``serverTimeoutSeconds`` so a silently dropped connection
-  cannot leave the operator deaf;
-- Jobs and Pods are watched with a server-side label selector (only kubetrain's).
+What it runs is ``kubetrain.operator.controller.Controller``: informers instead of
+per-reconcile requests, a fair work queue served by ``workers`` threads, and a Lease so
+that exactly one replica acts. It needs no finalizer and no bookkeeping annotation on
+the runs (children are owned through ownerReferences), so deleting a run or its
+namespace never waits for the operator, also while it is down or uninstalled.
+
+/healthz (``--liveness-port``) answers 200 while every thread is alive and no reconcile
+is stuck, 500 with the reasons otherwise; metrics are served on ``--metrics-port``.
+SIGTERM finishes the reconciles under way, hands the Lease back so that another replica
+takes over at once, and exits.
 """
 
 from __future__ import annotations
@@ -17,17 +17,82 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from kubetrain.core.errors import UserError
-from kubetrain.operator.config import ConfigError, load_config
+from kubetrain.operator.config import ConfigError, OperatorConfig, load_config
+
+log = logging.getLogger("kubetrain.operator")
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def identity(environ: Mapping[str, str] = os.environ) -> str:
+    """This replica's name in the Lease: the pod's name ($POD_NAME, set by the chart),
+    else host and process (two operators started by hand on one machine differ)."""
+    return environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def lease_namespace(
+    config: OperatorConfig,
+    namespaces: Sequence[str],
+    environ: Mapping[str, str] = os.environ,
+    service_account_namespace: Path = SERVICE_ACCOUNT_NAMESPACE,
+) -> str:
+    """Where the Lease lives: ``leaseNamespace``, else the operator pod's namespace,
+    else the first watched namespace, else default."""
+    if config.lease_namespace:
+        return config.lease_namespace
+    if environ.get("POD_NAMESPACE"):
+        return environ["POD_NAMESPACE"]
+    if service_account_namespace.is_file():
+        return service_account_namespace.read_text().strip()
+    return namespaces[0] if namespaces else "default"
+
+
+def serve_health(port: int, problems: Callable[[], list[str]], addr: str = "0.0.0.0") -> None:
+    """Serve GET /healthz on ``port`` in a background thread: 200 ``ok`` when
+    ``problems()`` is empty, else 500 and one problem per line."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/healthz":
+                self.send_error(404)
+                return
+            found = problems()
+            body = ("\n".join(found) if found else "ok").encode() + b"\n"
+            self.send_response(500 if found else 200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # the kubelet probes every few seconds
+
+    server = ThreadingHTTPServer((addr, port), Handler)
+    threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kubetrain")
+    except PackageNotFoundError:
+        return "dev"
 
 
 def cli_operator(args: argparse.Namespace) -> int:
     """Run the operator until SIGTERM/SIGINT."""
-    import kopf
-
-    from kubetrain.operator import handlers, kube, resources
+    from kubetrain.operator import handlers, kube
+    from kubetrain.operator.controller import Controller
     from kubetrain.operator.metrics import OperatorMetrics
 
     try:
@@ -39,69 +104,49 @@ def cli_operator(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     handlers.silence_credential_loggers()
-    if args.kubeconfig:
-        # The kubernetes client in this process and anything it spawns use the same file.
-        os.environ["KUBECONFIG"] = args.kubeconfig
     try:
         client_config = kube.load_client_config(args.kubeconfig)
     except kube.NoClusterError as exc:
         raise UserError(str(exc)) from None
 
-    registry = kopf.OperatorRegistry()
+    me = identity()
     metrics = OperatorMetrics()
-    reconciler = handlers.Reconciler(kube.KubeApi(), config, metrics)
-    handlers.register(registry, reconciler, config)
-
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        # The credentials loaded above (--kubeconfig, in-cluster or ~/.kube), so the
-        # watch streams and the client calls always talk to the same cluster as the same
-        # user.
-        header = (
-            client_config.get_api_key_with_prefix("BearerToken")
-            or client_config.get_api_key_with_prefix("authorization")
-            or ""
-        )
-        parts = header.split(" ", 1)
-        scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, header or None)
-        return kopf.ConnectionInfo(
-            server=client_config.host,
-            ca_path=client_config.ssl_ca_cert,
-            insecure=not client_config.verify_ssl,
-            scheme=scheme,
-            token=token,
-            username=client_config.username or None,
-            password=client_config.password or None,
-            certificate_path=client_config.cert_file,
-            private_key_path=client_config.key_file,
-        )
-
-    @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-            prefix="kubetrain.dev"
-        )
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="kubetrain.dev", key="last-handled-configuration"
-        )
-        settings.posting.level = logging.WARNING
-        settings.posting.reporting_component = "kubetrain-operator"
-        settings.watching.server_timeout = config.server_timeout_seconds
-        settings.watching.client_timeout = config.server_timeout_seconds + 30
-        settings.watching.label_selectors["batch", "v1", "jobs"] = resources.LABEL_RUN
-        settings.watching.label_selectors["", "v1", "pods"] = resources.LABEL_RUN
-        settings.peering.standalone = True
-
+    kube_api = kube.KubeApi(
+        kube.api_client(client_config, f"{kube.USER_AGENT}/{_version()} ({me})"),
+        connect_timeout=config.api_connect_timeout_seconds,
+        read_timeout=config.api_read_timeout_seconds,
+        on_request=metrics.count_request,
+    )
+    namespaces = list(args.namespace or [])
+    controller = Controller(
+        kube_api,
+        config,
+        metrics,
+        namespaces=namespaces,
+        identity=me,
+        lease_namespace=lease_namespace(config, namespaces),
+    )
     if args.metrics_port:
         metrics.serve(args.metrics_port)
-    namespaces = list(args.namespace or [])
-    kopf.run(
-        registry=registry,
-        standalone=True,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=(
-            f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
-        ),
+    if args.liveness_port:
+        serve_health(args.liveness_port, controller.health)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info(
+        "kubetrain operator %s starting: %s, %d workers, %s",
+        me,
+        f"namespaces {', '.join(namespaces)}" if namespaces else "all namespaces",
+        config.workers,
+        f"Lease {controller.elector.namespace}/{controller.elector.name}"
+        if controller.elector
+        else "no leader election",
     )
+    controller.start()
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping: finishing the reconciles under way")
+    # Within the pod's grace period (30 s by default), leaving time to hand the Lease on.
+    controller.stop(grace=20.0)
     return 0

@@ -10,10 +10,12 @@ run's snapshot removes all its series at once. Phases are Kubernetes-style state
 for the current one and 0 for the others, so ``{phase="Failed"} == 1`` holds exactly
 while the status says so, also after an operator restart. Event-like metrics
 (transitions, durations, errors, reconcile latency) are ordinary prometheus_client
-counters and histograms.
+counters and histograms. The operator's own health (requests to the API and the stores,
+its work queue, whether it leads) is exported too.
 
 Labels are bounded: namespace, run, stage, phase, stage type, energy source, budget
-kind. Nothing from a spec's free-form fields or a Secret is ever used as a label.
+kind, API verb and resource. Nothing from a spec's free-form fields or a Secret is ever
+used as a label.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -213,7 +215,38 @@ class OperatorMetrics:
             registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf")),
         )
+        # How the operator itself is doing: its load on the API server and the stores,
+        # its work queue, its role among the replicas.
+        self.api_requests = Counter(
+            f"{PREFIX}_api_requests",
+            "Requests sent to the Kubernetes API, by verb and resource (watches count "
+            "once per watch request).",
+            ["verb", "resource"],
+            registry=self.registry,
+        )
+        self.store_requests = Counter(
+            f"{PREFIX}_store_requests",
+            "Requests sent to object stores for progress records and FINAL pointers.",
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth",
+            "Runs waiting for a worker (not counting those scheduled for later).",
+            registry=self.registry,
+        )
+        self.workers_busy = Gauge(
+            f"{PREFIX}_workers_busy", "Workers reconciling a run now.", registry=self.registry
+        )
+        self.leader = Gauge(
+            f"{PREFIX}_leader",
+            "1 while this replica holds the leader Lease and reconciles, else 0.",
+            registry=self.registry,
+        )
         self.registry.register(_RunCollector(self))
+
+    def count_request(self, verb: str, resource: str) -> None:
+        """One request to the Kubernetes API (``KubeApi``'s ``on_request``)."""
+        self.api_requests.labels(verb, resource).inc()
 
     def snapshots(self) -> dict[tuple[str, str], RunSnapshot]:
         with self._lock:

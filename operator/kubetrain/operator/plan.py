@@ -234,6 +234,7 @@ class Plan:
     # The stages whose records the next reconcile reads (``records_to_read`` gives the
     # same once this plan is applied).
     read_next: list[str] = field(default_factory=list)
+    requeue_after: float | None = None  # seconds: wake this run then
 
 
 # --------------------------------------------------------------------------- conditions

@@ -16,6 +16,7 @@ GPU-seconds from the trainer's wall time; both are priced by
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -55,10 +56,15 @@ class StageRecords:
 
 
 def read_stage_records(
-    store: ObjectStore, namespace: str, run: str, stages: list[str]
+    store: ObjectStore,
+    namespace: str,
+    run: str,
+    stages: list[str],
+    final_for: Collection[str] | None = None,
 ) -> dict[str, StageRecords]:
-    """Read progress.json and test for FINAL for each named stage; ``store`` is rooted
-    at the run's store root (``spec.storage.s3.uri()``).
+    """Read progress.json of each named stage, and test for FINAL for those in
+    ``final_for`` (None: all; the others report ``final`` False without a request);
+    ``store`` is rooted at the run's store root (``spec.storage.s3.uri()``).
 
     A progress record this operator cannot read (a newer trainer's format) is logged and
     left out, but FINAL is still looked at: the stage's lifecycle must not depend on
@@ -71,7 +77,10 @@ def read_stage_records(
         except RecordFormatError as exc:
             log.warning("%s/%s: stage %s: %s", namespace, run, stage, exc)
             record = None
-        out[stage] = StageRecords(progress=record, final=store.exists(folder.final))
+        out[stage] = StageRecords(
+            progress=record,
+            final=(final_for is None or stage in final_for) and store.exists(folder.final),
+        )
     return out
 
 

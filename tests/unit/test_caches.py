@@ -1,0 +1,186 @@
+"""What the operator reads besides its informers, and how seldom: a Secret once per
+TTL, one S3 client per bucket, endpoint, region and credentials, and progress records
+at most once per poll interval, only for a stage with a Job, at once when that Job
+completes, with FINAL asked for only then."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetrain.core.api import S3Storage
+from kubetrain.core.store import FileStore, ObjectStore
+from kubetrain.operator.caches import ProgressReader, SecretCache, StoreCache
+from tests.unit.planworld import manifest
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret-value"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingStore(FileStore):
+    """A file store that logs every request (kind, key), children included."""
+
+    def __init__(self, root: str, log: list[tuple[str, str]]):
+        super().__init__(root)
+        self.log = log
+
+    def get_bytes(self, key: str) -> bytes:
+        self.log.append(("get", key))
+        return super().get_bytes(key)
+
+    def exists(self, key: str) -> bool:
+        self.log.append(("head", key))
+        return super().exists(key)
+
+    def child(self, sub: str) -> ObjectStore:
+        return CountingStore(f"{self.root.rstrip('/')}/{sub.strip('/')}", self.log)
+
+
+def test_a_secret_is_read_again_only_after_its_ttl() -> None:
+    reads: list[tuple[str, str]] = []
+    clock = Clock()
+
+    def read(namespace: str, name: str) -> dict[str, str]:
+        reads.append((namespace, name))
+        return dict(CREDENTIALS)
+
+    cache = SecretCache(read, ttl=60, clock=clock)
+    assert cache.get("ml", "s3") == CREDENTIALS
+    clock.now += 59
+    cache.get("ml", "s3")
+    assert reads == [("ml", "s3")]
+    clock.now += 1
+    cache.get("ml", "s3")
+    cache.get("other", "s3")
+    assert reads == [("ml", "s3"), ("ml", "s3"), ("other", "s3")]
+    clock.now += 61
+    cache.get("third", "s3")
+    assert "entries=1," in repr(cache)  # the expired ones are gone
+    assert "secret-value" not in repr(cache) and "AKIA" not in repr(cache)
+
+
+def test_one_client_per_bucket_endpoint_region_and_credentials(tmp_path: Path) -> None:
+    made: list[tuple[str, dict[str, str] | None]] = []
+    log: list[tuple[str, str]] = []
+
+    def factory(s3: S3Storage, credentials: dict[str, str] | None) -> ObjectStore:
+        made.append((s3.uri(), credentials))
+        return CountingStore(str(tmp_path / s3.bucket), log)
+
+    cache = StoreCache(factory)
+    a = S3Storage(bucket="ckpt", prefix="team-a", endpoint="http://minio:9000")
+    b = a.model_copy(update={"prefix": "team-b"})
+    assert cache.get(a, CREDENTIALS).root.endswith("ckpt/team-a")
+    assert cache.get(b, CREDENTIALS).root.endswith("ckpt/team-b")
+    assert cache.get(a, dict(CREDENTIALS)) is not None  # equal values: the same client
+    assert len(made) == 1 and made[0][0] == "s3://ckpt"
+    rotated = {**CREDENTIALS, "AWS_SECRET_ACCESS_KEY": "rotated"}
+    cache.get(a, rotated)
+    cache.get(a.model_copy(update={"region": "eu-west-1"}), CREDENTIALS)
+    cache.get(a, None)
+    assert len(made) == 4 and len(cache) == 4
+
+
+@pytest.fixture
+def store_log(tmp_path: Path) -> list[tuple[str, str]]:
+    return []
+
+
+@pytest.fixture
+def reader(tmp_path: Path, store_log: list[tuple[str, str]]) -> tuple[ProgressReader, Clock]:
+    clock = Clock()
+    secrets = SecretCache(lambda ns, name: dict(CREDENTIALS), ttl=60, clock=clock)
+    stores = StoreCache(lambda s3, creds: CountingStore(str(tmp_path), store_log))
+    return ProgressReader(secrets, stores, interval=15, clock=clock), clock
+
+
+def job(stage: str, uid: str, *, complete: bool = False) -> dict[str, Any]:
+    status: dict[str, Any] = {"active": 0 if complete else 1}
+    if complete:
+        status["conditions"] = [{"type": "Complete", "status": "True"}]
+    return {
+        "metadata": {
+            "name": f"demo-{stage}",
+            "namespace": "ml",
+            "uid": uid,
+            "labels": {"kubetrain.dev/stage": stage},
+        },
+        "status": status,
+    }
+
+
+def test_records_are_read_once_per_poll_interval_and_final_only_when_complete(
+    reader: tuple[ProgressReader, Clock], store_log: list[tuple[str, str]], tmp_path: Path
+) -> None:
+    progress, clock = reader
+    run = manifest()
+    folder = tmp_path / "runs" / "ml" / "demo" / "pretrain"
+    folder.mkdir(parents=True)
+    (folder / "progress.json").write_text('{"step": 10}')
+    running = [job("pretrain", "j1")]
+
+    records = progress.read(run, running)
+    assert records["pretrain"].progress == {"step": 10} and not records["pretrain"].final
+    assert store_log == [("get", "ml/demo/pretrain/progress.json")]  # one request, no FINAL
+    for _ in range(5):  # pod and Job events in between: no new read
+        clock.now += 2
+        progress.read(run, running)
+    assert len(store_log) == 1
+    clock.now += 3  # 13 s: past 0.8 of the interval, a (jittered) poll reads
+    progress.read(run, running)
+    assert len(store_log) == 2
+
+    # The Job completes: read at once, FINAL included.
+    (folder / "FINAL").write_text("checkpoints/step-000100")
+    clock.now += 1
+    records = progress.read(run, [job("pretrain", "j1", complete=True)])
+    assert records["pretrain"].final
+    assert store_log[2:] == [
+        ("get", "ml/demo/pretrain/progress.json"),
+        ("head", "ml/demo/pretrain/FINAL"),
+    ]
+
+
+def test_no_reads_without_a_job_but_one_after_it_went_away(
+    reader: tuple[ProgressReader, Clock], store_log: list[tuple[str, str]]
+) -> None:
+    progress, clock = reader
+    run = manifest()
+    assert progress.read(run, []) == {}  # Pending, no Job yet
+    assert store_log == []
+    progress.read(run, [job("pretrain", "j1")])
+    assert len(store_log) == 1
+    clock.now += 1
+    progress.read(run, [])  # the Job is gone (suspended): the record its pods left
+    assert len(store_log) == 2
+    for _ in range(3):  # and then nothing while the run is suspended
+        clock.now += 60
+        progress.read(run, [])
+    assert len(store_log) == 2
+
+
+def test_a_run_without_a_store_or_finished_reads_nothing(
+    reader: tuple[ProgressReader, Clock], store_log: list[tuple[str, str]]
+) -> None:
+    progress, _ = reader
+    run = manifest(storage={})
+    assert progress.read(run, [job("pretrain", "j1")]) == {}
+    done = copy.deepcopy(manifest())
+    done["status"] = {
+        "stages": [
+            {"name": "pretrain", "phase": "Succeeded"},
+            {"name": "sft", "phase": "Succeeded"},
+        ]
+    }
+    assert progress.read(done, [job("sft", "j2", complete=True)]) == {}
+    assert store_log == []
