@@ -130,7 +130,8 @@ def test_records_are_read_once_per_poll_interval_and_final_only_when_complete(
     running = [job("pretrain", "j1")]
 
     records = progress.read(run, running)
-    assert records["pretrain"].progress == {"step": 10} and not records["pretrain"].final
+    record = records["pretrain"].progress
+    assert record is not None and record.step == 10 and not records["pretrain"].final
     assert store_log == [("get", "ml/demo/pretrain/progress.json")]  # one request, no FINAL
     for _ in range(5):  # pod and Job events in between: no new read
         clock.now += 2

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from kubetrain.core.records import ProgressRecord
 from kubetrain.operator import plan as planner
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.handlers import LEGACY_FINALIZER, Reconciler
@@ -110,7 +111,7 @@ def test_progress_a_user_sees_is_written_at_once() -> None:
     writes = len(h.cluster.writes("status"))
     h.tick(5)
     h.records.by_stage["pretrain"] = StageRecords(
-        {"step": 10, "totalSteps": 100, "updatedAt": h.at(5)}, final=False
+        ProgressRecord(step=10, total_steps=100, updated_at=h.at(5)), final=False
     )
     h.reconcile()
     assert len(h.cluster.writes("status")) == writes + 1
@@ -153,7 +154,7 @@ def test_a_write_planned_from_an_old_copy_never_overwrites_the_newer() -> None:
     h.cluster.stale = old  # the watch has not delivered that write yet
     h.tick(5)
     h.records.by_stage["pretrain"] = StageRecords(
-        {"step": 10, "totalSteps": 100, "updatedAt": h.at(5)}, final=False
+        ProgressRecord(step=10, total_steps=100, updated_at=h.at(5)), final=False
     )
     with pytest.raises(Conflict):
         h.reconcile()
@@ -208,7 +209,9 @@ def test_a_finished_run_wakes_only_for_its_ttl() -> None:
     h.running()
     h.tick(60)
     h.cluster.job_finished("pretrain", ok=True, at=h.at(60))
-    h.records.by_stage["pretrain"] = StageRecords({"step": 100, "totalSteps": 100}, final=True)
+    h.records.by_stage["pretrain"] = StageRecords(
+        ProgressRecord(step=100, total_steps=100), final=True
+    )
     result = h.reconcile()
     assert h.cluster.status["phase"] == "Succeeded"
     assert result.wake_after == pytest.approx(601)
