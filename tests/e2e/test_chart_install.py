@@ -84,7 +84,7 @@ def test_install_serves_the_crd_and_creates_the_operator(
     assert [(s.kind, s.namespace, s.name) for s in binding.subjects] == [
         ("ServiceAccount", "kubetrain", "kubetrain")
     ]
-    for command in ("kubectl apply -f examples/", "kubectl get tr", "kubetrain status"):
+    for command in ("kubectl apply -f examples/", "kubectl get ktr", "kubetrain status"):
         assert command in installed
 
 
