@@ -238,6 +238,9 @@ def test_default_install_objects(rendered: dict[str, list[dict[str, Any]]]) -> N
             "ClusterRoleBinding",
             "Service",
             "Deployment",
+            # policy.forbidKeylessTolerations is on by default (tests/unit/test_chart_policy.py).
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ]
     )
     # The monitoring kinds need the Prometheus Operator's CRDs: off unless asked for.
