@@ -21,7 +21,7 @@ help:
 	@echo "make test-unit    only the fast unit tier"
 	@echo "make crd          regenerate crds/ and the chart's copy from kubetrain.core.api"
 	@echo "make docs         regenerate the README's field reference"
-	@echo "make cluster-bin  build kube-apiserver, controller-manager, scheduler, etcd, kwok, helm"
+	@echo "make cluster-bin  build kube-apiserver, controller-manager, scheduler, etcd, kwok, helm, kueue"
 	@echo "make bench        run the benchmarks (numbers in bench/results/)"
 	@echo "make lint         ruff check, ruff format --check, mypy"
 

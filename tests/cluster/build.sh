@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the binaries of the e2e test cluster from the pinned Go modules in
-# tests/cluster/{k8s,etcd,kwok,helm} into .cache/bin/ (repository-relative):
-#   kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm
+# tests/cluster/{k8s,etcd,kwok,helm,kueue} into .cache/bin/ (repository-relative):
+#   kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm kueue
 #
 # Each tool lives in its own Go module because their dependency pins (client-go,
 # grpc, otel, ...) conflict; one module would silently move them all.
@@ -134,6 +134,26 @@ build helm helm helm.sh/helm/v3/cmd/helm \
   "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${k8s_minor}" \
   "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=${k8s_major}" \
   "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=${k8s_minor}"
+
+# Kueue, which the e2e tests queue and gang-admit GPU Jobs with. The manager does
+# not install its CRDs or webhook configurations: tests/cluster/kueue_manager.py does,
+# from Kueue's own manifests, copied here from the pinned module into .cache/kueue
+# (config/components/{crd,webhook}), so the binary and its manifests are one version.
+binaries+=(kueue)
+kueue_version="$(mod_version kueue sigs.k8s.io/kueue)"
+build kueue kueue sigs.k8s.io/kueue/cmd/kueue \
+  "-X sigs.k8s.io/kueue/pkg/version.GitVersion=${kueue_version}" \
+  "-X sigs.k8s.io/kueue/pkg/version.GitCommit=${kueue_version}" \
+  "-X sigs.k8s.io/kueue/pkg/version.BuildDate=1970-01-01T00:00:00Z"
+kueue_dir="$(cd "${here}/kueue" && go mod download sigs.k8s.io/kueue &&
+  go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+kueue_config="${root}/.cache/kueue"
+rm -rf "${kueue_config}" && mkdir -p "${kueue_config}"
+cp -R "${kueue_dir}/config/components/crd" "${kueue_dir}/config/components/webhook" \
+  "${kueue_config}/"
+# The module cache is read-only; the copies must not be, or the next rm fails.
+chmod -R u+w "${kueue_config}"
+printf '%s\n' "${kueue_version}" >"${kueue_config}/VERSION"
 
 for b in "${built[@]}"; do
   mv -f "${stage}/${b}" "${bin_dir}/${b}"
