@@ -99,7 +99,12 @@ class KueueManager:
         self.start_timeout = start_timeout
         missing = [
             str(p)
-            for p in (self.binary, self.config_dir / "crd" / "bases", self.config_dir / "webhook")
+            for p in (
+                self.binary,
+                self.config_dir / "VERSION",
+                self.config_dir / "crd" / "bases",
+                self.config_dir / "webhook",
+            )
             if not p.exists()
         ]
         if missing:
@@ -117,8 +122,10 @@ class KueueManager:
             )
         self.workdir = self.cp.workdir / "kueue"
         self.webhook_url = ""
+        #: The manager's log file (once started).
+        self.log_path = Path()
         self._process: subprocess.Popen[bytes] | None = None
-        self._running = False
+        self._started = False
 
     def __enter__(self) -> KueueManager:
         self.start()
@@ -138,6 +145,15 @@ class KueueManager:
         """Install CRDs, certificates and webhooks, start the manager, wait until its
         webhooks answer."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._started = True
+        try:
+            self._start()
+        except BaseException:
+            # Webhook configurations left behind would refuse every Job of the session.
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         webhook_port, health_port = _free_port(), _free_port()
         self.webhook_url = f"https://127.0.0.1:{webhook_port}"
         api = self.cp.api_client()
@@ -146,7 +162,7 @@ class KueueManager:
         self._seed_certificate_secret(api)
         self._install_webhooks(api, ca_bundle)
         config = self._write_config(webhook_port, health_port)
-        self._process = self.cp.spawn(
+        component = self.cp.spawn(
             "kueue",
             [
                 str(self.binary),
@@ -157,20 +173,16 @@ class KueueManager:
                 "--feature-gates=VisibilityOnDemand=false",
                 "--zap-log-level=info",
             ],
-        ).process
-        self._running = True
-        try:
-            self._wait_ready(health_port, api)
-        except BaseException:
-            self.stop()
-            raise
+        )
+        self._process, self.log_path = component.process, component.log_path
+        self._wait_ready(health_port, api)
 
     def stop(self) -> None:
         """Remove the webhook configurations (so that the cluster keeps admitting Jobs
         without Kueue), then stop the manager. CRDs and Kueue's objects stay."""
-        if not self._running:
+        if not self._started:
             return
-        self._running = False
+        self._started = False
         admission = client.AdmissionregistrationV1Api(self.cp.api_client())
         for delete, name in (
             (admission.delete_mutating_webhook_configuration, MUTATING),
@@ -181,7 +193,9 @@ class KueueManager:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
-        self.cp.stop_component("kueue")
+        if self._process is not None:
+            self._process = None
+            self.cp.stop_component("kueue")
 
     def logs(self, lines: int = 60) -> str:
         return self.cp.logs("kueue", lines)

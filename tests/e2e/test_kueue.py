@@ -174,5 +174,5 @@ def test_a_multi_pod_job_is_admitted_whole_or_not_at_all(
 
 
 def test_kueue_is_the_pinned_version(kueue: Any) -> None:
-    log = (kueue.workdir.parent / "kueue.log").read_text()
+    log = kueue.log_path.read_text()
     assert f'"gitVersion":"{pinned_version("kueue")}"' in log

@@ -9,6 +9,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetrain.operator.resources import LABEL_GPU_TYPE
 from tests.support.wait import wait_for
 
 GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
@@ -16,9 +17,9 @@ GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 GPU = "nvidia.com/gpu"
-#: The node label the test cluster's GPU nodes carry their GPU type in
-#: (tests/cluster/controlplane.py, GPU_TYPE_LABEL); a flavor selects nodes by it.
-GPU_TYPE_LABEL = "kubetrain.dev/gpu-type"
+#: The node label of a GPU type, which kubetrain selects nodes by and the test cluster's
+#: GPU nodes carry; a flavor selects its nodes by it.
+GPU_TYPE_LABEL = LABEL_GPU_TYPE
 
 
 def _custom(api: client.ApiClient) -> client.CustomObjectsApi:
