@@ -21,7 +21,7 @@ help:
 	@echo "make test-unit    only the fast unit tier"
 	@echo "make crd          regenerate crds/ and the chart's copy from kubetrain.core.api"
 	@echo "make docs         regenerate the README's field reference"
-	@echo "make cluster-bin  build kube-apiserver, controller-manager, scheduler, etcd, kwok, helm, weed"
+	@echo "make cluster-bin  build kube-apiserver, controller-manager, scheduler, etcd, kwok, helm, weed, kueue"
 	@echo "make bench        run the benchmarks (numbers in bench/results/)"
 	@echo "make bench-scale  the operator at RUNS runs on NODES KWOK nodes (default 100, 18)"
 	@echo "make lint         ruff check, ruff format --check, mypy"

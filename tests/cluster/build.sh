@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the binaries of the e2e test cluster from the pinned Go modules in
-# tests/cluster/{k8s,etcd,kwok,helm,seaweedfs} into .cache/bin/ (repository-relative):
-#   kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm weed
-# (weed is SeaweedFS, whose S3 gateway is the e2e tier's S3 server.)
+# tests/cluster/{k8s,etcd,kwok,helm,seaweedfs,kueue} into .cache/bin/ (repository-relative):
+#   kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm weed kueue
+# (weed is SeaweedFS, whose S3 gateway is the e2e tier's S3 server; kueue queues and
+# gang-admits the e2e tests' GPU Jobs.)
 #
 # Each tool lives in its own Go module because their dependency pins (client-go,
 # grpc, otel, ...) conflict; one module would silently move them all.
@@ -21,7 +22,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "${here}/../.." && pwd)"
 bin_dir="${root}/.cache/bin"
-binaries=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm weed)
+binaries=(kube-apiserver kube-controller-manager kube-scheduler etcd kwok helm weed kueue)
 
 selected=" ${binaries[*]} "
 if [[ -n "${ONLY:-}" ]]; then
@@ -158,6 +159,27 @@ build helm helm helm.sh/helm/v3/cmd/helm \
 seaweedfs_version="$(mod_version seaweedfs github.com/seaweedfs/seaweedfs)"
 build seaweedfs weed github.com/seaweedfs/seaweedfs/weed \
   "-X github.com/seaweedfs/seaweedfs/weed/util/version.COMMIT=${seaweedfs_version##*-}"
+
+# Kueue, which the e2e tests queue and gang-admit GPU Jobs with. The manager does
+# not install its CRDs or webhook configurations: tests/cluster/kueue_manager.py does,
+# from Kueue's own manifests, copied here from the pinned module into .cache/kueue
+# (config/components/{crd,webhook}), so the binary and its manifests are one version.
+kueue_version="$(mod_version kueue sigs.k8s.io/kueue)"
+build kueue kueue sigs.k8s.io/kueue/cmd/kueue \
+  "-X sigs.k8s.io/kueue/pkg/version.GitVersion=${kueue_version}" \
+  "-X sigs.k8s.io/kueue/pkg/version.GitCommit=${kueue_version}" \
+  "-X sigs.k8s.io/kueue/pkg/version.BuildDate=1970-01-01T00:00:00Z"
+if is_selected kueue; then
+  kueue_dir="$(cd "${here}/kueue" && go mod download sigs.k8s.io/kueue &&
+    go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+  kueue_config="${root}/.cache/kueue"
+  rm -rf "${kueue_config}" && mkdir -p "${kueue_config}"
+  cp -R "${kueue_dir}/config/components/crd" "${kueue_dir}/config/components/webhook" \
+    "${kueue_config}/"
+  # The module cache is read-only; the copies must not be, or the next rm fails.
+  chmod -R u+w "${kueue_config}"
+  printf '%s\n' "${kueue_version}" >"${kueue_config}/VERSION"
+fi
 
 for b in "${built[@]}"; do
   mv -f "${stage}/${b}" "${bin_dir}/${b}"

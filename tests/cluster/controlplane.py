@@ -94,7 +94,7 @@ class ControlPlaneError(RuntimeError):
 def pinned_version(component: str) -> str:
     """Version pinned in tests/cluster/<component>/go.mod, e.g. "v1.36.3".
 
-    ``component`` is one of "k8s", "etcd", "kwok", "helm", "seaweedfs".
+    ``component`` is one of "k8s", "etcd", "kwok", "helm", "seaweedfs", "kueue".
     """
     modules = {
         "k8s": "k8s.io/kubernetes",
@@ -102,6 +102,7 @@ def pinned_version(component: str) -> str:
         "kwok": "sigs.k8s.io/kwok",
         "helm": "helm.sh/helm/v3",
         "seaweedfs": "github.com/seaweedfs/seaweedfs",
+        "kueue": "sigs.k8s.io/kueue",
     }
     module = modules[component]
     text = (CLUSTER_DIR / component / "go.mod").read_text()
@@ -416,8 +417,14 @@ class ControlPlane:
     # -- processes ----------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str]) -> _Component:
+        return self.spawn(name, [str(self._binaries[name]), *args])
+
+    def spawn(self, name: str, argv: list[str]) -> _Component:
+        """Run ``argv`` as component ``name`` of this cluster: its log in the work
+        directory (``logs(name)``), its own process group, killed with the test process,
+        stopped by ``stop()`` or ``stop_component(name)``. For add-ons such as Kueue."""
         log_path = self.workdir / f"{name}.log"
-        comp = _Component(name, [str(self._binaries[name]), *args], log_path)
+        comp = _Component(name, argv, log_path)
         comp.log_file = log_path.open("wb")
         comp.process = subprocess.Popen(
             comp.argv,
@@ -431,6 +438,16 @@ class ControlPlane:
         )
         self._components.append(comp)
         return comp
+
+    def stop_component(self, name: str) -> None:
+        """Stop component ``name`` (its whole process group) before the cluster stops."""
+        comp = self._component(name)
+        self._components.remove(comp)
+        alive = comp.process is not None and not self._terminate(comp.process)
+        if comp.log_file is not None:
+            comp.log_file.close()  # type: ignore[attr-defined]
+        if alive:
+            raise ControlPlaneError(f"{name} is still alive after SIGKILL")
 
     def _component(self, name: str) -> _Component:
         for comp in self._components:

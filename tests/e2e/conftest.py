@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster"))
 
 from controlplane import ControlPlane
+from kueue_manager import KueueManager
 
 from tests.support.services import SeaweedS3
 
@@ -36,3 +37,14 @@ def seaweed_s3() -> Iterator[SeaweedS3]:
     """
     with SeaweedS3() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def kueue(control_plane: ControlPlane) -> Iterator[KueueManager]:
+    """Kueue (CRDs, webhooks, manager) on the session's control plane: started once, by
+    the first test that asks for it, and only then.
+
+    Fails with a pointer to `make cluster-bin` when Kueue is not built.
+    """
+    with KueueManager(control_plane) as manager:
+        yield manager

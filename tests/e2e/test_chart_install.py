@@ -5,6 +5,8 @@ and by calls made as that ServiceAccount)."""
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,8 +17,10 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetrain.core import api
 from tests.support.chart import (
+    ADMIN_POLICY,
     OPERATOR_LEASES,
     OPERATOR_NAMESPACED,
+    POLICY_IMAGE,
     REPO,
     helm_install,
     helm_uninstall,
@@ -90,7 +94,7 @@ def test_install_serves_the_crd_and_creates_the_operator(
     assert [(s.kind, s.namespace, s.name) for s in binding.subjects] == [
         ("ServiceAccount", "kubetrain", "kubetrain")
     ]
-    for command in ("kubectl apply -f examples/", "kubectl get tr", "kubetrain status"):
+    for command in ("kubectl apply -f examples/", "kubectl get ktr", "kubetrain status"):
         assert command in installed
 
 
@@ -221,3 +225,169 @@ def test_uninstall_leaves_runs_that_delete_at_once(control_plane: Any) -> None:
 
     wait_for(gone, timeout=30, what="the run deleted without an operator")
     client.CoreV1Api(admin).delete_namespace("after-uninstall")
+
+
+def _run(name: str, namespace: str, **stage_resources: Any) -> dict[str, Any]:
+    """examples/tiny-run.yaml as run ``name``, its first stage given ``stage_resources``
+    (e.g. tolerations=[...]); spec.image and labels are set by the caller."""
+    run = yaml.safe_load((REPO / "examples" / "tiny-run.yaml").read_text())
+    run["metadata"] = {"name": name, "namespace": namespace}
+    run["spec"]["stages"][0]["resources"] = stage_resources
+    return run
+
+
+def _refused(custom: client.CustomObjectsApi, run: dict[str, Any]) -> str | None:
+    """The API server's message refusing ``run`` (a dry-run create), None if accepted."""
+    namespace = run["metadata"]["namespace"]
+    try:
+        custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, run, dry_run="All"
+        )
+    except ApiException as exc:
+        assert exc.status == 403, exc.body
+        return str(json.loads(exc.body)["message"])
+    return None
+
+
+def _refusal(custom: client.CustomObjectsApi, run: dict[str, Any]) -> str:
+    message = _refused(custom, run)
+    assert message is not None, f"the API server accepted {run['metadata']['name']}"
+    return message
+
+
+def test_admin_policy_is_enforced_by_the_api_server(control_plane: Any) -> None:
+    """A chart installed with an administrator's policy: the API server itself refuses
+    runs that break it, naming the rule and the offending value, and accepts the rest."""
+    admin = control_plane.api_client()
+    custom = client.CustomObjectsApi(admin)
+    control_plane.create_namespace("policed")
+    # A run made before the policy, which breaks it: it keeps being handled.
+    ext = client.ApiextensionsV1Api(admin)
+    try:
+        ext.create_custom_resource_definition(
+            yaml.safe_load((REPO / "crds" / "trainingrun.yaml").read_text())
+        )
+    except ApiException as exc:
+        assert exc.status == 409, exc.body  # installed by an earlier test
+    legacy = _run("legacy", "policed", tolerations=[{"operator": "Exists"}])
+    wait_for(
+        lambda: custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, "policed", api.PLURAL, legacy
+        ),
+        timeout=30,
+        what="the TrainingRun CRD being served",
+    )
+    values = {
+        **ADMIN_POLICY,
+        "watchNamespaces": ["policed"],
+        "grafanaDashboard": {"enabled": False},
+    }
+    helm_install(
+        control_plane.kubeconfig, release="kt-policy", namespace="kt-policy", values=values
+    )
+    try:
+        bad_image = _run("bad-image", "policed")
+        bad_image["spec"]["image"] = "docker.io/library/python:3.11"
+        # The API server loads new policies asynchronously: wait until it enforces this one.
+        message = wait_for(
+            lambda: _refused(custom, bad_image),
+            timeout=30,
+            what="the API server enforcing the chart's ValidatingAdmissionPolicy",
+        )
+        assert "ValidatingAdmissionPolicy 'kt-policy-kubetrain-policy'" in message
+        assert (
+            'policy.allowedImages: spec.image "docker.io/library/python:3.11" is not from an '
+            "allowed registry or repository (allowed: registry.example.com/, "
+            "ghcr.io/kubetrain/trainer)" in message
+        )
+
+        blanket = _run("blanket", "policed", tolerations=[{"operator": "Exists"}])
+        message = _refusal(custom, blanket)
+        assert (
+            'policy.forbidKeylessTolerations: stage "pretrain" has a toleration without a key'
+            in (message)
+        )
+
+        other_team = _run(
+            "other-team",
+            "policed",
+            tolerations=[
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {"key": "dedicated", "value": "other-team", "effect": "NoSchedule"},
+            ],
+        )
+        message = _refusal(custom, other_team)
+        assert (
+            'policy.allowedTolerations: tolerations not allowed: stage "pretrain": '
+            "dedicated=other-team:NoSchedule (Equal)" in message
+        )
+
+        zone = _run(
+            "zone",
+            "policed",
+            nodeSelector={"pool": "spot", "topology.kubernetes.io/zone": "zone-c"},
+        )
+        message = _refusal(custom, zone)
+        assert 'policy.allowedNodeSelectors: node selectors not allowed: stage "pretrain": ' in (
+            message
+        )
+        assert "topology.kubernetes.io/zone=zone-c" in message and "pool=" not in message
+
+        urgent = _run("urgent", "policed")
+        urgent["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": "critical"}
+        message = _refusal(custom, urgent)
+        assert 'policy.allowedPriorityClasses: priority class "critical"' in message
+
+        allowed = _run(
+            "allowed",
+            "policed",
+            tolerations=[
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {"key": "team", "operator": "Equal", "value": "ml", "effect": "NoExecute"},
+            ],
+            nodeSelector={"pool": "spot", "topology.kubernetes.io/zone": "zone-a"},
+        )
+        allowed["spec"]["image"] = "ghcr.io/kubetrain/trainer:0.2.0"
+        allowed["metadata"]["labels"] = {"kueue.x-k8s.io/priority-class": "research"}
+        custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, "policed", api.PLURAL, allowed
+        )
+        # Without spec.image a run gets config.image, which the chart made sure is allowed.
+        default_image = _run("default-image", "policed")
+        custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, "policed", api.PLURAL, default_image, dry_run="All"
+        )
+        assert values["config"]["image"] == POLICY_IMAGE
+
+        # Changing an accepted run's spec is checked too ...
+        with pytest.raises(ApiException) as exc:
+            custom.patch_namespaced_custom_object(
+                api.GROUP, api.VERSION, "policed", api.PLURAL, "allowed",
+                {"spec": {"image": "docker.io/library/python:3.11"}},
+            )  # fmt: skip
+        assert "policy.allowedImages" in json.loads(exc.value.body)["message"]
+        # ... but not what the operator changes on a run made before the policy.
+        custom.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, "policed", api.PLURAL, "legacy",
+            {"metadata": {"finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]}},
+        )  # fmt: skip
+        # The namespaced install polices its namespaces only.
+        elsewhere = copy.deepcopy(bad_image)
+        elsewhere["metadata"]["namespace"] = "default"
+        custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, "default", api.PLURAL, elsewhere, dry_run="All"
+        )
+    finally:
+        for name in ("legacy", "allowed"):
+            try:
+                custom.patch_namespaced_custom_object(
+                    api.GROUP, api.VERSION, "policed", api.PLURAL, name,
+                    {"metadata": {"finalizers": None}},
+                )  # fmt: skip
+                custom.delete_namespaced_custom_object(
+                    api.GROUP, api.VERSION, "policed", api.PLURAL, name
+                )
+            except ApiException as exc:
+                if exc.status != 404:  # the test failed before making it
+                    raise
+        helm_uninstall(control_plane.kubeconfig, release="kt-policy", namespace="kt-policy")

@@ -137,7 +137,7 @@ def _no_children(scenario: Scenario, run: str) -> bool:
 def test_curriculum_trains_in_order_with_status_store_and_columns(scenario: Scenario) -> None:
     """The example's curriculum (pretrain -> sft -> dpo, shrunk): stages run in order,
     status reports training and accounting, FINAL checkpoints are in S3, and
-    `kubectl get tr` columns (the API's Table output) show phase, stage, progress, cost.
+    `kubectl get ktr` columns (the API's Table output) show phase, stage, progress, cost.
 
     Pods request nvidia.com/gpu and are scheduled on fake KWOK GPU nodes; the trainer
     itself runs on CPU here."""

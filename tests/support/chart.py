@@ -37,6 +37,23 @@ OPERATOR_NAMESPACED = {
 # Leader election, in the release's namespace only.
 OPERATOR_LEASES = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
 
+# An administrator's runtime policy (values `policy.*`) with every rule set, and the
+# trainer image it allows (config.image must be allowed too).
+POLICY_IMAGE = "registry.example.com/ml/trainer:1.0"
+ADMIN_POLICY: dict[str, Any] = {
+    "config": {"image": POLICY_IMAGE},
+    "policy": {
+        "allowedImages": ["registry.example.com/", "ghcr.io/kubetrain/trainer"],
+        "forbidKeylessTolerations": True,
+        "allowedTolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "team", "operator": "Equal", "value": "ml"},
+        ],
+        "allowedNodeSelectors": {"topology.kubernetes.io/zone": ["zone-a", "zone-b"], "pool": []},
+        "allowedPriorityClasses": ["research", "production"],
+    },
+}
+
 
 def helm() -> Path:
     if not HELM.exists():

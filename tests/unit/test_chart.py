@@ -234,6 +234,9 @@ def test_default_install_objects(rendered: dict[str, list[dict[str, Any]]]) -> N
             "Service",
             "Deployment",
             "PodDisruptionBudget",
+            # policy.forbidKeylessTolerations is on by default (tests/unit/test_chart_policy.py).
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ]
     )
     # The monitoring kinds need the Prometheus Operator's CRDs: off unless asked for.

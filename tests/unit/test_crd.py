@@ -91,7 +91,7 @@ def test_crd_names_and_columns() -> None:
     crd = crd_object()
     names = crd["spec"]["names"]
     assert crd["metadata"]["name"] == "trainingruns.kubetrain.dev"
-    assert names["shortNames"] == ["tr"] and "kubetrain" in names["categories"]
+    assert names["shortNames"] == ["ktr"] and names["categories"] == ["kubetrain"]
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [

@@ -61,3 +61,19 @@ operator's built-in defaults apply to what the user left unset.
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
+
+{{/*
+"true" when image .image is allowed by the list .allowed of policy.allowedImages, by the
+rule the ValidatingAdmissionPolicy applies to spec.image (templates/policy.yaml): an entry
+ending in "/" allows every image under it, any other entry is a repository and allows its
+tags and digests.
+*/}}
+{{- define "kubetrain.imageAllowed" -}}
+{{- $image := .image }}
+{{- range .allowed }}
+{{- if hasSuffix "/" . }}
+{{- if hasPrefix . $image }}true{{ end }}
+{{- else if or (eq $image .) (hasPrefix (printf "%s:" .) $image) (hasPrefix (printf "%s@" .) $image) }}true
+{{- end }}
+{{- end }}
+{{- end }}

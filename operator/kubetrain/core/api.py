@@ -36,8 +36,13 @@ GROUP, VERSION = API_VERSION.split("/")
 KIND: Final = "TrainingRun"
 PLURAL = "trainingruns"
 SINGULAR = "trainingrun"
-SHORT_NAMES = ["tr"]
-CATEGORIES = ["kubetrain", "all"]
+# `kubectl get ktr`. Not `tr`: Tekton's TaskRun has claimed it, and on a cluster with both
+# kubectl resolves `tr` to whichever CRD discovery lists first.
+SHORT_NAMES = ["ktr"]
+# `kubectl get kubetrain` lists every run. Not `all`: `kubectl delete all --all`, a common
+# way to clear a namespace of workloads, would delete training runs too, and with them
+# their Jobs and the record of what a run has trained and spent.
+CATEGORIES = ["kubetrain"]
 
 # The built-in tokenizer is byte-level: 256 byte values plus special tokens (see
 # kubetrain_trainer.tokenizer). A smaller vocabulary could not encode arbitrary text.
