@@ -384,8 +384,9 @@ class CausalLM(nn.Module):
                 nn.init.zeros_(module.bias)
             if isinstance(module, RMSNorm | nn.LayerNorm):
                 nn.init.ones_(module.weight)
-                if isinstance(module.bias, torch.Tensor):
-                    nn.init.zeros_(module.bias)
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    nn.init.zeros_(bias)
 
     def forward(
         self,
