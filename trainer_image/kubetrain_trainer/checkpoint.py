@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import torch
 
@@ -109,7 +109,7 @@ def save_files(
             path = Path(tmp) / f"{name}.pt"
             with open(path, "wb") as fh:
                 out = _HashingWriter(fh)
-                torch.save(obj, out)
+                torch.save(obj, cast(IO[bytes], out))  # a write-only file object
             entries[path.name] = FileEntry(size=out.size, sha256=out.sha256.hexdigest())
             # Each file uploads as soon as it is written, while the next one serialises
             # (boto3 clients are thread-safe; one stream per file rarely fills the link).

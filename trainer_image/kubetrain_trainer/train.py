@@ -30,7 +30,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -402,7 +402,7 @@ class Trainer:
                 model, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
         if self.hp.compile:
-            model = torch.compile(model)
+            model = cast(nn.Module, torch.compile(model))
         autocast = (
             torch.autocast(d.device.type, dtype=torch.bfloat16)
             if self.precision == "bf16"

@@ -149,7 +149,7 @@ def _get(raw: dict[str, Any], key: str, where: str, kind: type, default: Any = .
         raise ModelFormatError(
             f"{where}: {key}={value!r} is not a {kind.__name__} (accepted: a {kind.__name__})"
         )
-    if kind in (int, float) and value <= 0:
+    if isinstance(value, int | float) and value <= 0:
         raise ModelFormatError(f"{where}: {key}={value!r} (accepted: a positive number)")
     return value
 

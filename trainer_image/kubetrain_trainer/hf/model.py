@@ -40,6 +40,8 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +51,7 @@ from kubetrain_trainer.hf.config import ModelConfig
 
 PAD_DOCUMENT = -1  # the document id of padding: it attends only to other padding
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
@@ -192,7 +194,7 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(d, inter, bias=bias)
         self.up_proj = nn.Linear(d, inter, bias=bias)
         self.down_proj = nn.Linear(inter, d, bias=bias)
-        self.act = _ACTIVATIONS[cfg.activation]
+        self.act: Callable[[torch.Tensor], torch.Tensor] = _ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -227,6 +229,7 @@ class RotaryEmbedding(nn.Module):
         self.rope, self.head_dim, self.max_positions = cfg.rope, cfg.head_dim, cfg.max_positions
         inv_freq, self.scale = rope_fns.inverse_frequencies(cfg.rope, cfg.head_dim)
         # Computed from the config, never loaded or saved.
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_buffers(self) -> None:
@@ -285,7 +288,7 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = _ACTIVATIONS[cfg.activation]
+        self.act: Callable[[torch.Tensor], torch.Tensor] = _ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -381,8 +384,9 @@ class CausalLM(nn.Module):
                 nn.init.zeros_(module.bias)
             if isinstance(module, RMSNorm | nn.LayerNorm):
                 nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    nn.init.zeros_(bias)
 
     def forward(
         self,
