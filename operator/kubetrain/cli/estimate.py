@@ -3,7 +3,11 @@ how long, how much — answered as a table before anything runs."""
 
 from __future__ import annotations
 
+import statistics
+
+from kubetrain.core import contract, layout
 from kubetrain.core.accounting import (
+    MeasuredMFU,
     RunEstimate,
     StageEstimate,
     estimate_params_tokens,
@@ -11,6 +15,16 @@ from kubetrain.core.accounting import (
     human,
 )
 from kubetrain.core.api import TrainingRun
+from kubetrain.core.architecture import (
+    Architecture,
+    ArchitectureMismatch,
+    read_hf_config,
+    resolve,
+)
+from kubetrain.core.errors import UserError
+from kubetrain.core.hf_config import ModelConfig
+from kubetrain.core.records import RecordFormatError, read_progress
+from kubetrain.core.store import ObjectStore, StoreError
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -67,7 +81,15 @@ HEADERS = [
 ]
 
 
-def render(est: RunEstimate, title: str) -> str:
+def _mfu_notes(est: RunEstimate) -> list[str]:
+    """One line per accelerator class: the MFU assumed and where it comes from."""
+    seen: dict[str, str] = {}
+    for s in est.stages:
+        seen.setdefault(s.accelerator, f"MFU {s.mfu:.0%} on {s.accelerator} ({s.mfu_source})")
+    return list(seen.values())
+
+
+def render(est: RunEstimate, title: str, flops_rule: str) -> str:
     rows = [_row(s) for s in est.stages]
     if len(est.stages) > 1:
         rows.append(
@@ -84,36 +106,101 @@ def render(est: RunEstimate, title: str) -> str:
                 human(est.co2_grams / 1000),
             ]
         )
-    notes = (
-        f"Assumes MFU {est.mfu:.0%} of peak dense bf16 FLOP/s; FLOPs = 6·N per token "
-        "plus the attention term; energy includes PUE."
-    )
-    return f"{title}\n\n{table(HEADERS, rows)}\n\n{notes}"
+    notes = [
+        *_mfu_notes(est),
+        f"FLOPs = {flops_rule}; GPU-hours at that MFU of peak dense bf16 FLOP/s; "
+        "energy includes PUE.",
+    ]
+    return f"{title}\n\n{table(HEADERS, rows)}\n\n" + "\n".join(notes)
 
 
-def render_run(run: TrainingRun, mfu: float = 0.4) -> str:
+def measured_mfu(store: ObjectStore) -> dict[str, MeasuredMFU]:
+    """MFU by accelerator class that completed stages in ``store`` measured (their
+    progress records at ``<namespace>/<run>/<stage>/progress.json``): the median."""
+    found: dict[str, list[float]] = {}
+    for key in store.list():
+        if key.count("/") != 3 or not key.endswith("/" + layout.PROGRESS):
+            continue
+        try:
+            record = read_progress(store, key)
+        except RecordFormatError:
+            continue  # a newer kubetrain's record: not ours to interpret
+        if record is None or record.phase != "completed" or not record.mfu:
+            continue
+        if record.accelerator:
+            found.setdefault(record.accelerator, []).append(record.mfu)
+    where = store.uri()
+    return {acc: MeasuredMFU(statistics.median(v), len(v), where) for acc, v in found.items()}
+
+
+def model_title(run: TrainingRun, est: RunEstimate, arch: Architecture) -> str:
+    if isinstance(arch, ModelConfig):
+        shape = (
+            f"{arch.model_type}, {arch.num_layers} layers, {arch.num_heads} heads, "
+            f"dim {arch.hidden_size}, context {arch.max_positions}, from {run.spec.model.from_}"
+        )
+    else:
+        shape = (
+            f"{arch.layers} layers, {arch.heads} heads, dim {arch.dim}, "
+            f"context {arch.context_length}"
+        )
+    return f"TrainingRun {run.metadata.name}: {human(est.parameters)} parameters ({shape})"
+
+
+def run_architecture(run: TrainingRun) -> Architecture:
+    """What the manifest trains; a Hugging Face ``model.from`` is read for its config
+    (with this shell's S3 settings)."""
+    uri = run.spec.model.from_
+    hf = None
+    if uri is not None:
+        s3 = contract.s3_endpoint()
+        storage = run.spec.storage.s3
+        endpoint = s3.endpoint or (storage.endpoint if storage else None)
+        try:
+            hf = read_hf_config(uri, endpoint=endpoint, region=s3.region)
+        except (StoreError, OSError, ValueError) as exc:
+            raise UserError(
+                f"model.from {uri}: cannot read its config.json, which gives the model's "
+                f"size: {exc} (for s3:// set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, "
+                "for a store other than AWS, KUBETRAIN_S3_ENDPOINT)"
+            ) from None
+    try:
+        return resolve(run.spec.model, hf, where=f"model.from {uri}")
+    except ArchitectureMismatch as exc:
+        raise UserError(str(exc)) from None
+
+
+def render_run(
+    run: TrainingRun,
+    mfu: float | None = None,
+    measured: dict[str, MeasuredMFU] | None = None,
+) -> str:
     """The estimate table of a manifest."""
-    est = estimate_run(run.spec, mfu=mfu)
-    m = run.spec.model
-    title = (
-        f"TrainingRun {run.metadata.name}: {human(est.parameters)} parameters "
-        f"({m.layers} layers, {m.heads} heads, dim {m.dim}, context {m.context_length})"
+    arch = run_architecture(run)
+    est = estimate_run(run.spec, mfu=mfu, architecture=arch, measured=measured)
+    rule = (
+        "6·N per token plus the attention term (12·layers·width·seqLen); DPO counts the "
+        "chosen and the rejected sequence and the reference model's forward pass"
     )
-    return render(est, title)
+    return render(est, model_title(run, est, arch), rule)
 
 
 def render_params_tokens(
-    params: float, tokens: float, gpu: str = "h100", mfu: float = 0.4, gpus: int = 1
+    params: float,
+    tokens: float,
+    gpu: str = "h100",
+    mfu: float | None = None,
+    gpus: int = 1,
+    measured: dict[str, MeasuredMFU] | None = None,
 ) -> str:
     """The estimate table for N parameters trained on D tokens."""
     try:
-        est = estimate_params_tokens(params, tokens, gpu=gpu, mfu=mfu, gpus=gpus)
+        est = estimate_params_tokens(params, tokens, gpu=gpu, mfu=mfu, gpus=gpus, measured=measured)
     except ValueError as exc:
-        from kubetrain.core.errors import UserError
-
         raise UserError(str(exc)) from None
     return render(
         est,
         f"Pre-training {human(params)} parameters on {human(tokens)} tokens "
         f"({human(tokens / params)} tokens per parameter)",
+        "6·N·D (no attention term: it needs the model's shape; give a manifest for it)",
     )

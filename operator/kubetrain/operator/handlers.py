@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import kopf
 
 from kubetrain.core import api
+from kubetrain.core.architecture import Architecture, read_hf_config_from
 from kubetrain.core.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
 from kubetrain.core.store import ObjectStore, StoreError, open_store
 from kubetrain.operator import plan as planner
@@ -103,6 +104,9 @@ class Reconciler:
         self.clock = clock
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # (namespace, model.from) -> its Hugging Face config, or None for a kubetrain
+        # checkpoint: a started run's model never changes, so it is read once.
+        self._architectures: dict[tuple[str, str], Architecture | None] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -114,6 +118,67 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
 
+    def _credentials(
+        self, meta: Mapping[str, Any], s3: api.S3Storage
+    ) -> tuple[bool, dict[str, str] | None]:
+        """(readable, the run's S3 credentials): (True, None) when it names no Secret."""
+        if not s3.credentials_secret:
+            return True, None
+        try:
+            return True, self.kube.read_secret(meta["namespace"], s3.credentials_secret)
+        except Exception as exc:  # the run still reconciles; progress waits
+            log.warning(
+                "%s/%s: cannot read Secret %s: %s",
+                meta["namespace"],
+                meta["name"],
+                s3.credentials_secret,
+                type(exc).__name__,
+            )
+            return False, None
+
+    def model_architecture(self, run: dict[str, Any]) -> Architecture | None:
+        """The config.json of the run's Hugging Face ``model.from``, for the up-front
+        estimate; None for the built-in model, or while it cannot be read (logged; the
+        next reconcile tries again)."""
+        meta = run["metadata"]
+        try:
+            spec = api.parse_spec(run.get("spec") or {})
+        except api.ManifestError:
+            return None  # the plan reports the invalid spec
+        uri = spec.model.from_
+        if uri is None:
+            return None
+        key = (meta["namespace"], uri)
+        if key in self._architectures:
+            return self._architectures[key]
+        try:
+            store = self._model_store(meta, uri, spec.storage.s3)
+            found = None if store is None else read_hf_config_from(store)
+        except (StoreError, OSError, ValueError) as exc:
+            log.warning(
+                "%s/%s: cannot read model.from %s: %s", meta["namespace"], meta["name"], uri, exc
+            )
+            return None
+        if store is not None:
+            self._architectures[key] = found
+        return found
+
+    def _model_store(
+        self, meta: Mapping[str, Any], uri: str, s3: api.S3Storage | None
+    ) -> ObjectStore | None:
+        """A store rooted at ``model.from``, reached with the run's S3 endpoint and
+        credentials (as its trainers reach it); None when they cannot be read."""
+        if not uri.startswith("s3://"):
+            return open_store(uri)
+        if s3 is None:
+            return None
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        readable, credentials = self._credentials(meta, s3)
+        if not readable:
+            return None
+        where = s3.model_copy(update={"bucket": bucket, "prefix": prefix.strip("/")})
+        return self.store_factory(where, credentials)
+
     def read_records(
         self, run: dict[str, Any], jobs: list[dict[str, Any]]
     ) -> dict[str, StageRecords]:
@@ -124,19 +189,9 @@ class Reconciler:
         s3 = wanted.s3
         if s3 is None or not wanted.stages:
             return {}
-        credentials = None
-        if s3.credentials_secret:
-            try:
-                credentials = self.kube.read_secret(meta["namespace"], s3.credentials_secret)
-            except Exception as exc:  # the run still reconciles; progress waits
-                log.warning(
-                    "%s/%s: cannot read Secret %s: %s",
-                    meta["namespace"],
-                    meta["name"],
-                    s3.credentials_secret,
-                    type(exc).__name__,
-                )
-                return {}
+        readable, credentials = self._credentials(meta, s3)
+        if not readable:
+            return {}
         try:
             store = self.store_factory(s3, credentials)
             return read_stage_records(store, meta["namespace"], meta["name"], wanted.stages)
@@ -174,7 +229,14 @@ class Reconciler:
         services = self.kube.list_services(namespace, name)
         records = self.read_records(run, jobs)
         p = planner.plan(
-            run, jobs, pods, records, self.clock(), self.config, observed_services=services
+            run,
+            jobs,
+            pods,
+            records,
+            self.clock(),
+            self.config,
+            observed_services=services,
+            architecture=self.model_architecture(run),
         )
         # Order matters: annotations and status first, so that what a delete is about
         # to make unobservable (a failed Job's attempt) is already recorded.

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubetrain_trainer.hf import rope as rope_fns
-from kubetrain_trainer.hf.config import ModelConfig
+from kubetrain.core.hf_config import ModelConfig
 
 PAD_DOCUMENT = -1  # the document id of padding: it attends only to other padding
 

@@ -31,7 +31,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from kubetrain_trainer.hf.config import ModelFormatError
+from kubetrain.core.hf_config import ModelFormatError
 
 Message = dict[str, Any]
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from kubetrain.core import store as kstore
 from kubetrain.core.contract import S3Endpoint
-from kubetrain_trainer.hf.config import ARCHITECTURES, ModelConfig, ModelFormatError, read_config
+from kubetrain.core.hf_config import ARCHITECTURES, ModelConfig, ModelFormatError, read_config
 from kubetrain_trainer.hf.model import CausalLM, build_model
 
 SINGLE_FILE = "model.safetensors"
