@@ -61,7 +61,7 @@ def test_model_fields_default_to_the_builtin_model_or_come_from_a_model_folder()
     assert spec.model.layers is None and builtin(spec.model).layers == 2
     assert spec.model.context_limit == 64
     # Defaults still take part in the checks: 3 heads cannot divide the default width.
-    with pytest.raises(ManifestError, match=r"model.heads=3 must divide model.dim=64"):
+    with pytest.raises(ManifestError, match=r"model\.heads=3 must divide model\.dim=64"):
         parse_spec({"model": {"heads": 3}, "stages": [{"name": "p", "type": "pretrain"}]})
     # With `from`, config.json gives what the manifest leaves out, so a long seqLen and a
     # lone heads value are for the trainer to check against it.
@@ -70,7 +70,7 @@ def test_model_fields_default_to_the_builtin_model_or_come_from_a_model_folder()
         {"model": hf, "stages": [{"name": "s", "type": "sft", "hyperparameters": {"seqLen": 4096}}]}
     )
     assert spec.model.context_limit is None
-    with pytest.raises(ManifestError, match="seqLen=4096 exceeds model.contextLength=2048"):
+    with pytest.raises(ManifestError, match=r"seqLen=4096 exceeds model\.contextLength=2048"):
         parse_spec(
             {
                 "model": {**hf, "contextLength": 2048},

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubetrain_trainer.hf import rope as rope_fns
 from kubetrain.core.hf_config import ModelConfig
+from kubetrain_trainer.hf import rope as rope_fns
 
 PAD_DOCUMENT = -1  # the document id of padding: it attends only to other padding
 
