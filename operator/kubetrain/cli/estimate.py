@@ -15,12 +15,7 @@ from kubetrain.core.accounting import (
     human,
 )
 from kubetrain.core.api import TrainingRun
-from kubetrain.core.architecture import (
-    Architecture,
-    ArchitectureMismatch,
-    read_hf_config,
-    resolve,
-)
+from kubetrain.core.architecture import Architecture, ArchitectureMismatch, describe, of_run
 from kubetrain.core.errors import UserError
 from kubetrain.core.hf_config import ModelConfig
 from kubetrain.core.records import RecordFormatError, read_progress
@@ -134,40 +129,27 @@ def measured_mfu(store: ObjectStore) -> dict[str, MeasuredMFU]:
 
 
 def model_title(run: TrainingRun, est: RunEstimate, arch: Architecture) -> str:
-    if isinstance(arch, ModelConfig):
-        shape = (
-            f"{arch.model_type}, {arch.num_layers} layers, {arch.num_heads} heads, "
-            f"dim {arch.hidden_size}, context {arch.max_positions}, from {run.spec.model.from_}"
-        )
-    else:
-        shape = (
-            f"{arch.layers} layers, {arch.heads} heads, dim {arch.dim}, "
-            f"context {arch.context_length}"
-        )
-    return f"TrainingRun {run.metadata.name}: {human(est.parameters)} parameters ({shape})"
+    origin = f", from {run.spec.model.from_}" if isinstance(arch, ModelConfig) else ""
+    return (
+        f"TrainingRun {run.metadata.name}: {human(est.parameters)} parameters "
+        f"({describe(arch)}{origin})"
+    )
 
 
 def run_architecture(run: TrainingRun) -> Architecture:
     """What the manifest trains; a Hugging Face ``model.from`` is read for its config
     (with this shell's S3 settings)."""
-    uri = run.spec.model.from_
-    hf = None
-    if uri is not None:
-        s3 = contract.s3_endpoint()
-        storage = run.spec.storage.s3
-        endpoint = s3.endpoint or (storage.endpoint if storage else None)
-        try:
-            hf = read_hf_config(uri, endpoint=endpoint, region=s3.region)
-        except (StoreError, OSError, ValueError) as exc:
-            raise UserError(
-                f"model.from {uri}: cannot read its config.json, which gives the model's "
-                f"size: {exc} (for s3:// set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, "
-                "for a store other than AWS, KUBETRAIN_S3_ENDPOINT)"
-            ) from None
+    s3 = contract.s3_endpoint()
     try:
-        return resolve(run.spec.model, hf, where=f"model.from {uri}")
+        return of_run(run.spec, endpoint=s3.endpoint, region=s3.region)
     except ArchitectureMismatch as exc:
         raise UserError(str(exc)) from None
+    except (StoreError, OSError, ValueError) as exc:
+        raise UserError(
+            f"model.from {run.spec.model.from_}: cannot read its config.json, which gives "
+            f"the model's size: {exc} (for s3:// set AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY and, for a store other than AWS, KUBETRAIN_S3_ENDPOINT)"
+        ) from None
 
 
 def render_run(

@@ -24,6 +24,7 @@ from kubetrain.core.api import (
     BUILTIN_LAYERS,
     BYTE_VOCAB_MIN,
     ModelSpec,
+    TrainingRunSpec,
 )
 from kubetrain.core.hf_config import CONFIG_FILE, ModelConfig, parse_config
 from kubetrain.core.store import ObjectStore, open_store
@@ -124,3 +125,30 @@ def read_hf_config_from(store: ObjectStore) -> ModelConfig | None:
     if text is None:  # removed between the two requests
         return None
     return parse_config(text, where=store.uri(path))
+
+
+def of_run(
+    spec: TrainingRunSpec, *, endpoint: str | None = None, region: str | None = None
+) -> Architecture:
+    """What a manifest trains, reading the config.json of a Hugging Face ``model.from``
+    (from ``endpoint``, else the manifest's S3 endpoint). Raises ArchitectureMismatch,
+    or the store's error when ``model.from`` cannot be read."""
+    uri = spec.model.from_
+    if uri is None:
+        return builtin(spec.model)
+    storage = spec.storage.s3
+    endpoint = endpoint or (storage.endpoint if storage is not None else None)
+    hf = read_hf_config(uri, endpoint=endpoint, region=region)
+    return resolve(spec.model, hf, where=f"model.from {uri}")
+
+
+def describe(arch: Architecture) -> str:
+    """``llama, 2 layers, 4 heads, dim 64, context 128`` (what a person checks first)."""
+    if isinstance(arch, ModelConfig):
+        return (
+            f"{arch.model_type}, {arch.num_layers} layers, {arch.num_heads} heads, "
+            f"dim {arch.hidden_size}, context {arch.max_positions}"
+        )
+    return (
+        f"{arch.layers} layers, {arch.heads} heads, dim {arch.dim}, context {arch.context_length}"
+    )
