@@ -652,7 +652,9 @@ class Trainer:
         before the weights change)."""
         hp = self.hp
         if not items:
+            # No gradients: the optimizer steps over nothing, the schedule moves on.
             self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
             self.scheduler.step()
             self.loss_value = float("nan")
             if self.d.is_main:
