@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -112,7 +112,7 @@ def save_files(
             path = Path(tmp) / f"{name}.pt"
             with open(path, "wb") as fh:
                 out = _HashingWriter(fh)
-                torch.save(obj, out)
+                torch.save(obj, cast(BinaryIO, out))
             entries[path.name] = FileEntry(size=out.size, sha256=out.sha256.hexdigest())
             # Each file uploads as soon as it is written, while the next one serialises
             # (boto3 clients are thread-safe; one stream per file rarely fills the link).

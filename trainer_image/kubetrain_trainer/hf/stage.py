@@ -53,7 +53,8 @@ def prepare(
         hf_source.fetch(found, s3)
     wait()
     folder = hf_source.fetch(found, s3)
-    config = architecture.resolve(model, read_config(folder), where=f"model.from {found.uri}")
+    config = read_config(folder)
+    architecture.resolve(model, config, where=f"model.from {found.uri}")
     tokenizer = HFTokenizer.from_folder(folder)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelFormatError(
