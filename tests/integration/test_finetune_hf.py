@@ -30,10 +30,27 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 RUN = "ft"
 # What the model learns: to answer a sum in digits (SFT), then to prefer the answer in
 # words (DPO): a preference the SFT model does not have, held out or not.
-WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
-    "fourteen fifteen sixteen seventeen eighteen"
-).split()
+WORDS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+]
 
 
 def _problems(seed: int, n: int) -> list[tuple[int, int]]:
