@@ -15,7 +15,13 @@ from kubetrain.core.accounting import (
     human,
 )
 from kubetrain.core.api import TrainingRun
-from kubetrain.core.architecture import Architecture, ArchitectureMismatch, describe, of_run
+from kubetrain.core.architecture import (
+    Architecture,
+    ArchitectureMismatch,
+    builtin,
+    describe,
+    of_run,
+)
 from kubetrain.core.errors import UserError
 from kubetrain.core.hf_config import ModelConfig
 from kubetrain.core.records import RecordFormatError, read_progress
@@ -136,20 +142,30 @@ def model_title(run: TrainingRun, est: RunEstimate, arch: Architecture) -> str:
     )
 
 
-def run_architecture(run: TrainingRun) -> Architecture:
-    """What the manifest trains; a Hugging Face ``model.from`` is read for its config
-    (with this shell's S3 settings)."""
+def run_architecture(run: TrainingRun) -> tuple[Architecture, str | None]:
+    """What the manifest trains, and a note when that is not certain: a Hugging Face
+    ``model.from`` is read for its config (with this shell's S3 settings); when it
+    cannot be read, a manifest that describes the model itself (layers, heads, dim) is
+    estimated as it says, with a note, and one that does not is an error."""
     s3 = contract.s3_endpoint()
     try:
-        return of_run(run.spec, endpoint=s3.endpoint, region=s3.region)
+        return of_run(run.spec, endpoint=s3.endpoint, region=s3.region), None
     except ArchitectureMismatch as exc:
         raise UserError(str(exc)) from None
     except (StoreError, OSError, ValueError) as exc:
-        raise UserError(
-            f"model.from {run.spec.model.from_}: cannot read its config.json, which gives "
-            f"the model's size: {exc} (for s3:// set AWS_ACCESS_KEY_ID, "
-            "AWS_SECRET_ACCESS_KEY and, for a store other than AWS, KUBETRAIN_S3_ENDPOINT)"
-        ) from None
+        reason = str(exc)
+    model = run.spec.model
+    if model.layers and model.heads and model.dim:
+        note = (
+            f"model.from {model.from_} could not be read ({reason}): the model is "
+            "estimated as the manifest's model fields describe it"
+        )
+        return builtin(model), note
+    raise UserError(
+        f"model.from {model.from_}: cannot read its config.json, which gives the model's "
+        f"size: {reason} (for s3:// set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, for "
+        "a store other than AWS, KUBETRAIN_S3_ENDPOINT; or give model.layers, heads and dim)"
+    )
 
 
 def render_run(
@@ -158,13 +174,14 @@ def render_run(
     measured: dict[str, MeasuredMFU] | None = None,
 ) -> str:
     """The estimate table of a manifest."""
-    arch = run_architecture(run)
+    arch, note = run_architecture(run)
     est = estimate_run(run.spec, mfu=mfu, architecture=arch, measured=measured)
     rule = (
         "6·N per token plus the attention term (12·layers·width·seqLen); DPO counts the "
         "chosen and the rejected sequence and the reference model's forward pass"
     )
-    return render(est, model_title(run, est, arch), rule)
+    text = render(est, model_title(run, est, arch), rule)
+    return f"{text}\nNote: {note}." if note else text
 
 
 def render_params_tokens(
