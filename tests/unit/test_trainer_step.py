@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 
 from kubetrain.core import contract
-from kubetrain.core.api import TrainingRunSpec
+from kubetrain.core.api import ModelSpec, TrainingRunSpec
 from kubetrain.core.contract import StageConfig
-from kubetrain_trainer import train
-from kubetrain_trainer.data import IGNORE, Dataset, EvalSet, LMBatch
+from kubetrain_trainer import evaluation, train
+from kubetrain_trainer.data import IGNORE, ArithmeticSFT, Dataset, EvalSet, LMBatch
+from kubetrain_trainer.model import build_model
 from kubetrain_trainer.train import Dist, StageError, Trainer
 
 torch.set_num_threads(1)
@@ -202,3 +203,20 @@ def test_tensors_for_collectives_are_made_on_the_trainers_device() -> None:
     assert not bad, bad
     assert train.process_group_backend(torch.device("cpu")) == "cpu:gloo"
     assert train.process_group_backend(torch.device("cuda", 0)) == "cuda:nccl"
+
+
+def test_every_rank_evaluates_its_share_and_the_sums_make_the_whole() -> None:
+    """Evaluation is sharded across ranks (none waits in a collective while rank 0
+    evaluates alone); the summed shares give exactly the single-process metrics."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(layers=1, heads=2, dim=16, contextLength=32))
+    eval_set = ArithmeticSFT(0, 32, 11).eval_set
+    device = torch.device("cpu")
+    whole = evaluation.evaluate(model, eval_set, 32, device)
+    shares = [evaluation.evaluate_sums(model, eval_set, 32, device, r, 3) for r in range(3)]
+    summed = {k: sum(s[k] for s in shares) for k in evaluation.SUMS}
+    assert [s["answered"] for s in shares] == [4, 4, 3]
+    combined = evaluation.metrics(summed)
+    assert combined.keys() == whole.keys() == {"accuracy", "examples", "loss", "preferenceAccuracy"}
+    for key, value in whole.items():
+        assert combined[key] == pytest.approx(value, rel=1e-6), key
