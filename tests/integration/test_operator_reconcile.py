@@ -174,3 +174,62 @@ def test_deleted_run_forgotten() -> None:
     rec = reconciler(FakeCluster(), {}, metrics)
     assert rec.reconcile("ml", "demo").plan is None
     assert metrics.snapshots() == {}
+
+
+def test_the_estimate_counts_a_hugging_face_models_real_parameters(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.from in another bucket, read once with the run's Secret: the estimate in
+    the status counts config.json's parameters, not the built-in model's defaults."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = s3_server.create_bucket("hf-estimate")
+    models = s3_server.create_bucket("hf-models")
+    config = {
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+    }
+    s3_server.client().put_object(
+        Bucket=models, Key="qwen/config.json", Body=json.dumps(config).encode()
+    )
+    secret = {
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+    }
+    run = {
+        "metadata": {"name": "ft", "namespace": "ml", "uid": "u", "generation": 1},
+        "spec": {
+            "model": {"from": f"s3://{models}/qwen"},
+            "storage": {
+                "s3": {
+                    "bucket": bucket,
+                    "endpoint": s3_server.endpoint,
+                    "credentialsSecret": "s3-creds",
+                }
+            },
+            "stages": [{"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 10}}],
+        },
+    }
+    fake = FakeApi(run, {"s3-creds": secret})
+    reads = []
+    rec = Reconciler(fake, OperatorConfig(), OperatorMetrics())
+    real_factory = rec.store_factory
+
+    def counting(s3: Any, credentials: Any) -> Any:
+        reads.append(s3.bucket)
+        return real_factory(s3, credentials)
+
+    rec.store_factory = counting
+    rec.reconcile("ml", "ft")
+    rec.reconcile("ml", "ft")
+    # Qwen2.5-0.5B's published size.
+    assert fake.run["status"]["estimate"]["parameters"] == 494_032_768
+    assert reads.count(models) == 1

@@ -119,7 +119,7 @@ class Telemetry:
             {"run": base.run or "", "namespace": base.namespace or "", "stage": base.stage or ""}
         )
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.collector)  # type: ignore[arg-type]
+        self.registry.register(self.collector)
         self.port: int | None = None
         if serve_metrics and metrics_port:
             server, _ = start_http_server(metrics_port, registry=self.registry)

@@ -40,16 +40,18 @@ Behaviour worth knowing:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetrain.core.hf_config import ModelConfig
 from kubetrain_trainer.hf import rope as rope_fns
-from kubetrain_trainer.hf.config import ModelConfig
 
 PAD_DOCUMENT = -1  # the document id of padding: it attends only to other padding
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
@@ -229,6 +231,8 @@ class RotaryEmbedding(nn.Module):
         # Computed from the config, never loaded or saved.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    inv_freq: torch.Tensor
+
     def reset_buffers(self) -> None:
         inv_freq, _ = rope_fns.inverse_frequencies(self.rope, self.head_dim)
         self.inv_freq.copy_(inv_freq)
@@ -381,8 +385,9 @@ class CausalLM(nn.Module):
                 nn.init.zeros_(module.bias)
             if isinstance(module, RMSNorm | nn.LayerNorm):
                 nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    nn.init.zeros_(bias)
 
     def forward(
         self,
