@@ -13,7 +13,13 @@ import pytest
 
 from kubetrain.core.api import RunPhase, TrainingRunStatus
 from kubetrain.core.layout import StageLayout
-from kubetrain.operator.caches import ProgressReader, SecretCache, StoreCache, open_run_store
+from kubetrain.operator.caches import (
+    ArchitectureReader,
+    ProgressReader,
+    SecretCache,
+    StoreCache,
+    open_run_store,
+)
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.handlers import Reconciler, silence_credential_loggers
 from kubetrain.operator.metrics import OperatorMetrics
@@ -32,13 +38,20 @@ def reconciler(
 ) -> Reconciler:
     """The operator's reconciler over ``cluster``, reading the run's Secret from
     ``secrets`` and its store with real S3 clients."""
-    progress = ProgressReader(
-        SecretCache(lambda ns, name: dict(secrets[name]), ttl=60),
-        StoreCache(store_factory),
-        OperatorConfig().poll_interval_seconds,
-    )
+    secret_cache = SecretCache(lambda ns, name: dict(secrets[name]), ttl=60)
+    stores = StoreCache(store_factory)
+    interval = OperatorConfig().poll_interval_seconds
+    progress = ProgressReader(secret_cache, stores, interval)
     kwargs = {"clock": clock} if clock is not None else {}
-    return Reconciler(cluster, cluster, OperatorConfig(), metrics, progress, **kwargs)
+    return Reconciler(
+        cluster,
+        cluster,
+        OperatorConfig(),
+        metrics,
+        progress,
+        architectures=ArchitectureReader(secret_cache, stores, interval),
+        **kwargs,
+    )
 
 
 def test_reconcile_reads_progress_with_run_secret_and_hands_over(
@@ -218,18 +231,16 @@ def test_the_estimate_counts_a_hugging_face_models_real_parameters(
             "stages": [{"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 10}}],
         },
     }
-    fake = FakeApi(run, {"s3-creds": secret})
-    reads = []
-    rec = Reconciler(fake, OperatorConfig(), OperatorMetrics())
-    real_factory = rec.store_factory
-
-    def counting(s3: Any, credentials: Any) -> Any:
-        reads.append(s3.bucket)
-        return real_factory(s3, credentials)
-
-    rec.store_factory = counting
-    rec.reconcile("ml", "ft")
+    cluster = FakeCluster(run)
+    rec = reconciler(cluster, {"s3-creds": secret}, OperatorMetrics())
     rec.reconcile("ml", "ft")
     # Qwen2.5-0.5B's published size.
-    assert fake.run["status"]["estimate"]["parameters"] == 494_032_768
-    assert reads.count(models) == 1
+    assert cluster.status["estimate"]["parameters"] == 494_032_768
+
+    # Read once: a config.json changed under a started run is not read again.
+    bigger = {**config, "num_hidden_layers": 48}
+    s3_server.client().put_object(
+        Bucket=models, Key="qwen/config.json", Body=json.dumps(bigger).encode()
+    )
+    rec.reconcile("ml", "ft")
+    assert cluster.status["estimate"]["parameters"] == 494_032_768
