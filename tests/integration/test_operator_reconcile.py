@@ -13,7 +13,13 @@ import pytest
 
 from kubetrain.core.api import RunPhase, TrainingRunStatus
 from kubetrain.core.layout import StageLayout
-from kubetrain.operator.caches import ProgressReader, SecretCache, StoreCache, open_run_store
+from kubetrain.operator.caches import (
+    ArchitectureReader,
+    ProgressReader,
+    SecretCache,
+    StoreCache,
+    open_run_store,
+)
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.handlers import Reconciler, silence_credential_loggers
 from kubetrain.operator.metrics import OperatorMetrics
@@ -32,13 +38,20 @@ def reconciler(
 ) -> Reconciler:
     """The operator's reconciler over ``cluster``, reading the run's Secret from
     ``secrets`` and its store with real S3 clients."""
-    progress = ProgressReader(
-        SecretCache(lambda ns, name: dict(secrets[name]), ttl=60),
-        StoreCache(store_factory),
-        OperatorConfig().poll_interval_seconds,
-    )
+    secret_cache = SecretCache(lambda ns, name: dict(secrets[name]), ttl=60)
+    stores = StoreCache(store_factory)
+    interval = OperatorConfig().poll_interval_seconds
+    progress = ProgressReader(secret_cache, stores, interval)
     kwargs = {"clock": clock} if clock is not None else {}
-    return Reconciler(cluster, cluster, OperatorConfig(), metrics, progress, **kwargs)
+    return Reconciler(
+        cluster,
+        cluster,
+        OperatorConfig(),
+        metrics,
+        progress,
+        architectures=ArchitectureReader(secret_cache, stores, interval),
+        **kwargs,
+    )
 
 
 def test_reconcile_reads_progress_with_run_secret_and_hands_over(
@@ -174,3 +187,60 @@ def test_deleted_run_forgotten() -> None:
     rec = reconciler(FakeCluster(), {}, metrics)
     assert rec.reconcile("ml", "demo").plan is None
     assert metrics.snapshots() == {}
+
+
+def test_the_estimate_counts_a_hugging_face_models_real_parameters(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.from in another bucket, read once with the run's Secret: the estimate in
+    the status counts config.json's parameters, not the built-in model's defaults."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    bucket = s3_server.create_bucket("hf-estimate")
+    models = s3_server.create_bucket("hf-models")
+    config = {
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+    }
+    s3_server.client().put_object(
+        Bucket=models, Key="qwen/config.json", Body=json.dumps(config).encode()
+    )
+    secret = {
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+    }
+    run = {
+        "metadata": {"name": "ft", "namespace": "ml", "uid": "u", "generation": 1},
+        "spec": {
+            "model": {"from": f"s3://{models}/qwen"},
+            "storage": {
+                "s3": {
+                    "bucket": bucket,
+                    "endpoint": s3_server.endpoint,
+                    "credentialsSecret": "s3-creds",
+                }
+            },
+            "stages": [{"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 10}}],
+        },
+    }
+    cluster = FakeCluster(run)
+    rec = reconciler(cluster, {"s3-creds": secret}, OperatorMetrics())
+    rec.reconcile("ml", "ft")
+    # Qwen2.5-0.5B's published size.
+    assert cluster.status["estimate"]["parameters"] == 494_032_768
+
+    # Read once: a config.json changed under a started run is not read again.
+    bigger = {**config, "num_hidden_layers": 48}
+    s3_server.client().put_object(
+        Bucket=models, Key="qwen/config.json", Body=json.dumps(bigger).encode()
+    )
+    rec.reconcile("ml", "ft")
+    assert cluster.status["estimate"]["parameters"] == 494_032_768

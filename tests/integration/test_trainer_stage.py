@@ -5,6 +5,7 @@ endpoint (moto's server), tiny models on CPU."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -398,3 +399,61 @@ def test_two_process_torchrun_gloo(s3_server: S3Server) -> None:
     # Both ranks' batches count: 6 steps × 2 processes × 4 sequences × 32 tokens.
     assert progress.tokens == 6 * 2 * 4 * 32
     assert st.store.get_text(layout.FINAL) == "checkpoints/step-000006"
+
+
+# --------------------------------------------------------------------------- hf model
+
+
+def _upload_folder(store: ObjectStore, folder: Path) -> None:
+    for path in folder.iterdir():
+        store.put_file(path.name, path)
+
+
+def test_a_hugging_face_model_from_s3_trains_alike_in_one_and_two_processes(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """model.from on S3, chat data on S3: two processes with batch 4 see the same
+    examples per step as one process with 2 micro-batches of 4, and the loss (a mean
+    over the step's target tokens) and the weights come out the same."""
+    from tests.support.hfmodels import tiny_llama
+    from tests.support.services import free_port
+
+    bucket = s3_server.create_bucket("hf-ddp")
+    root = open_store(f"s3://{bucket}", endpoint=s3_server.endpoint)
+    tiny_llama(tmp_path / "tiny", seed=0)
+    _upload_folder(root.child("models/tiny"), tmp_path / "tiny")
+    rows = [
+        {"prompt": f"Q: {a}+{b}", "completion": str(a + b)} for a in range(10) for b in range(7)
+    ]
+    root.put_bytes("data/sft.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    hp = {"maxSteps": 4, "seqLen": 64, "logEvery": 1, "learningRate": 1e-3}
+    data = {"source": f"s3://{bucket}/data/sft.jsonl", "evalExamples": 7}
+    runs = {
+        "two": {"resources": {"processesPerNode": 2}, "hyperparameters": {**hp, "batchSize": 1}},
+        "one": {"hyperparameters": {**hp, "batchSize": 1, "gradientAccumulation": 2}},
+    }
+    results = {}
+    for name, stage in runs.items():
+        spec = spec_for(
+            bucket,
+            s3_server.endpoint,
+            [{"name": name, "type": "sft", "data": data, "checkpointEvery": 4, **stage}],
+            model={"from": f"s3://{bucket}/models/tiny"},
+        )
+        st = start(spec, 0, s3_server, PET_MASTER_PORT=str(free_port()))
+        rc, err = st.wait()
+        assert rc == 0, err[-3000:]
+        record = progress_of(st.store)
+        assert record.phase == "completed" and record.hf_model == st.store.uri(layout.HF_EXPORT)
+        assert st.store.exists(f"{layout.HF_EXPORT}/{layout.MANIFEST}")
+        assert st.store.exists(f"{layout.HF_EXPORT}/model.safetensors")
+        assert record.init_from == f"s3://{bucket}/models/tiny"
+        results[name] = (history(st.store), final_weights(st.store))
+    (two, two_weights), (one, one_weights) = results["two"], results["one"]
+    assert [r.step for r in two] == [r.step for r in one]
+    for a, b in zip(two, one, strict=True):
+        assert a.tokens == b.tokens and (a.loss is None) == (b.loss is None)
+        if a.loss is not None:
+            assert a.loss == pytest.approx(b.loss, rel=1e-4)
+    for key, value in one_weights.items():
+        assert torch.allclose(two_weights[key], value, rtol=1e-4, atol=1e-6), key

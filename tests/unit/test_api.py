@@ -54,6 +54,31 @@ def test_defaults_are_filled_in() -> None:
     assert spec.budget.action.value == "Suspend"
 
 
+def test_model_fields_default_to_the_builtin_model_or_come_from_a_model_folder() -> None:
+    from kubetrain.core.architecture import builtin
+
+    spec = parse_spec({"stages": [{"name": "pre", "type": "pretrain"}]})
+    assert spec.model.layers is None and builtin(spec.model).layers == 2
+    assert spec.model.context_limit == 64
+    # Defaults still take part in the checks: 3 heads cannot divide the default width.
+    with pytest.raises(ManifestError, match=r"model\.heads=3 must divide model\.dim=64"):
+        parse_spec({"model": {"heads": 3}, "stages": [{"name": "p", "type": "pretrain"}]})
+    # With `from`, config.json gives what the manifest leaves out, so a long seqLen and a
+    # lone heads value are for the trainer to check against it.
+    hf = {"from": "s3://models/llama", "heads": 3}
+    spec = parse_spec(
+        {"model": hf, "stages": [{"name": "s", "type": "sft", "hyperparameters": {"seqLen": 4096}}]}
+    )
+    assert spec.model.context_limit is None
+    with pytest.raises(ManifestError, match=r"seqLen=4096 exceeds model\.contextLength=2048"):
+        parse_spec(
+            {
+                "model": {**hf, "contextLength": 2048},
+                "stages": [{"name": "s", "type": "sft", "hyperparameters": {"seqLen": 4096}}],
+            }
+        )
+
+
 # (case id, manifest, field path the message must name, words the message must contain)
 BAD: list[tuple[str, dict[str, Any], str, str]] = [
     ("layers-wrong-type", with_change("spec.model.layers", "two"), "spec.model.layers", "integer"),

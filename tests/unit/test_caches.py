@@ -1,11 +1,13 @@
 """What the operator reads besides its informers, and how seldom: a Secret once per
 TTL, one S3 client per bucket, endpoint, region and credentials, and progress records
 at most once per poll interval, only for a stage with a Job, at once when that Job
-completes, with FINAL asked for only then."""
+completes, with FINAL asked for only then; a Hugging Face model's config.json once per
+namespace and model.from, and after a failure only once the retry interval passed."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,12 @@ import pytest
 
 from kubetrain.core.api import S3Storage
 from kubetrain.core.store import FileStore, ObjectStore
-from kubetrain.operator.caches import ProgressReader, SecretCache, StoreCache
+from kubetrain.operator.caches import (
+    ArchitectureReader,
+    ProgressReader,
+    SecretCache,
+    StoreCache,
+)
 from tests.unit.planworld import manifest
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret-value"}
@@ -185,3 +192,103 @@ def test_a_run_without_a_store_or_finished_reads_nothing(
     }
     assert progress.read(done, [job("sft", "j2", complete=True)]) == {}
     assert store_log == []
+
+
+QWEN = {
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+}
+
+
+class Models:
+    """An ArchitectureReader over a folder per bucket under ``root``, logging Secret
+    reads and store requests; ``secret_error`` makes the Secret unreadable."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.clock = Clock()
+        self.secret_reads: list[tuple[str, str]] = []
+        self.requests: list[tuple[str, str]] = []
+        self.secret_error: Exception | None = None
+        secrets = SecretCache(self._secret, ttl=60, clock=self.clock)
+        stores = StoreCache(lambda s3, creds: CountingStore(str(root / s3.bucket), self.requests))
+        self.reader = ArchitectureReader(secrets, stores, retry_after=15, clock=self.clock)
+
+    def _secret(self, namespace: str, name: str) -> dict[str, str]:
+        self.secret_reads.append((namespace, name))
+        if self.secret_error is not None:
+            raise self.secret_error
+        return dict(CREDENTIALS)
+
+    def put(self, key: str, text: str) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def run(self, model_from: str, namespace: str = "ml", name: str = "demo") -> dict[str, Any]:
+        run = manifest(model={"from": model_from})
+        run["metadata"].update(namespace=namespace, name=name)
+        return run
+
+
+def test_a_models_config_is_read_once_per_namespace_with_the_runs_secret(
+    tmp_path: Path,
+) -> None:
+    m = Models(tmp_path)
+    m.put("models/qwen/config.json", json.dumps(QWEN))
+    cfg = m.reader.read(m.run("s3://models/qwen"), [])
+    assert cfg is not None and (cfg.model_type, cfg.num_layers) == ("qwen2", 24)
+    assert m.secret_reads == [("ml", "s3-creds")]
+    requests = len(m.requests)
+    assert requests > 0
+    m.put("models/qwen/config.json", json.dumps({**QWEN, "num_hidden_layers": 48}))
+    for name in ("demo", "other"):  # again, and another run of the namespace
+        assert m.reader.read(m.run("s3://models/qwen", name=name), []) == cfg
+    assert len(m.requests) == requests
+    elsewhere = m.reader.read(m.run("s3://models/qwen", namespace="team-b"), [])
+    assert elsewhere is not None and elsewhere.num_layers == 48
+    assert m.secret_reads[-1] == ("team-b", "s3-creds")
+
+
+def test_a_kubetrain_checkpoint_or_a_file_path_is_no_hugging_face_model(tmp_path: Path) -> None:
+    m = Models(tmp_path)
+    m.put("models/base/FINAL", "checkpoints/step-000100")
+    assert m.reader.read(m.run("s3://models/base"), []) is None
+    requests = len(m.requests)
+    assert m.reader.read(m.run("s3://models/base"), []) is None
+    assert len(m.requests) == requests  # known: not asked again
+    # A file:// path is on the trainers' volumes: the operator does not look.
+    assert m.reader.read(m.run("file:///models/qwen"), []) is None
+    assert m.reader.read(manifest(), []) is None  # no model.from
+    assert len(m.requests) == requests
+
+
+def test_a_failed_read_is_tried_again_only_after_the_retry_interval(tmp_path: Path) -> None:
+    m = Models(tmp_path)
+    run = m.run("s3://models/qwen")
+    m.put("models/qwen/config.json", "{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        m.reader.read(run, [])
+    requests = len(m.requests)
+    m.put("models/qwen/config.json", json.dumps(QWEN))
+    m.clock.now += 14
+    assert m.reader.read(run, []) is None  # waits for its retry
+    assert len(m.requests) == requests
+    m.clock.now += 1
+    cfg = m.reader.read(run, [])
+    assert cfg is not None and cfg.num_layers == 24
+
+    m.secret_error = PermissionError("secrets is forbidden")
+    other = m.run("s3://models/qwen", namespace="team-b")
+    with pytest.raises(PermissionError):
+        m.reader.read(other, [])
+    m.secret_error = None
+    assert m.reader.read(other, []) is None
+    m.clock.now += 15
+    assert m.reader.read(other, []) == cfg

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kubetrain.cli.main import main
 from kubetrain.core.accounting import (
+    ACCELERATORS,
     estimate_params_tokens,
     estimate_run,
     flops_per_token,
     parameter_count,
 )
 from kubetrain.core.api import ModelSpec, Pricing, parse_spec
+from kubetrain.core.hf_config import flops_per_token as hf_flops
+from kubetrain.core.hf_config import parameter_count as hf_parameter_count
+from kubetrain.core.hf_config import read_config
+from kubetrain.core.records import ProgressRecord, write_progress
+from kubetrain.core.store import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,7 +109,10 @@ def test_estimate_cli(capsys: pytest.CaptureFixture[str]) -> None:
         assert word in out
     assert main(["estimate", "--params", "70e9", "--tokens", "15e12", "--gpu", "h100"]) == 0
     out = capsys.readouterr().out
-    assert "6.3e+24" in out and "4,423,660" in out
+    assert "6.3e+24" in out and "6,319,515" in out
+    # The --params path is plain 6·N·D and says so.
+    assert "attention term" not in out.replace("no attention term", "")
+    assert "Llama 3 70B" in out
 
 
 def test_estimate_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -110,3 +121,118 @@ def test_estimate_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["estimate", "--params", "7e9", "--tokens", "1e12", "--gpu", "tpu9"]) == 2
     err = capsys.readouterr().err
     assert "tpu9" in err and "h100" in err
+
+
+def test_default_mfu_reproduces_published_runs() -> None:
+    """Meta trained Llama 3 70B on 15T tokens in 6.4M H100-hours and Llama 2 70B on 2T
+    tokens in 1.72M A100-hours: the calibrated defaults land within 5% of both."""
+    llama3 = estimate_params_tokens(70e9, 15e12, gpu="h100")
+    assert llama3.gpu_hours == pytest.approx(6.4e6, rel=0.05)
+    llama2 = estimate_params_tokens(70e9, 2e12, gpu="a100")
+    assert llama2.gpu_hours == pytest.approx(1_720_320, rel=0.10)
+    for acc in ACCELERATORS.values():
+        assert 0 < acc.mfu <= 1 and acc.mfu_source, acc.name
+
+
+def test_dpo_counts_both_sequences_and_the_reference() -> None:
+    stage = {
+        "name": "dpo",
+        "type": "dpo",
+        "hyperparameters": {"maxSteps": 10, "batchSize": 4},
+        "resources": {"gpusPerNode": 1, "gpuType": "a100"},
+    }
+    spec = parse_spec(
+        {
+            "model": {"layers": 2, "heads": 2, "dim": 64, "contextLength": 64, "from": "file:///m"},
+            "stages": [stage],
+        }
+    )
+    est = estimate_run(spec, mfu=0.5).stages[0]
+    # 10 steps · 4 pairs · 2 sequences (chosen and rejected) · 64 tokens.
+    assert est.tokens == 10 * 4 * 2 * 64
+    # Per token: the policy's forward and backward, and the reference's forward (a third).
+    assert est.flops == pytest.approx(est.tokens * (6 * 115264 + 98304) * 4 / 3)
+
+
+def _hf_folder(tmp_path: Path, **overrides: object) -> Path:
+    config = {
+        "model_type": "llama",
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        **overrides,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def _hf_manifest(tmp_path: Path, folder: Path, model: dict[str, object]) -> Path:
+    doc = {
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "ft"},
+        "spec": {
+            "model": {"from": folder.as_uri(), **model},
+            "stages": [{"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 5}}],
+        },
+    }
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_a_hugging_face_model_is_estimated_from_its_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "model").mkdir()
+    folder = _hf_folder(tmp_path / "model")
+    cfg = read_config(folder)
+    spec = parse_spec(
+        {"model": {"from": folder.as_uri()}, "stages": [{"name": "s", "type": "sft"}]}
+    )
+    est = estimate_run(spec, architecture=cfg)
+    assert est.parameters == hf_parameter_count(cfg)
+    # seqLen defaults to 1024 for a `from` model whose contextLength is not given.
+    assert est.stages[0].tokens == 100 * 16 * 1024
+    assert est.stages[0].flops == pytest.approx(est.stages[0].tokens * hf_flops(cfg, 1024))
+    manifest = _hf_manifest(tmp_path, folder, {})
+    assert main(["estimate", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert f"{est.parameters:,} parameters (llama, 3 layers" in out
+    mismatch = _hf_manifest(tmp_path, folder, {"layers": 24, "dim": 64})
+    assert main(["estimate", str(mismatch)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers=24 but config.json has num_hidden_layers=3" in err
+    assert "dim" not in err.split("model.layers")[1]  # dim agrees: not reported
+
+
+def test_the_estimate_uses_the_mfu_earlier_runs_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = open_store(tmp_path.as_uri())
+    for run, mfu in (("a", 0.31), ("b", 0.35), ("c", 0.5)):
+        record = ProgressRecord(phase="completed", mfu=mfu, accelerator="h100", step=1)
+        write_progress(store, f"default/{run}/sft/progress.json", record)
+    # Not counted: a stage that did not complete, another accelerator class.
+    write_progress(
+        store,
+        "default/d/sft/progress.json",
+        ProgressRecord(phase="failed", mfu=0.9, accelerator="h100"),
+    )
+    write_progress(
+        store,
+        "default/e/sft/progress.json",
+        ProgressRecord(phase="completed", mfu=0.1, accelerator="a100"),
+    )
+    args = ["estimate", "--params", "7e9", "--tokens", "1e12", "--store", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "MFU 35% on h100 (measured: median of 3 earlier stages in" in out
+    est = estimate_params_tokens(7e9, 1e12, mfu=0.35)
+    assert f"{est.gpu_hours:,.0f}" in out
+    assert main([*args, "--mfu", "0.5"]) == 0
+    assert "MFU 50% on h100 (given)" in capsys.readouterr().out

@@ -17,9 +17,9 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from kubetrain.core.hf_config import ModelFormatError
 from kubetrain_trainer.data import IGNORE
 from kubetrain_trainer.hf import records
-from kubetrain_trainer.hf.config import ModelFormatError
 from kubetrain_trainer.hf.examples import TokenizedExample
 from kubetrain_trainer.hf.packing import pack_rows, pad_batch, pair_batch, plan_rows
 from kubetrain_trainer.hf.records import DataFormatError, dpo_example, sft_example

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from kubetrain_trainer.hf.config import (
+from kubetrain.core.hf_config import (
     ModelFormatError,
     flops_per_token,
     from_hf_config,

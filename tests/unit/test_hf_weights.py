@@ -12,8 +12,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from kubetrain.core.hf_config import ModelFormatError
 from kubetrain_trainer.hf import weights
-from kubetrain_trainer.hf.config import ModelFormatError
 from kubetrain_trainer.hf.weights import load_pretrained, local_folder, save_pretrained
 from tests.unit.test_hf_model import FAMILIES, reference, tokens
 

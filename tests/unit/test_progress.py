@@ -57,6 +57,15 @@ def test_record_applied() -> None:
     assert st.checkpoint.endswith("step-000025")
 
 
+def test_the_hugging_face_export_reaches_the_stage_status() -> None:
+    uri = "s3://b/p/ml/r/pretrain/hf"
+    record = ProgressRecord(step=100, total_steps=100, phase="completed", hf_model=uri)
+    st = apply_record(STAGE, SPEC.model, StageStatus(name="pretrain"), record)
+    assert st.hf_model == uri
+    assert StageStatus.model_validate(st.model_dump(by_alias=True)).hf_model == uri
+    assert "hfModel" in st.model_dump(by_alias=True)
+
+
 def test_numbers_never_go_backwards() -> None:
     before = StageStatus(name="pretrain", step=50, tokens=1000, energy_joules=5.0)
     older = ProgressRecord(step=10, tokens=10, energy_joules=1)
@@ -134,7 +143,8 @@ def test_read_records_from_store(tmp_path: Path) -> None:
     write_progress(store, folder.progress, ProgressRecord(step=3))
     store.put_bytes(folder.final, b"checkpoints/step-000003")
     records = read_stage_records(store, "ml", "demo", ["pretrain", "sft"])
-    assert records["pretrain"].progress == ProgressRecord(step=3) and records["pretrain"].final
+    written = ProgressRecord(step=3).updated(format=ProgressRecord.FORMAT)
+    assert records["pretrain"].progress == written and records["pretrain"].final
     assert records["sft"].progress is None and not records["sft"].final
 
 

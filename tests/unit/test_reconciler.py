@@ -6,11 +6,14 @@ it removes so that deleting a run never hangs."""
 
 from __future__ import annotations
 
+import json
+import logging
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from kubetrain.core.hf_config import ModelConfig, parse_config
 from kubetrain.core.records import ProgressRecord
 from kubetrain.operator import plan as planner
 from kubetrain.operator.config import OperatorConfig
@@ -37,8 +40,23 @@ class Records:
         pass
 
 
+class Models:
+    """The config.json of the run's model.from as the test says it can be read: an
+    error to raise, or the config."""
+
+    def __init__(self) -> None:
+        self.found: ModelConfig | Exception = OSError("connection refused")
+
+    def read(self, run: dict[str, Any], jobs: list[dict[str, Any]]) -> ModelConfig | None:
+        if isinstance(self.found, Exception):
+            raise self.found
+        return self.found
+
+
 class Harness:
-    def __init__(self, run: dict[str, Any] | None = None, **config: Any):
+    def __init__(
+        self, run: dict[str, Any] | None = None, models: Models | None = None, **config: Any
+    ):
         self.cluster = FakeCluster(run if run is not None else manifest())
         self.records = Records()
         self.metrics = OperatorMetrics()
@@ -53,6 +71,7 @@ class Harness:
             clock=lambda: self.now,
             monotonic=lambda: self.mono,
             jitter=lambda: 1.0,  # the top of the ±10% spread
+            architectures=models,  # type: ignore[arg-type]
         )
 
     def tick(self, seconds: float) -> None:
@@ -246,3 +265,32 @@ def test_a_run_that_is_gone_is_forgotten() -> None:
     h.cluster.stored = None
     assert h.reconcile().plan is None
     assert h.metrics.snapshots() == {}
+
+
+def test_an_unreadable_model_from_neither_blocks_nor_fails_the_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Until the config.json of model.from can be read, the estimate counts the
+    manifest's model and the stage starts anyway; once read, the estimate counts the
+    model's real parameters."""
+    models = Models()
+    h = Harness(manifest(model={"from": "s3://models/qwen"}), models)
+    caplog.set_level(logging.WARNING, "kubetrain.operator")
+    h.reconcile()
+    assert "demo-pretrain" in h.cluster.jobs_by_name
+    manifests = h.cluster.status["estimate"]["parameters"]
+    assert "cannot read model.from: connection refused" in caplog.text
+    qwen = {
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+    }
+    models.found = parse_config(json.dumps(qwen), where="s3://models/qwen/config.json")
+    h.reconcile()
+    assert h.cluster.status["estimate"]["parameters"] == 494_032_768 != manifests

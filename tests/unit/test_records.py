@@ -72,14 +72,15 @@ def store(tmp_path: Path) -> ObjectStore:
 def test_progress_round_trip(store: ObjectStore) -> None:
     record = ProgressRecord.model_validate(UNVERSIONED_PROGRESS)
     write_progress(store, "progress.json", record)
-    assert read_progress(store, "progress.json") == record.updated(format="1.0")
+    assert read_progress(store, "progress.json") == record.updated(format=ProgressRecord.FORMAT)
     assert read_progress(store, "absent.json") is None
 
 
 def test_metrics_round_trip(store: ObjectStore) -> None:
     lines = [MetricsLine(step=s, loss=1.0 / s, eval={"accuracy": s / 10}) for s in (1, 2, 3)]
     write_metrics(store, "metrics.jsonl", lines)
-    assert read_metrics(store, "metrics.jsonl") == lines
+    written = [line.updated(format=MetricsLine.FORMAT) for line in lines]
+    assert read_metrics(store, "metrics.jsonl") == written
     assert read_metrics(store, "absent.jsonl") == []
 
 
@@ -91,7 +92,7 @@ def test_manifest_round_trip(store: ObjectStore) -> None:
 
 def test_the_wire_keeps_the_keys_the_trainer_always_wrote() -> None:
     wire = json.loads(ProgressRecord.model_validate(UNVERSIONED_PROGRESS).to_json())
-    assert wire == {**UNVERSIONED_PROGRESS, "format": "1.0"}
+    assert wire == {**UNVERSIONED_PROGRESS, "format": ProgressRecord.FORMAT}
     manifest = json.loads(MANIFEST.to_json())
     assert manifest["files"]["model.pt"] == {"bytes": 10, "sha256": SHA}
     assert {"format", "files", "step", "run", "stage", "createdAt"} == set(manifest)
@@ -130,7 +131,8 @@ def test_a_newer_minor_with_an_extra_field_reads() -> None:
     newer = {**UNVERSIONED_PROGRESS, "format": "1.7", "gradNorm": 0.9, "eval": {"bleu": 0.2}}
     record = ProgressRecord.from_json(json.dumps(newer), "progress.json")
     assert record is not None and record.format == "1.7" and record.eval == {"bleu": 0.2}
-    assert "gradNorm" not in record.to_json() and json.loads(record.to_json())["format"] == "1.0"
+    written = json.loads(record.to_json())
+    assert "gradNorm" not in written and written["format"] == ProgressRecord.FORMAT
     manifest = {**json.loads(MANIFEST.to_json()), "format": "1.2", "compression": "zstd"}
     manifest["files"]["model.pt"]["crc32c"] = "abcd"
     assert CheckpointManifest.from_json(json.dumps(manifest), "MANIFEST.json") == MANIFEST.updated(

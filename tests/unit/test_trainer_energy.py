@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from kubetrain_trainer.energy import (
+    MAX_PACKAGE_WATTS,
+    MAX_POLL_SECONDS,
     EstimateMeter,
     PowerIntegrator,
     RaplMeter,
@@ -16,6 +18,7 @@ from kubetrain_trainer.energy import (
     open_meter,
     rapl_zones,
 )
+from tests.support.wait import wait_for
 
 
 class FakeClock:
@@ -65,13 +68,39 @@ def test_rapl_meter_sums_packages_and_handles_wraparound(tmp_path: Path) -> None
     zones = rapl_zones(str(tmp_path))
     assert [z.name for z in zones] == ["intel-rapl:0", "intel-rapl:1"]
     clock = FakeClock()
-    meter = RaplMeter(zones, clock)
+    meter = RaplMeter(zones, clock, poll_seconds=3600)
     assert meter.source == "rapl"
     (z0 / "energy_uj").write_text("4000000\n")  # wrapped: +1 J +4 J
     (z1 / "energy_uj").write_text("15000000\n")  # +10 J
     clock.t += 5
     assert meter.read() == pytest.approx(15.0)
     assert meter.power_watts == pytest.approx(3.0)
+
+
+def test_rapl_wraps_between_two_reads_are_counted(tmp_path: Path) -> None:
+    """Progress records can be further apart than a RAPL counter takes to wrap twice:
+    the meter's own sampler sees every wrap, so read() still counts all the energy."""
+    zone = _zone(tmp_path, "intel-rapl:0", 0, 1_000_000_000)  # wraps every 1000 J
+    meter = RaplMeter([zone], poll_seconds=0.005)
+    try:
+        # 2.5 wraps between two reads: 600 J, 1200 J, 1900 J, 2500 J.
+        for value in (600_000_000, 200_000_000, 900_000_000, 500_000_000):
+            seen = meter.samples
+            (zone / "energy_uj").write_text(f"{value}\n")
+            wait_for(
+                lambda seen=seen: meter.samples >= seen + 2,
+                timeout=10,
+                what="the RAPL sampler reading the counter",
+                interval=0.001,
+            )
+        assert meter.read() == pytest.approx(2500.0)
+    finally:
+        meter.close()
+
+
+def test_the_sampler_reads_at_least_twice_per_wrap() -> None:
+    # 262 kJ at 1 kW wraps in 262 s; the meter reads at least every 10 s anyway.
+    assert MAX_POLL_SECONDS <= 262_143_328_850 / 1e6 / MAX_PACKAGE_WATTS / 2
 
 
 def test_estimate_uses_configured_watts(tmp_path: Path) -> None:

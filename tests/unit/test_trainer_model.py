@@ -9,6 +9,7 @@ import torch
 
 from kubetrain.core.accounting import parameter_count
 from kubetrain.core.api import ModelSpec
+from kubetrain.core.architecture import builtin
 from kubetrain_trainer import tokenizer as tok
 from kubetrain_trainer.data import IGNORE, ArithmeticSFT, collate
 from kubetrain_trainer.model import build_model
@@ -31,7 +32,7 @@ def test_decode_stops_at_eos_and_survives_invalid_utf8() -> None:
 
 
 def test_tokenizer_fits_the_smallest_vocabulary_the_api_allows() -> None:
-    assert tok.VOCAB_SIZE == ModelSpec().vocab_size == 260
+    assert tok.VOCAB_SIZE == builtin(ModelSpec()).vocab_size == 260
 
 
 @pytest.mark.parametrize(

@@ -20,14 +20,16 @@ import hashlib
 import logging
 import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import torch
 
 from kubetrain.core import contract, layout
+from kubetrain.core.hf_config import ModelConfig
 from kubetrain.core.layout import StageLayout
 from kubetrain.core.records import (
     CheckpointManifest,
@@ -38,6 +40,7 @@ from kubetrain.core.records import (
     write_pointer,
 )
 from kubetrain.core.store import ObjectStore, open_store
+from kubetrain_trainer.hf import weights
 
 log = logging.getLogger("kubetrain_trainer.checkpoint")
 
@@ -109,7 +112,7 @@ def save_files(
             path = Path(tmp) / f"{name}.pt"
             with open(path, "wb") as fh:
                 out = _HashingWriter(fh)
-                torch.save(obj, cast(IO[bytes], out))  # a write-only file object
+                torch.save(obj, cast(BinaryIO, out))
             entries[path.name] = FileEntry(size=out.size, sha256=out.sha256.hexdigest())
             # Each file uploads as soon as it is written, while the next one serialises
             # (boto3 clients are thread-safe; one stream per file rarely fills the link).
@@ -125,6 +128,41 @@ def save_files(
     )
     write_manifest(store, f"{key}/{layout.MANIFEST}", manifest)
     return manifest.total_bytes
+
+
+def export_hf(
+    store: ObjectStore,
+    key: str,
+    cfg: ModelConfig,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: Path | None,
+    step: int | None = None,
+    run: str | None = None,
+    stage: str | None = None,
+) -> str:
+    """Write a model as a Hugging Face folder at ``key`` (``hf/`` of a stage folder):
+    safetensors in the model's published dtype, config.json, generation config and the
+    tokenizer files of ``source``, so transformers and vLLM load it as it is. As with
+    checkpoints, ``MANIFEST.json`` is written last: a folder without it is an
+    interrupted export and nobody starts from it. Returns the folder's URI."""
+    store.delete_prefix(key + "/")
+    with tempfile.TemporaryDirectory(prefix="kubetrain-hf-") as tmp:
+        folder = weights.save_pretrained(cfg, state, Path(tmp) / "hf", source=source)
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        entries = {p.name: FileEntry(size=p.stat().st_size, sha256=_sha256(p)) for p in files}
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
+            for upload in [pool.submit(store.put_file, f"{key}/{p.name}", p) for p in files]:
+                upload.result()
+    manifest = CheckpointManifest(
+        files=entries,
+        step=step,
+        run=run,
+        stage=stage,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    write_manifest(store, f"{key}/{layout.MANIFEST}", manifest)
+    return store.uri(key)
 
 
 def load_files(

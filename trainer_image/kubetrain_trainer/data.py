@@ -30,6 +30,8 @@ import torch
 from kubetrain.core import contract
 from kubetrain.core import store as kstore
 from kubetrain_trainer import tokenizer as tok
+from kubetrain_trainer.hf.examples import HeldOut
+from kubetrain_trainer.hf.model import PAD_DOCUMENT
 
 IGNORE = -100  # cross_entropy's ignore_index: positions that do not count in the loss
 MAX_OPERAND = 99
@@ -49,7 +51,7 @@ def qa_prompt(a: int, b: int) -> str:
     return f"Q: {a}+{b}\nA: "
 
 
-_FREE_FORMATS = (
+FREE_FORMATS = (
     "{a}+{b}={c}",
     "{a} + {b} = {c}",
     "{a} plus {b} equals {c}",
@@ -110,6 +112,30 @@ class LMBatch:
 
 
 @dataclass
+class PackedBatch:
+    """Inputs (B, T), next-token targets with IGNORE where no loss applies, and the
+    document and position ids the model needs to keep packed examples apart."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    document_ids: torch.Tensor
+    position_ids: torch.Tensor
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.inputs, self.targets, self.document_ids, self.position_ids)
+            )
+        )
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) input tokens: what the model computed on."""
+        return int((self.document_ids != PAD_DOCUMENT).sum())
+
+
+@dataclass
 class PairBatch:
     """DPO: the same prompts with the chosen and with the rejected response."""
 
@@ -166,11 +192,15 @@ class EvalSet:
 
 
 class Dataset:
-    """Maps a global sample index to an example; ``batch`` collates a run of them."""
+    """Maps a global sample index to an example; ``batch`` collates a run of them.
 
-    eval_set: EvalSet
+    ``eval_set`` is an :class:`EvalSet` of strings for the built-in model and a
+    :class:`~kubetrain_trainer.hf.examples.HeldOut` of token ids for a Hugging Face
+    model (:mod:`kubetrain_trainer.hf.datasets`)."""
 
-    def batch(self, start: int, size: int) -> LMBatch | PairBatch:
+    eval_set: EvalSet | HeldOut
+
+    def batch(self, start: int, size: int) -> LMBatch | PackedBatch | PairBatch:
         raise NotImplementedError
 
 
@@ -186,7 +216,7 @@ class ArithmeticPretrain(Dataset):
         ids = [tok.BOS]
         while len(ids) < self.seq_len + 1:
             a, b = _train_problem(rng)
-            line = rng.choice(_FREE_FORMATS).format(a=a, b=b, c=a + b)
+            line = rng.choice(FREE_FORMATS).format(a=a, b=b, c=a + b)
             ids += tok.encode(line + "\n")
         return ids[: self.seq_len + 1]
 
@@ -243,7 +273,7 @@ def _arithmetic_eval(n: int, seed: int) -> EvalSet:
     return EvalSet(qa=qa, pairs=pairs)
 
 
-class _Shuffled:
+class Shuffled:
     """Index -> record of a finite list, reshuffled each epoch with a seeded order."""
 
     def __init__(self, n: int, seed: int):
@@ -261,7 +291,7 @@ class _Shuffled:
         return self._order(index // self.n)[index % self.n]
 
 
-def _split(records: list[_T], eval_examples: int, seed: int) -> tuple[list[_T], list[_T]]:
+def split(records: list[_T], eval_examples: int, seed: int) -> tuple[list[_T], list[_T]]:
     """Seeded split of user records: at most a tenth (and ``eval_examples``) held out."""
     order = list(range(len(records)))
     random.Random(f"split:{seed}").shuffle(order)
@@ -310,8 +340,8 @@ class TextPretrain(Dataset):
     ):
         ids = tok.encode(read_source(uri, s3).decode("utf-8", errors="replace"))
         windows = [ids[i : i + seq_len + 1] for i in range(0, len(ids) - seq_len, seq_len)]
-        train, held = _split(windows, eval_examples, seed)
-        self.windows, self.order = train, _Shuffled(len(train), seed)
+        train, held = split(windows, eval_examples, seed)
+        self.windows, self.order = train, Shuffled(len(train), seed)
         self.eval_set = EvalSet(text=held)
 
     def batch(self, start: int, size: int) -> LMBatch:
@@ -329,8 +359,8 @@ class JsonlSFT(Dataset):
         s3: contract.S3Endpoint | None = None,
     ):
         records = [(p, r) for p, r in _jsonl(uri, ("prompt", "response"), s3)]
-        train, held = _split(records, eval_examples, seed)
-        self.records, self.order, self.seq_len = train, _Shuffled(len(train), seed), seq_len
+        train, held = split(records, eval_examples, seed)
+        self.records, self.order, self.seq_len = train, Shuffled(len(train), seed), seq_len
         self.eval_set = EvalSet(qa=[(p, r) for p, r in held])
 
     def batch(self, start: int, size: int) -> LMBatch:
@@ -349,8 +379,8 @@ class JsonlDPO(Dataset):
         s3: contract.S3Endpoint | None = None,
     ):
         records = [(p, c, r) for p, c, r in _jsonl(uri, ("prompt", "chosen", "rejected"), s3)]
-        train, held = _split(records, eval_examples, seed)
-        self.records, self.order, self.seq_len = train, _Shuffled(len(train), seed), seq_len
+        train, held = split(records, eval_examples, seed)
+        self.records, self.order, self.seq_len = train, Shuffled(len(train), seed), seq_len
         self.eval_set = EvalSet(qa=[(p, c) for p, c, _ in held], pairs=list(held))
 
     def batch(self, start: int, size: int) -> PairBatch:

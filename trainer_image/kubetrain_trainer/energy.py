@@ -5,8 +5,9 @@ Sources, best first, always reported with the number:
   millijoules, Volta and newer); on older GPUs the power reading integrated over time.
 - ``rapl``: on CPU, the package energy counters
   ``/sys/class/powercap/intel-rapl:<n>/energy_uj`` (they wrap at
-  ``max_energy_range_uj``); only one process per node reads them, so DDP ranks sharing
-  a node do not count the same joules twice.
+  ``max_energy_range_uj``, so a background thread reads them often enough to see every
+  wrap); only one process per node reads them, so DDP ranks sharing a node do not count
+  the same joules twice.
 - ``estimate``: configured watts (``KUBETRAIN_POWER_WATTS``, else the accelerator
   table's board power) × wall time.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,10 @@ from kubetrain.core import contract
 log = logging.getLogger("kubetrain_trainer.energy")
 
 Clock = Callable[[], float]
+# The most a CPU package draws (RAPL's counters wrap soonest at this power), and the
+# longest the meter waits between two reads of them.
+MAX_PACKAGE_WATTS = 1000.0
+MAX_POLL_SECONDS = 10.0
 
 
 class WrappingCounter:
@@ -105,21 +111,62 @@ class EstimateMeter(EnergyMeter):
 
 
 class RaplMeter(EnergyMeter):
+    """Package energy from RAPL counters, sampled by a background thread.
+
+    The counters wrap at ``max_energy_range_uj`` (typically 262 kJ: about 12 minutes
+    of a 350 W package), and a wrap is only seen as such when no second one comes
+    before the next read. Progress records can be many minutes apart (``logEvery``
+    steps of a large model), so the meter does not wait for them: it reads the counters
+    at least twice per the shortest wrap period at :data:`MAX_PACKAGE_WATTS`.
+    """
+
     source = "rapl"
 
-    def __init__(self, zones: list[Path], clock: Clock = time.monotonic):
+    def __init__(
+        self,
+        zones: list[Path],
+        clock: Clock = time.monotonic,
+        *,
+        poll_seconds: float | None = None,
+    ):
         super().__init__(clock)
 
         def reader(path: Path) -> Callable[[], int]:
             return lambda: int(path.joinpath("energy_uj").read_text())
 
-        self.counters = [
-            WrappingCounter(reader(z), int(z.joinpath("max_energy_range_uj").read_text()))
-            for z in zones
-        ]
+        ranges = [int(z.joinpath("max_energy_range_uj").read_text()) for z in zones]
+        self.counters = [WrappingCounter(reader(z), r) for z, r in zip(zones, ranges, strict=True)]
+        self.poll_seconds = poll_seconds or min(
+            MAX_POLL_SECONDS, min(ranges, default=0) / 1e6 / MAX_PACKAGE_WATTS / 2
+        )
+        self.samples = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="rapl-sampler", daemon=True)
+        self._thread.start()
+
+    def sample(self) -> float:
+        """Read every counter now; joules since the meter started."""
+        with self._lock:
+            total = sum(c.update() for c in self.counters)
+            self.samples += 1
+        return total / 1e6
+
+    def _poll(self) -> None:
+        warned = False
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.sample()
+            except (OSError, ValueError) as exc:  # unreadable for now: try again next time
+                if not warned:
+                    log.warning("reading the RAPL counters failed (will retry): %s", exc)
+                    warned = True
+
+    def close(self) -> None:
+        self._stop.set()
 
     def _joules(self) -> float:
-        return sum(c.update() for c in self.counters) / 1e6
+        return self.sample()
 
 
 class NvmlMeter(EnergyMeter):

@@ -4,17 +4,15 @@ rejected one?). The same numbers after every stage make the curriculum comparabl
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kubetrain_trainer import tokenizer as tok
-from kubetrain_trainer.data import IGNORE, EvalSet, _pair_batch, _sequence, collate
+from kubetrain_trainer.data import EvalSet, _pair_batch, _sequence, collate
 from kubetrain_trainer.model import GPT
-from kubetrain_trainer.objectives import pair_logprobs
+from kubetrain_trainer.objectives import lm_loss_sum, loss_items, pair_logprobs
 
 BATCH = 64
 
@@ -51,54 +49,81 @@ def greedy_answers(
     return out
 
 
+# What an evaluation sums on each rank (its share of the held-out set), in the order
+# the trainer all-reduces them; :func:`metrics` turns the totals into the metrics.
+SUMS = ("answered", "hits", "loss_sum", "loss_tokens", "pairs", "wins", "texts")
+
+
+def metrics(sums: dict[str, float]) -> dict[str, float]:
+    """``accuracy`` (exact match), ``loss`` (mean CE on answer tokens, or on held-out
+    text), ``preferenceAccuracy`` and ``examples`` from the summed counts."""
+    out: dict[str, float] = {}
+    if sums["answered"]:
+        out["accuracy"] = sums["hits"] / sums["answered"]
+        out["examples"] = sums["answered"]
+    elif sums["texts"]:
+        out["examples"] = sums["texts"]
+    if sums["loss_tokens"]:
+        out["loss"] = sums["loss_sum"] / sums["loss_tokens"]
+    if sums["pairs"]:
+        out["preferenceAccuracy"] = sums["wins"] / sums["pairs"]
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: GPT, eval_set: EvalSet, seq_len: int, device: torch.device) -> dict[str, float]:
-    """Metrics on the held-out set: ``accuracy`` (exact match), ``loss`` (mean CE on
-    answer tokens, or on held-out text), ``preferenceAccuracy``, ``examples``."""
+def evaluate_sums(
+    model: GPT,
+    eval_set: EvalSet,
+    seq_len: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, float]:
+    """The :data:`SUMS` over this rank's share of the held-out set (items ``rank``,
+    ``rank + world``, ...): every rank evaluates, none waits for another."""
     was_training = model.training
     model.eval()
-    metrics: dict[str, float] = {}
+    sums = dict.fromkeys(SUMS, 0.0)
+    qa, text, pairs = (
+        eval_set.qa[rank::world],
+        eval_set.text[rank::world],
+        eval_set.pairs[rank::world],
+    )
     try:
-        if eval_set.qa:
-            prompts = [p for p, _ in eval_set.qa]
-            answers = [a for _, a in eval_set.qa]
+        if qa:
+            answers = [a for _, a in qa]
             longest = max(len(tok.encode(a)) for a in answers)
-            got = greedy_answers(model, prompts, longest + 1, device)
-            hits = sum(g.strip() == a.strip() for g, a in zip(got, answers, strict=True))
-            metrics["accuracy"] = hits / len(answers)
-            metrics["examples"] = float(len(answers))
-            metrics["loss"] = _mean_loss(
-                model, [_sequence(p, a, seq_len) for p, a in eval_set.qa], device
-            )
-        elif eval_set.text:
-            metrics["loss"] = _mean_loss(model, [(w, [1] * len(w)) for w in eval_set.text], device)
-            metrics["examples"] = float(len(eval_set.text))
-        if eval_set.pairs:
-            wins = 0
-            for s in range(0, len(eval_set.pairs), BATCH):
-                batch = _pair_batch(eval_set.pairs[s : s + BATCH], seq_len).to(device)
-                chosen, rejected = pair_logprobs(model, batch)
-                wins += int((chosen > rejected).sum())
-            metrics["preferenceAccuracy"] = wins / len(eval_set.pairs)
+            got = greedy_answers(model, [p for p, _ in qa], longest + 1, device)
+            sums["hits"] = sum(g.strip() == a.strip() for g, a in zip(got, answers, strict=True))
+            sums["answered"] = len(answers)
+            seqs = [_sequence(p, a, seq_len) for p, a in qa]
+            sums["loss_sum"], sums["loss_tokens"] = _loss_sums(model, seqs, device)
+        elif text:
+            seqs = [(w, [1] * len(w)) for w in text]
+            sums["loss_sum"], sums["loss_tokens"] = _loss_sums(model, seqs, device)
+            sums["texts"] = len(text)
+        for s in range(0, len(pairs), BATCH):
+            batch = _pair_batch(pairs[s : s + BATCH], seq_len).to(device)
+            chosen, rejected = pair_logprobs(model, batch)
+            sums["wins"] += int((chosen > rejected).sum())
+        sums["pairs"] = len(pairs)
     finally:
         model.train(was_training)
-    return metrics
+    return sums
 
 
-def _mean_loss(
+def evaluate(model: GPT, eval_set: EvalSet, seq_len: int, device: torch.device) -> dict[str, float]:
+    """Metrics on the whole held-out set in this process (see :func:`metrics`)."""
+    return metrics(evaluate_sums(model, eval_set, seq_len, device))
+
+
+def _loss_sums(
     model: nn.Module, seqs: list[tuple[list[int], list[int]]], device: torch.device
-) -> float:
+) -> tuple[float, int]:
+    """Cross-entropy summed over the sequences' masked-in targets, and their count."""
     total, count = 0.0, 0
     for s in range(0, len(seqs), BATCH):
         batch = collate(seqs[s : s + BATCH]).to(device)
-        logits = model(batch.inputs)
-        total += float(
-            F.cross_entropy(
-                logits.flatten(0, 1).float(),
-                batch.targets.flatten(),
-                ignore_index=IGNORE,
-                reduction="sum",
-            )
-        )
-        count += int((batch.targets != IGNORE).sum())
-    return total / count if count else math.nan
+        total += float(lm_loss_sum(model, batch))
+        count += loss_items(batch)
+    return total, count

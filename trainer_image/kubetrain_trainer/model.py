@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubetrain.core.api import ModelSpec
+from kubetrain.core.architecture import builtin
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,13 @@ class GPTConfig:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> GPTConfig:
+        m = builtin(spec)
         return cls(
-            layers=spec.layers,
-            heads=spec.heads,
-            dim=spec.dim,
-            context_length=spec.context_length,
-            vocab_size=spec.vocab_size,
+            layers=m.layers,
+            heads=m.heads,
+            dim=m.dim,
+            context_length=m.context_length,
+            vocab_size=m.vocab_size,
         )
 
 

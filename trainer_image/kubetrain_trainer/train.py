@@ -3,18 +3,26 @@ environment the operator (or ``kubetrain run --local``) sets (``kubetrain.core.c
 
 Lifecycle:
 - start: read the stage config; join the process group when launched by torchrun
-  (gloo on CPU, nccl on GPU); build the model; initialise it from KUBETRAIN_INIT_URI
-  (weights only) and, for DPO, load the frozen reference from KUBETRAIN_REFERENCE_URI;
+  (gloo on CPU, nccl on GPU, each serving only that device type, so a tensor on the
+  wrong device fails on a CPU test as it would on GPUs); build the model; initialise it
+  from KUBETRAIN_INIT_URI (weights only; a Hugging Face model also brings its
+  architecture and tokenizer, see ``kubetrain_trainer.hf.source``) and, for DPO, load
+  the frozen reference from KUBETRAIN_REFERENCE_URI;
 - resume: when this stage's folder has a complete checkpoint, continue from it exactly
   (model, optimizer, scheduler, data cursor, RNG, step, tokens, energy, wall time);
-- every step: grad accumulation, clipping, AdamW, warm-up + schedule; rank 0 writes
-  progress every ``logEvery`` steps, evaluates every ``evalEvery``, checkpoints every
-  ``checkpointEvery``;
+- every step: grad accumulation, the loss normalised by the step's target tokens
+  over all micro-batches and ranks (``kubetrain_trainer.objectives``), a check that it
+  is finite before the weights change, clipping, AdamW, warm-up + schedule; progress
+  every ``logEvery`` steps, evaluation every ``evalEvery`` (every rank evaluates its
+  share of the held-out set), a checkpoint every ``checkpointEvery`` (rank 0 writes it
+  while the others wait on a barrier whose timeout is sized for uploads,
+  :data:`UPLOAD_TIMEOUT`, not the collectives' :data:`COLLECTIVE_TIMEOUT`);
 - SIGTERM/SIGINT (preemption, suspend, node drain): the current step finishes, a
   checkpoint is saved, progress says ``interrupted``, exit 0. That takes one step plus
   one checkpoint upload, so the pod's terminationGracePeriodSeconds must cover both
   (seconds for small models; size it to checkpoint bytes / store bandwidth for big ones);
-- end: final evaluation, final checkpoint, FINAL pointer, progress ``completed``, exit 0;
+- end: final evaluation, final checkpoint, for a Hugging Face model the same weights as
+  a Hugging Face folder (``hf/``), FINAL pointer, progress ``completed``, exit 0;
 - error: progress ``failed`` (best effort), one line on stderr, exit 1.
 """
 
@@ -28,26 +36,39 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kubetrain.core import accounting, contract
+from kubetrain.core import accounting, architecture, contract
 from kubetrain.core.api import Hyperparameters
+from kubetrain.core.hf_config import ModelConfig
 from kubetrain.core.records import ProgressRecord, read_progress, write_progress
 from kubetrain.core.store import StoreError, open_store
 from kubetrain_trainer import checkpoint as ckpt
+from kubetrain_trainer import evaluation
 from kubetrain_trainer import signals as early_signals
-from kubetrain_trainer.data import LMBatch, PairBatch, build_dataset
+from kubetrain_trainer.data import (
+    Dataset,
+    EvalSet,
+    LMBatch,
+    PackedBatch,
+    PairBatch,
+    build_dataset,
+)
 from kubetrain_trainer.energy import EnergyMeter, open_meter
-from kubetrain_trainer.evaluation import evaluate
+from kubetrain_trainer.hf import datasets as hf_datasets
+from kubetrain_trainer.hf import evaluation as hf_evaluation
+from kubetrain_trainer.hf import stage as hf_stage
+from kubetrain_trainer.hf.model import CausalLM
 from kubetrain_trainer.model import GPT, build_model
-from kubetrain_trainer.objectives import dpo_step_loss, lm_loss
+from kubetrain_trainer.objectives import DPO_METRICS, dpo_step_loss, lm_loss_sum, loss_items
 from kubetrain_trainer.telemetry import FOLDER, Telemetry, utc_now
 
 log = logging.getLogger("kubetrain_trainer")
@@ -55,6 +76,15 @@ log = logging.getLogger("kubetrain_trainer")
 # Cosine and linear decay end at this fraction of the peak learning rate, not at zero:
 # the last steps still learn something (as in nanoGPT and Chinchilla).
 MIN_LR_RATIO = 0.1
+# How long a collective of the training loop may wait for the slowest rank before the
+# stage fails: generous for a first step that compiles, short enough that a hung rank
+# does not hold a node of GPUs for hours.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# How long the other ranks wait while rank 0 alone writes a checkpoint or the Hugging
+# Face export (optimizer state included: ~16 bytes per parameter, e.g. over 1 TB for a
+# 70B model at 1 GB/s is 18 minutes); they wait on a separate gloo barrier, so no NCCL
+# collective is pending meanwhile.
+UPLOAD_TIMEOUT = timedelta(hours=6)
 
 
 class StageError(RuntimeError):
@@ -68,10 +98,27 @@ class Dist:
     local_rank: int
     local_world: int
     device: torch.device
+    # A gloo group for waiting on rank 0's uploads (None in a single process).
+    wait_group: Any = field(default=None, compare=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def wait_for_uploads(self) -> None:
+        """Every rank waits here until rank 0 has written what it writes alone."""
+        if self.world > 1:
+            dist.barrier(group=self.wait_group)
+
+    def all_reduce(self, values: Sequence[float], op: Any = None) -> list[float]:
+        """``values`` summed (or reduced by ``op``) over all ranks. The one place the
+        trainer builds a tensor for a collective: on the trainer's device, which is the
+        only device type the process group's backend serves."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
+        return [float(v) for v in t.tolist()]
 
 
 def init_distributed(environ: Mapping[str, str]) -> Dist:
@@ -94,12 +141,41 @@ def init_distributed(environ: Mapping[str, str]) -> Dist:
                 else (os.cpu_count() or 1)
             )
             torch.set_num_threads(max(1, cores // max(local_world, 1)))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            device_id=device if device.type == "cuda" else None,
-        )
-    return Dist(rank, world, local_rank, local_world, device)
+    wait_group = None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(
+                process_group_backend(device),
+                device_id=device if device.type == "cuda" else None,
+                timeout=COLLECTIVE_TIMEOUT,
+            )
+        wait_group = dist.new_group(backend="gloo", timeout=UPLOAD_TIMEOUT)
+    return Dist(rank, world, local_rank, local_world, device, wait_group)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The process group's backend, bound to the trainer's device type only: NCCL
+    serves only CUDA tensors, and gloo, which would serve both, is told to serve only
+    CPU ones, so a collective on a tensor left on the wrong device fails in a CPU test
+    exactly as it would on GPUs."""
+    return "cuda:nccl" if device.type == "cuda" else "cpu:gloo"
+
+
+@dataclass
+class StepModel:
+    """The model as a training step runs it: ``module`` (DDP and/or compiled) and the
+    DDP wrapper inside it, whose ``no_sync`` skips the gradient all-reduce of every
+    micro-batch but the last. (torch.compile wraps the DDP module, so ``module`` is not
+    itself the DDP instance.)"""
+
+    module: nn.Module
+    ddp: DistributedDataParallel | None
+    autocast: contextlib.AbstractContextManager[Any]
+
+    def sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        if self.ddp is not None and not last:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
 
 
 @dataclass
@@ -193,13 +269,6 @@ class Trainer:
         self.stage, self.spec = cfg.stage, cfg.model
         self.hp = self.stage.hyperparameters
         self.kind = self.stage.type.value
-        self.seq_len = self.hp.seq_len or self.spec.context_length
-        if self.seq_len > self.spec.context_length:
-            raise StageError(
-                f"hyperparameters.seqLen={self.seq_len} exceeds "
-                f"model.contextLength={self.spec.context_length} "
-                f"(accepted: at most {self.spec.context_length})"
-            )
         self.total = accounting.total_steps(self.stage, self.spec)
         folder = environ.get(contract.ENV_CHECKPOINT_URI)
         if not folder:
@@ -217,35 +286,25 @@ class Trainer:
             self.precision = "bf16" if device.type == "cuda" else "fp32"
 
         torch.manual_seed(self.hp.seed)
-        self.model = build_model(self.spec).to(device)
-        expected = accounting.parameter_count(self.spec)
-        if self.model.num_parameters() != expected:
-            raise StageError(
-                f"model has {self.model.num_parameters()} parameters, accounting says {expected}"
-            )
-        self.init_source: str | None = None
         init_uri = environ.get(contract.ENV_INIT_URI)
+        self.hf: hf_stage.HFModel | None = None
         if init_uri:
-            self.init_source = _load_weights(self.model, init_uri, "init", device, self.s3)
-        self.reference: GPT | None = None
-        if self.kind == "dpo":
-            ref_uri = environ.get(contract.ENV_REFERENCE_URI) or init_uri
-            self.reference = build_model(self.spec).to(device)
-            if ref_uri:
-                _load_weights(self.reference, ref_uri, "reference", device, self.s3)
-            else:
-                # Without a previous stage the reference is the (seeded) initial policy.
-                self.reference.load_state_dict(self.model.state_dict())
-            self.reference.eval().requires_grad_(False)
-
-        self.data = build_dataset(
-            self.kind,
-            self.stage.data.source,
-            seed=self.stage.data.seed,
-            seq_len=self.seq_len,
-            eval_examples=self.stage.data.eval_examples,
-            s3=self.s3,
-        )
+            self.hf = hf_stage.prepare(
+                init_uri,
+                self.spec,
+                self.s3,
+                local_main=self.d.local_rank == 0,
+                wait=self.d.wait_for_uploads,
+            )
+        self.model: GPT | CausalLM
+        self.reference: GPT | CausalLM | None = None
+        self.init_source: str | None = None
+        if self.hf is not None:
+            self._init_hf(self.hf)
+        else:
+            self._init_builtin(init_uri)
+        self.seq_len = self._seq_len()
+        self.data = self._build_data()
         self.optimizer = build_optimizer(self.model, self.hp, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(self.hp, self.total)
@@ -257,7 +316,7 @@ class Trainer:
         acc = accounting.accelerator(res.gpu_type, gpus)
         devices = self.d.world if device.type == "cuda" else res.nodes
         self.peak_flops = acc.peak_flops * max(devices, 1)
-        self.matmul_params = expected - self.spec.context_length * self.spec.dim
+        self.accelerator = acc.name
         self.energy: EnergyMeter = open_meter(
             cuda_index=device.index if device.type == "cuda" else None,
             local_rank=self.d.local_rank,
@@ -271,6 +330,7 @@ class Trainer:
         self.energy_base = 0.0
         self.wall_base = 0.0
         self.checkpoint_uri: str | None = None
+        self.hf_model_uri: str | None = None
         self.saved_step = -1
         self.eval: dict[str, float] = {}
         self.train_metrics: dict[str, float] = {}
@@ -280,6 +340,82 @@ class Trainer:
         self.telemetry: Telemetry | None = None
         self.started = time.monotonic()
         self.window = _Window(self.started)
+
+    # ------------------------------------------------------------------ model and data
+    @property
+    def arch(self) -> architecture.Architecture:
+        """What is trained, for FLOPs and limits: the built-in model or a config.json."""
+        return self.hf.config if self.hf is not None else architecture.builtin(self.spec)
+
+    def _init_builtin(self, init_uri: str | None) -> None:
+        """The built-in model, from random weights or a kubetrain checkpoint; for DPO the
+        frozen reference."""
+        device = self.d.device
+        self.model = build_model(self.spec).to(device)
+        expected = accounting.parameter_count(self.spec)
+        if self.model.num_parameters() != expected:
+            raise StageError(
+                f"model has {self.model.num_parameters()} parameters, accounting says {expected}"
+            )
+        if init_uri:
+            self.init_source = _load_weights(self.model, init_uri, "init", device, self.s3)
+        if self.kind == "dpo":
+            ref_uri = self.env.get(contract.ENV_REFERENCE_URI) or init_uri
+            self.reference = build_model(self.spec).to(device)
+            if ref_uri:
+                _load_weights(self.reference, ref_uri, "reference", device, self.s3)
+            else:
+                # Without a previous stage the reference is the (seeded) initial policy.
+                self.reference.load_state_dict(self.model.state_dict())
+            self.reference.eval().requires_grad_(False)
+
+    def _init_hf(self, hf: hf_stage.HFModel) -> None:
+        """A Hugging Face model's weights; for DPO the frozen reference, which is the
+        model the stage starts from (KUBETRAIN_REFERENCE_URI names the same folder)."""
+        self.model, self.init_source = hf_stage.load_weights(hf, self.d.device, self.s3)
+        if self.model.num_parameters() != accounting.parameter_count(hf.config):
+            raise StageError(
+                f"model has {self.model.num_parameters()} parameters, accounting says "
+                f"{accounting.parameter_count(hf.config)}"
+            )
+        if self.kind == "dpo":
+            reference, _ = hf_stage.load_weights(hf, self.d.device, self.s3)
+            self.reference = reference.eval().requires_grad_(False)
+
+    def _seq_len(self) -> int:
+        """The training sequence length, checked against what the model can attend over."""
+        seq = accounting.seq_len(self.stage, self.spec)
+        arch = self.arch
+        limit = arch.max_positions if isinstance(arch, ModelConfig) else arch.context_length
+        if seq > limit:
+            given = "" if self.hp.seq_len else " (its default)"
+            where = "config.json's max_position_embeddings" if self.hf else "model.contextLength"
+            raise StageError(
+                f"hyperparameters.seqLen={seq}{given} exceeds {where}={limit} "
+                f"(accepted: at most {limit})"
+            )
+        return seq
+
+    def _build_data(self) -> Dataset:
+        data = self.stage.data
+        if self.hf is None:
+            return build_dataset(
+                self.kind,
+                data.source,
+                seed=data.seed,
+                seq_len=self.seq_len,
+                eval_examples=data.eval_examples,
+                s3=self.s3,
+            )
+        return hf_datasets.build_dataset(
+            self.kind,
+            data.source,
+            self.hf.tokenizer,
+            seed=data.seed,
+            seq_len=self.seq_len,
+            eval_examples=data.eval_examples,
+            s3=self.s3,
+        )
 
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
@@ -340,30 +476,28 @@ class Trainer:
                 run=self.cfg.run,
                 stage=self.stage.name,
             )
+        self.d.wait_for_uploads()
         self.saved_step = self.step
 
     # ------------------------------------------------------------------ steps
-    def flops(self, batch: LMBatch | PairBatch) -> float:
-        """Training FLOPs of one micro-batch (accounting's formula at its length)."""
-        seq = (batch.inputs if isinstance(batch, LMBatch) else batch.chosen.inputs).shape[1]
-        per_token = accounting.flops_per_token(self.spec, seq)
-        if isinstance(batch, PairBatch):
-            # The frozen reference adds a forward pass: 2 FLOPs per weight per token.
-            per_token += 2.0 * self.matmul_params
-        return per_token * batch.tokens
+    def flops(self, batch: LMBatch | PackedBatch | PairBatch) -> float:
+        """Training FLOPs of one micro-batch (accounting's formula at its length, the
+        DPO reference's forward included), so MFU here and the estimate agree."""
+        seq = (batch.chosen if isinstance(batch, PairBatch) else batch).inputs.shape[1]
+        return accounting.stage_flops_per_token(self.arch, seq, self.kind) * batch.tokens
 
     def run(self, stop: StopRequest | None = None) -> int:
         """Train the stage to its end or to a stop request; the exit code."""
         stop = stop or StopRequest()
         self.resume()
         self.telemetry = self._open_telemetry()
-        model, autocast = self._training_model()
+        step_model = self._training_model()
         self.started = time.monotonic()
         self.window = _Window(self.started)
         self._log_start()
         self.publish("running")
         while self.step < self.total and not self._should_stop(stop):
-            self._train_step(model, autocast)
+            self._train_step(step_model)
             self._after_step()
         if self.step < self.total:
             self._interrupted()
@@ -393,22 +527,24 @@ class Trainer:
             telemetry.restore_history(self.step)
         return telemetry
 
-    def _training_model(self) -> tuple[nn.Module, contextlib.AbstractContextManager[Any]]:
-        """The model as the step runs it (DDP, compiled) and its autocast context."""
+    def _training_model(self) -> StepModel:
+        """The model as the step runs it (DDP, then compiled) and its autocast context."""
         d = self.d
-        model: nn.Module = self.model
+        module: nn.Module = self.model
+        ddp = None
         if d.world > 1:
-            model = DistributedDataParallel(
-                model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+            ddp = DistributedDataParallel(
+                module, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
+            module = ddp
         if self.hp.compile:
-            model = cast(nn.Module, torch.compile(model))
+            module = torch.compile(module)  # type: ignore[assignment]
         autocast = (
             torch.autocast(d.device.type, dtype=torch.bfloat16)
             if self.precision == "bf16"
             else contextlib.nullcontext()
         )
-        return model, autocast
+        return StepModel(module, ddp, autocast)
 
     def wall(self) -> float:
         """Wall seconds of the stage over all attempts."""
@@ -436,6 +572,8 @@ class Trainer:
             power_watts=self.energy.power_watts,
             mfu=mfu,
             checkpoint=self.checkpoint_uri,
+            hf_model=self.hf_model_uri,
+            accelerator=self.accelerator,
             phase=phase,
             wall_seconds=self.wall(),
             train=self.train_metrics,
@@ -458,55 +596,94 @@ class Trainer:
                 self.d.world,
             )
 
-    def _train_step(
-        self, model: nn.Module, autocast: contextlib.AbstractContextManager[Any]
-    ) -> None:
-        """One optimizer step over ``gradientAccumulation`` micro-batches per rank."""
+    def _objective(
+        self, module: nn.Module, batch: LMBatch | PackedBatch | PairBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The stage's loss of one micro-batch, summed over what :func:`loss_items`
+        counts, and its diagnostics (summed likewise)."""
+        if isinstance(batch, PairBatch):
+            assert self.reference is not None
+            return dpo_step_loss(module, self.reference, batch, self.hp.beta)
+        return lm_loss_sum(module, batch), {}
+
+    def _train_step(self, sm: StepModel) -> None:
+        """One optimizer step over ``gradientAccumulation`` micro-batches per rank.
+
+        The loss is normalised by the target tokens (DPO: pairs) of the whole step, all
+        micro-batches of all ranks, counted before the first backward; the weights
+        change only when the step's loss and gradient norm are finite."""
         d, hp = self.d, self.hp
         ga, bsz = hp.gradient_accumulation, hp.batch_size
-        stats = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, flops
-        metric_sums: dict[str, float] = {}
-        for micro in range(ga):
-            batch = self.data.batch(self.cursor + d.rank * bsz, bsz).to(d.device)
+        batches = []
+        for _ in range(ga):
+            batches.append(self.data.batch(self.cursor + d.rank * bsz, bsz))
             self.cursor += bsz * d.world
-            sync = (
-                model.no_sync()
-                if isinstance(model, DistributedDataParallel) and micro < ga - 1
-                else contextlib.nullcontext()
+        (items,) = d.all_reduce([float(sum(loss_items(b) for b in batches))])
+        # DDP averages gradients over the ranks: × world makes that the global sum.
+        scale = d.world / max(items, 1.0)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+        metric_sums = dict.fromkeys(DPO_METRICS, 0.0) if self.kind == "dpo" else {}
+        tokens = flops = 0.0
+        for micro, batch in enumerate(batches):
+            batch = batch.to(d.device)
+            with sm.sync(last=micro == ga - 1):
+                with sm.autocast:
+                    loss, m = self._objective(sm.module, batch)
+                (loss * scale).backward()
+            loss_sum += loss.detach()
+            for k, v in m.items():
+                metric_sums[k] += float(v)
+            tokens += batch.tokens
+            flops += self.flops(batch)
+        total, tokens, flops, *metrics = d.all_reduce(
+            [float(loss_sum), tokens, flops, *metric_sums.values()]
+        )
+        self.step += 1
+        self.tokens += int(tokens)
+        self.window.tokens += tokens
+        self.window.flops += flops
+        self._apply_update(total, items)
+        means = (v / max(items, 1.0) for v in metrics)
+        self.train_metrics = dict(zip(metric_sums, means, strict=True))
+
+    def _apply_update(self, loss_sum: float, items: float) -> None:
+        """Step the optimizer, unless the step has nothing to learn from (no target
+        token anywhere: skipped with a warning) or went non-finite (the stage fails
+        before the weights change)."""
+        hp = self.hp
+        if not items:
+            # No gradients: the optimizer steps over nothing, the schedule moves on.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.loss_value = float("nan")
+            if self.d.is_main:
+                log.warning(
+                    "step %d: no target token in any micro-batch (every prompt fills "
+                    "seqLen=%d): no update; raise hyperparameters.seqLen",
+                    self.step,
+                    self.seq_len,
+                )
+            return
+        self.loss_value = loss_sum / items
+        norm = nn.utils.clip_grad_norm_(
+            self.model.parameters(), hp.grad_clip if hp.grad_clip > 0 else math.inf
+        )
+        if not math.isfinite(self.loss_value) or not math.isfinite(float(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = (
+                f"loss {self.loss_value}"
+                if not math.isfinite(self.loss_value)
+                else (f"gradient norm {float(norm)}")
             )
-            with sync:
-                with autocast:
-                    if isinstance(batch, PairBatch):
-                        assert self.reference is not None
-                        loss, m = dpo_step_loss(model, self.reference, batch, hp.beta)
-                        for k, v in m.items():
-                            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) / ga
-                    else:
-                        loss = lm_loss(model, batch)
-                (loss / ga).backward()
-            stats += torch.tensor(
-                [float(loss.detach()) / ga, batch.tokens, self.flops(batch)],
-                dtype=torch.float64,
+            raise StageError(
+                f"{what} at step {self.step}, before the update (weights unchanged): "
+                "training diverged; lower hyperparameters.learningRate, set gradClip, "
+                "or train in precision fp32"
             )
-        if hp.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if d.world > 1:
-            dist.all_reduce(stats)
-            stats[0] /= d.world
-        self.loss_value = float(stats[0])
-        self.tokens += int(stats[1])
-        self.window.tokens += float(stats[1])
-        self.window.flops += float(stats[2])
-        self.train_metrics = metric_sums
-        if not math.isfinite(self.loss_value):
-            raise StageError(
-                f"loss became {self.loss_value} at step {self.step} (lower "
-                "hyperparameters.learningRate or set gradClip)"
-            )
 
     def _after_step(self) -> None:
         """Evaluate, checkpoint and publish on their schedules (the last step's are done
@@ -545,6 +722,7 @@ class Trainer:
     def _completed(self) -> None:
         self._evaluate()
         self.save()
+        self._export_hf()
         if self.d.is_main:
             self.checkpointer.mark_final(self.step)
         self.publish("completed")
@@ -558,28 +736,55 @@ class Trainer:
         if self.d.world > 1:
             dist.barrier()
 
+    def _export_hf(self) -> None:
+        """A Hugging Face model's final weights also as a Hugging Face folder (``hf/``),
+        before FINAL: a completed stage always has it."""
+        if self.hf is None:
+            return
+        if self.d.is_main:
+            self.hf_model_uri = ckpt.export_hf(
+                self.store,
+                FOLDER.hf_export,
+                self.hf.config,
+                self.model.state_dict(),
+                source=self.hf.folder,
+                step=self.step,
+                run=self.cfg.run,
+                stage=self.stage.name,
+            )
+            log.info("Hugging Face model: %s", self.hf_model_uri)
+        self.d.wait_for_uploads()
+
     def _should_stop(self, stop: StopRequest) -> bool:
-        flag = stop.signal is not None
-        if self.d.world > 1:
-            # Every rank must leave at the same step, whichever one got the signal.
-            t = torch.tensor([1.0 if flag else 0.0], device=self.d.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+        # Every rank must leave at the same step, whichever one got the signal.
+        (flag,) = self.d.all_reduce([1.0 if stop.signal is not None else 0.0], op=dist.ReduceOp.MAX)
+        return bool(flag)
 
     def _energy_total(self) -> float:
-        joules = self.energy.read()
-        if self.d.world > 1:
-            t = torch.tensor([joules], dtype=torch.float64, device=self.d.device)
-            dist.all_reduce(t)
-            joules = float(t.item())
+        (joules,) = self.d.all_reduce([self.energy.read()])
         return joules
 
     def _evaluate(self) -> None:
-        # Rank 0 evaluates (the replicas are identical); the others wait at the
-        # next collective.
-        if self.d.is_main:
-            self.eval = evaluate(self.model, self.data.eval_set, self.seq_len, self.d.device)
+        """Every rank evaluates its share of the held-out set; the sums are reduced."""
+        d = self.d
+        if self.hf is not None:
+            assert isinstance(self.model, CausalLM) and not isinstance(self.data.eval_set, EvalSet)
+            sums = hf_evaluation.evaluate_sums(
+                self.model,
+                self.data.eval_set,
+                self.hf.tokenizer,
+                self.seq_len,
+                d.device,
+                d.rank,
+                d.world,
+            )
+        else:
+            assert isinstance(self.model, GPT) and isinstance(self.data.eval_set, EvalSet)
+            sums = evaluation.evaluate_sums(
+                self.model, self.data.eval_set, self.seq_len, d.device, d.rank, d.world
+            )
+        totals = d.all_reduce([sums[k] for k in evaluation.SUMS])
+        self.eval = evaluation.metrics(dict(zip(evaluation.SUMS, totals, strict=True)))
 
 
 EXPECTED_ERRORS = (StageError, ckpt.CheckpointError, StoreError, FileNotFoundError, ValueError)

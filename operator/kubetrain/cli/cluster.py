@@ -106,6 +106,23 @@ def attention_lines(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def model_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """One line per stage that exported a Hugging Face model (``status.stages[].hfModel``):
+    ``namespace/name stage: URI``, what a person loads or serves next."""
+    lines = []
+    for run in sorted(
+        runs, key=lambda r: (r["metadata"].get("namespace", ""), r["metadata"]["name"])
+    ):
+        meta = run["metadata"]
+        for stage in (run.get("status") or {}).get("stages") or []:
+            if stage.get("hfModel"):
+                lines.append(
+                    f"{meta.get('namespace', '')}/{meta['name']} {stage.get('name')}: "
+                    f"Hugging Face model {stage['hfModel']}"
+                )
+    return lines
+
+
 def render_table(rows: list[list[str]]) -> str:
     header = ["NAMESPACE", "NAME", "PHASE", "STAGE", "PROGRESS", "ETA", "COST", "ENERGY"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -139,6 +156,9 @@ def cli_status(args: argparse.Namespace) -> int:
         print("No TrainingRuns found" + (f" in namespace {ns!r}" if ns else ""))
         return 0
     print(render_table(status_rows(runs)))
+    models = model_lines(runs)
+    if models:
+        print("\n" + "\n".join(models))
     notes = attention_lines(runs)
     if notes:
         print("\n" + "\n".join(notes))

@@ -15,8 +15,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kubetrain.core import contract
+from kubetrain.core.accounting import MeasuredMFU
 from kubetrain.core.errors import UserError
 from kubetrain.core.manifest import load_manifest
+from kubetrain.core.store import StoreError, open_store
 
 
 def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
@@ -65,7 +68,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         if args.params or args.tokens:
             raise UserError("give either a manifest FILE or --params/--tokens, not both")
         run = load_manifest(args.file)
-        print(estimate.render_run(run, mfu=args.mfu))
+        print(estimate.render_run(run, mfu=args.mfu, measured=_measured_mfu(args)))
         return 0
     if not (args.params and args.tokens):
         raise UserError(
@@ -74,10 +77,34 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         )
     print(
         estimate.render_params_tokens(
-            args.params, args.tokens, gpu=args.gpu, mfu=args.mfu, gpus=args.gpus
+            args.params,
+            args.tokens,
+            gpu=args.gpu,
+            mfu=args.mfu,
+            gpus=args.gpus,
+            measured=_measured_mfu(args),
         )
     )
     return 0
+
+
+def _measured_mfu(args: argparse.Namespace) -> dict[str, MeasuredMFU] | None:
+    """MFU measured by earlier runs in ``--store`` (default: the local runs' store, when
+    there is one); None when the user fixed the MFU."""
+    from kubetrain.cli import estimate
+    from kubetrain.local.runner import STATE_DIR, default_store_uri, resolve_store_root
+
+    if args.mfu is not None:
+        return None
+    if args.store is None and not (Path(STATE_DIR) / "store").is_dir():
+        return None
+    uri = resolve_store_root(args.store) if args.store else default_store_uri()
+    s3 = contract.s3_endpoint()
+    try:
+        store = open_store(uri, endpoint=s3.endpoint, region=s3.region)
+        return estimate.measured_mfu(store)
+    except (StoreError, OSError, ValueError) as exc:
+        raise UserError(f"--store {uri}: cannot read earlier runs' progress: {exc}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -120,7 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus", type=int, default=1, help="accelerators in parallel, for wall time (default 1)"
     )
     p.add_argument(
-        "--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed (default 0.4)"
+        "--mfu",
+        type=float,
+        default=None,
+        help="model FLOPs utilisation to assume (default: what earlier runs in --store "
+        "measured on that gpu type, else a default calibrated against published runs)",
+    )
+    p.add_argument(
+        "--store",
+        help="where earlier runs' progress records are, for their measured MFU: "
+        "s3://BUCKET/PREFIX or a folder (default .kubetrain/store, when it exists)",
     )
     p.set_defaults(func=cmd_estimate)
 

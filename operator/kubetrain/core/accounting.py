@@ -3,6 +3,8 @@ it (accrued). Pure arithmetic, no I/O, so the CLI, the operator and the local ru
 agree on every number.
 
 Conventions (stated so anyone can redo the arithmetic by hand):
+- A Hugging Face model's parameters and FLOPs come from its config.json
+  (:mod:`kubetrain.core.hf_config`, by the same rules as below).
 - Parameters of the built-in model (``kubetrain_trainer.model``): tied token embedding
   V·d, learned positions C·d, per block two RMSNorm weights (2d), attention q,k,v,o
   without biases (4d²) and an MLP of width 4d without biases (8d²), a final norm (d).
@@ -10,8 +12,12 @@ Conventions (stated so anyone can redo the arithmetic by hand):
   counts every weight used in a matrix multiply, the tied embedding included because it
   is the output projection, position embeddings excluded (a lookup is free); the second
   term is attention's QKᵀ and AV over a sequence of T tokens (as in nanoGPT and
-  torchtitan).
-- GPU-hours = FLOPs / (peak dense bf16 FLOP/s × MFU) / 3600.
+  torchtitan). DPO runs the policy forward and backward over the chosen and the rejected
+  sequence (both count as tokens) and the frozen reference forward over both (a third of
+  the training FLOPs again).
+- GPU-hours = FLOPs / (peak dense bf16 FLOP/s × MFU) / 3600. The MFU is calibrated per
+  accelerator class against published runs (:data:`ACCELERATORS` names each source), or
+  taken from what earlier runs measured.
 - Energy (IT) = GPU-hours × board power; facility energy = IT × PUE.
 - Cost = GPU-hours × price per GPU-hour + facility kWh × energy price.
 - CO2 = facility kWh × grid carbon intensity.
@@ -29,13 +35,23 @@ Only the GPU-seconds are counted differently, each by what its runner can observ
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kubetrain.core.api import ModelSpec, Pricing, Resources, Stage, TrainingRunSpec
+from kubetrain.core import hf_config
+from kubetrain.core.api import (
+    FROM_MODEL_SEQ_LEN,
+    ModelSpec,
+    Pricing,
+    Resources,
+    Stage,
+    StageType,
+    TrainingRunSpec,
+)
+from kubetrain.core.architecture import Architecture, builtin
 
 JOULES_PER_KWH = 3.6e6
-DEFAULT_MFU = 0.40
 
 
 @dataclass(frozen=True)
@@ -44,20 +60,72 @@ class Accelerator:
     peak_flops: float  # dense bf16 FLOP/s (fp32 for "cpu")
     watts: float  # board power under training load
     usd_per_hour: float  # on-demand list price, order of magnitude
+    mfu: float  # model FLOPs utilisation a long run reaches, by 6·N·D (see mfu_source)
+    mfu_source: str  # where ``mfu`` comes from, printed beside every estimate that uses it
 
+
+# MFU by 6·N·D from published GPU-hours (GPU-hours × peak = the FLOPs the hardware could
+# have done; 6·N·D = what the model needed). Such totals include restarts, evaluation and
+# stragglers, which is what an estimate of a real run should include too.
+_LLAMA3_H100 = (
+    "Meta's Llama 3 70B: 6.4M H100-80GB hours for 15T tokens (Llama 3 model card, 2024) "
+    "= 28% at 6·N·D"
+)
+_LLAMA2_A100 = (
+    "Meta's Llama 2 7B and 70B: 184,320 and 1,720,320 A100-80GB hours for 2T tokens "
+    "(Llama 2 paper, table 2) = 41% and 43% at 6·N·D"
+)
 
 # Public list figures; the chart's values override the prices per cluster.
 ACCELERATORS: dict[str, Accelerator] = {
     a.name: a
     for a in [
-        Accelerator("b200", 2250e12, 1000.0, 6.00),
-        Accelerator("h200", 989e12, 700.0, 3.50),
-        Accelerator("h100", 989e12, 700.0, 2.50),
-        Accelerator("a100", 312e12, 400.0, 1.80),
-        Accelerator("l40s", 362e12, 350.0, 1.00),
-        Accelerator("l4", 121e12, 72.0, 0.60),
-        # A CPU "device" for stages with gpusPerNode 0 (local runs, tiny demos).
-        Accelerator("cpu", 0.5e12, 65.0, 0.0),
+        Accelerator(
+            "b200",
+            2250e12,
+            1000.0,
+            6.00,
+            0.28,
+            "no published pretraining run yet; the H100 calibration (" + _LLAMA3_H100 + ")",
+        ),
+        Accelerator(
+            "h200",
+            989e12,
+            700.0,
+            3.50,
+            0.28,
+            "no published pretraining run; same dense peak as the H100, whose calibration "
+            "applies (" + _LLAMA3_H100 + ")",
+        ),
+        Accelerator("h100", 989e12, 700.0, 2.50, 0.28, _LLAMA3_H100),
+        Accelerator("a100", 312e12, 400.0, 1.80, 0.40, _LLAMA2_A100),
+        Accelerator(
+            "l40s",
+            362e12,
+            350.0,
+            1.00,
+            0.25,
+            "no published pretraining run; assumed below the SXM parts (PCIe, no NVLink)",
+        ),
+        Accelerator(
+            "l4",
+            121e12,
+            72.0,
+            0.60,
+            0.25,
+            "no published pretraining run; assumed below the SXM parts (PCIe, no NVLink)",
+        ),
+        # A CPU "device" for stages with gpusPerNode 0 (local runs, tiny demos); its peak
+        # is a nominal figure, so its MFU is too.
+        Accelerator(
+            "cpu",
+            0.5e12,
+            65.0,
+            0.0,
+            0.03,
+            "measured: kubetrain's demo, examples/tiny-run.yaml, 2-4% of this nominal peak "
+            "on a shared 2-core machine",
+        ),
     ]
 }
 DEFAULT_GPU = "h100"
@@ -73,26 +141,59 @@ def accelerator(name: str | None, gpus: int = 1) -> Accelerator:
     return ACCELERATORS[key]
 
 
-def parameter_count(model: ModelSpec) -> int:
-    """Parameters of the built-in transformer (must equal the trainer's numel)."""
-    d, L = model.dim, model.layers
-    embeddings = model.vocab_size * d + model.context_length * d
+def _arch(model: ModelSpec | Architecture) -> Architecture:
+    return builtin(model) if isinstance(model, ModelSpec) else model
+
+
+def parameter_count(model: ModelSpec | Architecture) -> int:
+    """Parameters of the model (must equal the trainer's numel). A ModelSpec stands for
+    the built-in model it describes; pass the ``config.json`` (a
+    :class:`~kubetrain.core.hf_config.ModelConfig`) for a Hugging Face one."""
+    arch = _arch(model)
+    if isinstance(arch, hf_config.ModelConfig):
+        return hf_config.parameter_count(arch)
+    d, L = arch.dim, arch.layers
+    embeddings = arch.vocab_size * d + arch.context_length * d
     per_block = 12 * d * d + 2 * d
     return embeddings + L * per_block + d
 
 
-def flops_per_token(model: ModelSpec, seq_len: int | None = None) -> float:
+def flops_per_token(model: ModelSpec | Architecture, seq_len: int | None = None) -> float:
     """Training (forward + backward) FLOPs per token, see the module docstring."""
-    t = seq_len or model.context_length
-    n_matmul = parameter_count(model) - model.context_length * model.dim
-    return 6.0 * n_matmul + 12.0 * model.layers * model.dim * t
+    arch = _arch(model)
+    if isinstance(arch, hf_config.ModelConfig):
+        return hf_config.flops_per_token(arch, seq_len or arch.max_positions)
+    t = seq_len or arch.context_length
+    n_matmul = parameter_count(arch) - arch.context_length * arch.dim
+    return 6.0 * n_matmul + 12.0 * arch.layers * arch.dim * t
+
+
+def stage_flops_per_token(arch: Architecture | ModelSpec, seq_len: int, stage_type: str) -> float:
+    """FLOPs per trained token of a stage: the policy's forward and backward, plus for
+    DPO the frozen reference's forward over the same tokens (a third of the former)."""
+    per_token = flops_per_token(arch, seq_len)
+    if stage_type == StageType.dpo.value:
+        per_token += per_token / 3.0
+    return per_token
+
+
+def seq_len(stage: Stage, model: ModelSpec) -> int:
+    """The stage's training sequence length: seqLen, else model.contextLength, else the
+    built-in model's context, or for a ``from`` model :data:`FROM_MODEL_SEQ_LEN`."""
+    return stage.hyperparameters.seq_len or model.context_limit or FROM_MODEL_SEQ_LEN
+
+
+def sequences_per_example(stage: Stage) -> int:
+    """Sequences the model runs per example: DPO runs the chosen and the rejected one."""
+    return 2 if stage.type == StageType.dpo else 1
 
 
 def tokens_per_step(stage: Stage, model: ModelSpec) -> int:
-    """Tokens consumed by one optimizer step over all processes."""
+    """Tokens one optimizer step runs through the model, over all processes (for DPO,
+    the chosen and the rejected sequences both, as the trainer counts them)."""
     hp, res = stage.hyperparameters, stage.resources
-    seq = hp.seq_len or model.context_length
-    return hp.batch_size * hp.gradient_accumulation * res.processes * res.nodes * seq
+    examples = hp.batch_size * hp.gradient_accumulation * res.processes * res.nodes
+    return examples * sequences_per_example(stage) * seq_len(stage, model)
 
 
 DEFAULT_STEPS = 100
@@ -170,13 +271,14 @@ class StageEstimate:
     energy_kwh: float  # facility energy (× PUE)
     cost_usd: float
     co2_grams: float
+    mfu: float
+    mfu_source: str
 
 
 @dataclass(frozen=True)
 class RunEstimate:
     parameters: int
     stages: list[StageEstimate]
-    mfu: float
 
     @property
     def flops(self) -> float:
@@ -203,6 +305,36 @@ class RunEstimate:
         return sum(s.tokens for s in self.stages)
 
 
+@dataclass(frozen=True)
+class MeasuredMFU:
+    """MFU that earlier stages on one accelerator class reached (their progress records)."""
+
+    mfu: float
+    stages: int
+    where: str
+
+    @property
+    def source(self) -> str:
+        return f"measured: median of {self.stages} earlier stages in {self.where}"
+
+
+def _check_mfu(mfu: float | None) -> None:
+    if mfu is not None and not 0 < mfu <= 1:
+        raise ValueError(f"mfu={mfu} (accepted: 0 < mfu <= 1)")
+
+
+def chosen_mfu(
+    acc: Accelerator, mfu: float | None, measured: Mapping[str, MeasuredMFU] | None
+) -> tuple[float, str]:
+    """The MFU an estimate assumes on ``acc`` and why: the one given, else what earlier
+    runs measured on that class, else the calibrated default."""
+    if mfu is not None:
+        return mfu, "given"
+    if measured and acc.name in measured:
+        return measured[acc.name].mfu, measured[acc.name].source
+    return acc.mfu, acc.mfu_source
+
+
 def estimate_compute(
     *,
     name: str,
@@ -213,6 +345,7 @@ def estimate_compute(
     gpus: int,
     pricing: Pricing,
     mfu: float,
+    mfu_source: str = "given",
     price_table: dict[str, float] | None = None,
 ) -> StageEstimate:
     """Turn a FLOP count into GPU-hours, wall time, energy, cost and CO2."""
@@ -226,16 +359,38 @@ def estimate_compute(
         billable_gpu_seconds, it_joules, pricing, gpu_hour_price(pricing, acc, price_table)
     )
     return StageEstimate(
-        name, acc.name, gpus, steps, tokens, flops, gpu_hours, wall_hours, facility_kwh, cost, co2
+        name,
+        acc.name,
+        gpus,
+        steps,
+        tokens,
+        flops,
+        gpu_hours,
+        wall_hours,
+        facility_kwh,
+        cost,
+        co2,
+        mfu,
+        mfu_source,
     )
 
 
 def estimate_run(
-    spec: TrainingRunSpec, mfu: float = DEFAULT_MFU, price_table: dict[str, float] | None = None
+    spec: TrainingRunSpec,
+    mfu: float | None = None,
+    price_table: dict[str, float] | None = None,
+    *,
+    architecture: Architecture | None = None,
+    measured: Mapping[str, MeasuredMFU] | None = None,
 ) -> RunEstimate:
-    """Per-stage and total estimate of a manifest, before anything runs."""
-    if not 0 < mfu <= 1:
-        raise ValueError(f"mfu={mfu} (accepted: 0 < mfu <= 1)")
+    """Per-stage and total estimate of a manifest, before anything runs.
+
+    ``architecture``: what the run trains (the config.json of a Hugging Face
+    ``model.from``; None: the built-in model the manifest describes). ``mfu``: assume
+    this MFU everywhere; None: per accelerator class, ``measured`` by earlier runs where
+    there are some, else the calibrated default (:data:`ACCELERATORS`)."""
+    _check_mfu(mfu)
+    arch = architecture or builtin(spec.model)
     out = []
     for stage in spec.stages:
         res = stage.resources
@@ -243,14 +398,8 @@ def estimate_run(
         acc = accelerator(res.gpu_type, gpus)
         steps = total_steps(stage, spec.model)
         tokens = steps * tokens_per_step(stage, spec.model)
-        seq = stage.hyperparameters.seq_len or spec.model.context_length
-        per_token = flops_per_token(spec.model, seq)
-        if stage.type.value == "dpo":
-            # Policy forward+backward on chosen and rejected (tokens counts both), plus a
-            # forward pass of the frozen reference: 2 more FLOPs per parameter per token.
-            per_token += 2.0 * (
-                parameter_count(spec.model) - spec.model.context_length * spec.model.dim
-            )
+        per_token = stage_flops_per_token(arch, seq_len(stage, spec.model), stage.type.value)
+        stage_mfu, source = chosen_mfu(acc, mfu, measured)
         out.append(
             estimate_compute(
                 name=stage.name,
@@ -260,28 +409,31 @@ def estimate_run(
                 acc=acc,
                 gpus=gpus,
                 pricing=spec.pricing,
-                mfu=mfu,
+                mfu=stage_mfu,
+                mfu_source=source,
                 price_table=price_table,
             )
         )
-    return RunEstimate(parameter_count(spec.model), out, mfu)
+    return RunEstimate(parameter_count(arch), out)
 
 
 def estimate_params_tokens(
     params: float,
     tokens: float,
     gpu: str = DEFAULT_GPU,
-    mfu: float = DEFAULT_MFU,
+    mfu: float | None = None,
     pricing: Pricing | None = None,
     gpus: int = 1,
+    measured: Mapping[str, MeasuredMFU] | None = None,
 ) -> RunEstimate:
-    """Without a manifest: 6·N·D for N parameters and D tokens (attention term ignored,
-    as in the scaling-law literature), on ``gpus`` accelerators of type ``gpu``."""
+    """Without a manifest: 6·N·D for N parameters and D tokens (no attention term: that
+    needs the model's shape; as in the scaling-law literature and the MFU calibration),
+    on ``gpus`` accelerators of type ``gpu``."""
     if params <= 0 or tokens <= 0:
         raise ValueError(f"params={params:g} tokens={tokens:g} (accepted: both > 0)")
-    if not 0 < mfu <= 1:
-        raise ValueError(f"mfu={mfu} (accepted: 0 < mfu <= 1)")
+    _check_mfu(mfu)
     acc = accelerator(gpu)
+    stage_mfu, source = chosen_mfu(acc, mfu, measured)
     est = estimate_compute(
         name="pretrain",
         flops=6.0 * params * tokens,
@@ -290,9 +442,10 @@ def estimate_params_tokens(
         acc=acc,
         gpus=gpus,
         pricing=pricing or Pricing(),
-        mfu=mfu,
+        mfu=stage_mfu,
+        mfu_source=source,
     )
-    return RunEstimate(int(params), [est], mfu)
+    return RunEstimate(int(params), [est])
 
 
 def human(x: float, unit: str = "") -> str:

@@ -96,35 +96,80 @@ class StageType(StrEnum):
     dpo = "dpo"
 
 
-class ModelSpec(_Model):
-    """The built-in decoder-only transformer (nanoGPT-style, tied embeddings)."""
+# The built-in model's architecture where the manifest leaves a field out (and no Hugging
+# Face `from` folder supplies it).
+BUILTIN_LAYERS = 2
+BUILTIN_HEADS = 2
+BUILTIN_DIM = 64
+BUILTIN_CONTEXT = 64
+# The training sequence length of a stage of a `from` model whose contextLength the
+# manifest does not give: TRL's default max_length, so recipes carry over.
+FROM_MODEL_SEQ_LEN = 1024
 
-    layers: int = Field(2, ge=1, le=256, description="Number of transformer blocks.")
-    heads: int = Field(2, ge=1, le=256, description="Attention heads per block; must divide `dim`.")
-    dim: int = Field(64, ge=8, le=65536, description="Model width (embedding size).")
-    context_length: int = Field(
-        64, ge=8, le=1048576, description="Longest sequence the model attends over, in tokens."
+
+class ModelSpec(_Model):
+    """The model to train: the built-in decoder-only transformer (nanoGPT-style, tied
+    embeddings), or an existing model given by ``from``."""
+
+    layers: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=f"Number of transformer blocks (built-in model: default {BUILTIN_LAYERS}; "
+        "with a Hugging Face `from`: config.json's, and a value given here must equal it).",
     )
-    vocab_size: int = Field(
-        BYTE_VOCAB_MIN,
+    heads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=f"Attention heads per block; must divide `dim` (default {BUILTIN_HEADS}; "
+        "with a Hugging Face `from`: config.json's).",
+    )
+    dim: int | None = Field(
+        None,
+        ge=8,
+        le=65536,
+        description=f"Model width (embedding size; default {BUILTIN_DIM}; with a Hugging "
+        "Face `from`: config.json's hidden size).",
+    )
+    context_length: int | None = Field(
+        None,
+        ge=8,
+        le=1048576,
+        description=f"Longest sequence the model attends over, in tokens (default "
+        f"{BUILTIN_CONTEXT}; with a Hugging Face `from`: config.json's "
+        "max_position_embeddings, and the training sequence length defaults to "
+        f"{FROM_MODEL_SEQ_LEN}).",
+    )
+    vocab_size: int | None = Field(
+        None,
         ge=BYTE_VOCAB_MIN,
         le=1048576,
-        description=f"Vocabulary size; at least {BYTE_VOCAB_MIN} for the byte-level tokenizer.",
+        description=f"Vocabulary size; at least {BYTE_VOCAB_MIN} for the byte-level tokenizer "
+        f"(default {BYTE_VOCAB_MIN}; with a Hugging Face `from`: config.json's).",
     )
     from_: str | None = Field(
         None,
         alias="from",
         pattern=URI_PATTERN,
         description=(
-            "Start from an existing checkpoint (`s3://...` or `file://...`: a checkpoint folder "
-            "or a stage folder with a FINAL pointer) instead of random weights: fine-tuning "
-            "an existing model. Its architecture must match the fields above."
+            "Start from an existing model (`s3://...` or `file://...`) instead of random "
+            "weights: a Hugging Face model folder (config.json, *.safetensors, tokenizer; "
+            "Llama 2/3, Mistral, Qwen2/2.5/3 or GPT-2 architectures), whose config.json "
+            "gives the architecture and whose tokenizer and chat template are used; or a "
+            "kubetrain checkpoint or stage folder (its FINAL pointer) of the built-in model, "
+            "whose architecture the fields above must describe."
         ),
     )
 
     CEL_RULES: ClassVar[list[dict[str, str]]] = [
         {
-            "rule": "self.dim % self.heads == 0",
+            # Without `from`, unset fields take the built-in defaults; with one, only
+            # fields given here can be checked (config.json supplies the others).
+            "rule": "has(self.from) ? (!has(self.dim) || !has(self.heads) || "
+            "self.dim % self.heads == 0) : "
+            f"(has(self.dim) ? self.dim : {BUILTIN_DIM}) % "
+            f"(has(self.heads) ? self.heads : {BUILTIN_HEADS}) == 0",
             "message": "model.dim must be a multiple of model.heads",
             "fieldPath": ".heads",
         },
@@ -132,12 +177,23 @@ class ModelSpec(_Model):
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> ModelSpec:
-        if self.dim % self.heads:
+        heads, dim = self.heads, self.dim
+        if self.from_ is None:
+            heads, dim = heads or BUILTIN_HEADS, dim or BUILTIN_DIM
+        if heads is not None and dim is not None and dim % heads:
             raise ValueError(
-                f"model.heads={self.heads} must divide model.dim={self.dim} "
-                f"(accepted: a divisor of {self.dim}, e.g. {_divisors_hint(self.dim)})"
+                f"model.heads={heads} must divide model.dim={dim} "
+                f"(accepted: a divisor of {dim}, e.g. {_divisors_hint(dim)})"
             )
         return self
+
+    @property
+    def context_limit(self) -> int | None:
+        """The longest sequence the manifest itself allows: contextLength, or the built-in
+        default without ``from``; None when a ``from`` model's config decides."""
+        if self.context_length is not None:
+            return self.context_length
+        return BUILTIN_CONTEXT if self.from_ is None else None
 
 
 class S3Storage(_Model):
@@ -200,8 +256,13 @@ class DataSpec(_Model):
         pattern=DATA_SOURCE_PATTERN,
         description=(
             "Where examples come from: `synthetic:<task>` (generated in code, reproducible; "
-            "task `arithmetic`), or a `s3://`/`file://` URI: a text file for pretrain, JSONL "
-            "`{prompt, response}` for sft, JSONL `{prompt, chosen, rejected}` for dpo."
+            "task `arithmetic`), or a `s3://`/`file://` URI. For a Hugging Face model: JSON "
+            "Lines, or Parquet (a `.parquet` name), with rows `{text}` for pretrain, "
+            "`{messages}` or `{prompt, completion}` for sft and `{prompt, chosen, rejected}` "
+            "for dpo (strings, or lists of `{role, content}` messages rendered with the "
+            "model's chat template; loss on the completion only). For the built-in model: a "
+            "text file for pretrain, JSONL `{prompt, response}` for sft, JSONL "
+            "`{prompt, chosen, rejected}` for dpo."
         ),
     )
     eval_examples: int = Field(
@@ -243,7 +304,8 @@ class Hyperparameters(_Model):
     seq_len: int | None = Field(
         None,
         ge=8,
-        description="Training sequence length; at most `model.contextLength` (its default).",
+        description="Training sequence length; at most `model.contextLength` (its default; "
+        f"{FROM_MODEL_SEQ_LEN} with a `from` model whose contextLength is not given).",
     )
     beta: float = Field(
         0.1, gt=0, le=10, description="DPO: strength of the KL penalty to the reference model."
@@ -516,7 +578,9 @@ class TrainingRunSpec(_Model):
         {
             "rule": (
                 "self.stages.all(s, !has(s.hyperparameters) || !has(s.hyperparameters.seqLen) "
-                "|| s.hyperparameters.seqLen <= self.model.contextLength)"
+                "|| (has(self.model.contextLength) ? s.hyperparameters.seqLen <= "
+                "self.model.contextLength : (has(self.model.from) || "
+                f"s.hyperparameters.seqLen <= {BUILTIN_CONTEXT})))"
             ),
             "message": "stages[].hyperparameters.seqLen must be at most model.contextLength",
             "fieldPath": ".stages",
@@ -542,13 +606,13 @@ class TrainingRunSpec(_Model):
                     "with no sft stage before it and no model.from (accepted: put an sft stage "
                     "first, or set model.from to a fine-tuned checkpoint)"
                 )
+        limit = self.model.context_limit
         for i, stage in enumerate(self.stages):
             seq = stage.hyperparameters.seq_len
-            if seq is not None and seq > self.model.context_length:
+            if seq is not None and limit is not None and seq > limit:
                 raise ValueError(
                     f"spec.stages[{i}].hyperparameters.seqLen={seq} exceeds "
-                    f"model.contextLength={self.model.context_length} (accepted: 8.."
-                    f"{self.model.context_length})"
+                    f"model.contextLength={limit} (accepted: 8..{limit})"
                 )
         return self
 
@@ -616,6 +680,11 @@ class StageStatus(_Model):
     tokens_per_second: float | None = Field(None, description="Recent training throughput.")
     eta_seconds: float | None = Field(None, description="Estimated seconds to finish the stage.")
     checkpoint: str | None = Field(None, description="URI of the newest complete checkpoint.")
+    hf_model: str | None = Field(
+        None,
+        description="URI of the stage's final model as a Hugging Face folder (safetensors, "
+        "config, tokenizer): what `AutoModelForCausalLM.from_pretrained` and vLLM load.",
+    )
     restarts: int = Field(0, description="Pod failures retried so far.")
     start_time: str | None = Field(None, description="When the stage's Job was created.")
     completion_time: str | None = Field(None, description="When the stage finished.")

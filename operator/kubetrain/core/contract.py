@@ -129,7 +129,9 @@ def stage_environment(
         run=run,
         namespace=namespace,
         index=index,
-        model=spec.model.model_copy(update={"from_": None}),
+        # model.from travels along (it decides the default sequence length); the
+        # weights come from KUBETRAIN_INIT_URI.
+        model=spec.model,
         stage=stage,
     )
     env = [

@@ -10,6 +10,10 @@ everywhere.
         checkpoints/step-000100/
             model.pt, optimizer.pt, ...
             MANIFEST.json              written last: without it the checkpoint does not exist
+        hf/                            a Hugging Face model's final weights as a Hugging
+            config.json, *.safetensors,  Face folder (transformers and vLLM load it),
+            tokenizer files, ...         written before FINAL
+            MANIFEST.json              written last, as in a checkpoint
 
 Pure key arithmetic, no I/O: the typed records and their readers are
 :mod:`kubetrain.core.records`.
@@ -26,6 +30,7 @@ LATEST = "LATEST"
 FINAL = "FINAL"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
+HF_EXPORT = "hf"
 # Zero-padded so that keys sort by step.
 CHECKPOINT_DIR = "step-{step:06d}"
 _CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
@@ -99,3 +104,8 @@ class StageLayout:
 
     def manifest(self, step: int) -> str:
         return self.key(f"{checkpoint_path(step)}/{MANIFEST}")
+
+    @property
+    def hf_export(self) -> str:
+        """The stage's Hugging Face model folder (no trailing slash)."""
+        return self.key(HF_EXPORT)

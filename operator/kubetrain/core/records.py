@@ -161,7 +161,11 @@ def _measurements(value: Any) -> Any:
 
 class _StageSnapshot(_Record):
     """What the trainer reports about its stage at one moment (rank 0 writes it every
-    ``logEvery`` steps and at evaluations, checkpoints and the end)."""
+    ``logEvery`` steps and at evaluations, checkpoints and the end).
+
+    1.1 added ``hfModel`` and ``accelerator``."""
+
+    FORMAT: ClassVar[str] = "1.1"
 
     run: str | None = None
     namespace: str | None = None
@@ -177,6 +181,9 @@ class _StageSnapshot(_Record):
     loss: float | None = None
     learning_rate: float | None = None
     mfu: float | None = None
+    accelerator: str | None = Field(
+        None, description="The accelerator class MFU is measured against (gpuType, or cpu)."
+    )
     eval: dict[str, float] = Field(default_factory=dict)
     train: dict[str, float] = Field(
         default_factory=dict, description="DPO's rewards/* diagnostics of the last batch."
@@ -186,6 +193,11 @@ class _StageSnapshot(_Record):
     power_watts: float | None = None
     wall_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
     checkpoint: str | None = Field(None, description="URI of the newest complete checkpoint.")
+    hf_model: str | None = Field(
+        None,
+        description="URI of the stage's final model as a Hugging Face folder (written "
+        "when a Hugging Face model's stage completes).",
+    )
     init_from: str | None = Field(None, description="URI of the checkpoint it started from.")
     started_at: str | None = Field(None, description="ISO-8601 UTC, first attempt's start.")
     updated_at: str | None = Field(None, description="ISO-8601 UTC, when written.")

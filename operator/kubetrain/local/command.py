@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from kubetrain.core import accounting, layout
+from kubetrain.core import accounting, contract, layout
+from kubetrain.core.api import TrainingRun
+from kubetrain.core.architecture import Architecture, ArchitectureMismatch, describe, of_run
 from kubetrain.core.errors import UserError
 from kubetrain.core.manifest import load_manifest
 from kubetrain.core.store import ObjectStore, StoreError
@@ -89,7 +91,11 @@ def cli_run(args: argparse.Namespace) -> int:
         trainer_port = args.metrics_port + 1
         runner.trainer_metrics_port = trainer_port if port_free(trainer_port) else free_port()
     try:
-        _intro(runner, display, args)
+        try:
+            _intro(runner, display, args)
+        except UserError:
+            display.close()
+            raise
         outcomes = runner.execute()
         return _conclude(runner, display, outcomes, args, out)
     finally:
@@ -98,13 +104,27 @@ def cli_run(args: argparse.Namespace) -> int:
             stop_metrics()
 
 
+def run_architecture(run: TrainingRun) -> Architecture:
+    """What the run trains (a Hugging Face ``model.from`` is read for its config.json),
+    so a wrong folder or a contradicting model field stops the run before it starts."""
+    s3 = contract.s3_endpoint()
+    try:
+        return of_run(run.spec, endpoint=s3.endpoint, region=s3.region)
+    except ArchitectureMismatch as exc:
+        raise UserError(str(exc)) from None
+    except (StoreError, OSError, ValueError) as exc:
+        raise UserError(f"model.from {run.spec.model.from_}: {exc}") from None
+
+
 def _intro(runner: LocalRunner, display: Display, args: argparse.Namespace) -> None:
     run = runner.run
     stages = " -> ".join(s.name for s in run.spec.stages)
-    params = accounting.parameter_count(run.spec.model)
+    arch = run_architecture(run)
+    params = accounting.parameter_count(arch)
     folder = runner.store.uri(layout.run_folder(run.metadata.namespace, run.metadata.name)) + "/"
     display.message(
-        f"kubetrain: run {run.metadata.name!r}, {params / 1e6:.2f}M parameters, stages {stages}"
+        f"kubetrain: run {run.metadata.name!r}, {params / 1e6:.2f}M parameters "
+        f"({describe(arch)}), stages {stages}"
     )
     display.message(f"  checkpoints: {folder}")
     s3 = run.spec.storage.s3

@@ -39,6 +39,7 @@ class StageLine:
     cost_usd: float = 0.0
     co2_grams: float = 0.0
     checkpoint: str | None = None
+    hf_model: str | None = None
 
 
 def stage_line(
@@ -69,6 +70,7 @@ def stage_line(
         cost_usd=cost_usd,
         co2_grams=co2_grams,
         checkpoint=record.checkpoint,
+        hf_model=record.hf_model,
     )
 
 
@@ -196,6 +198,12 @@ def summary_rows(lines: Sequence[StageLine]) -> list[list[str]]:
     return rows
 
 
+def model_lines(lines: Sequence[StageLine]) -> list[str]:
+    """Where each stage's model is as a Hugging Face folder (stages of a Hugging Face
+    model write one when they complete): what a person loads or serves next."""
+    return [f"{line.name}: Hugging Face model {line.hf_model}" for line in lines if line.hf_model]
+
+
 def plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns padded with two spaces between them: greppable and diff-friendly."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -267,6 +275,8 @@ class PlainDisplay:
         self._print("")
         self._print(title)
         self._print(plain_table(SUMMARY_COLUMNS, summary_rows(lines)))
+        for text in model_lines(lines):
+            self._print(text)
 
     def close(self) -> None:
         pass
@@ -356,6 +366,8 @@ class RichDisplay:
         table.add_section()
         table.add_row(*rows[-1], style="bold")
         self.console.print(table)
+        for text in model_lines(lines):
+            self.console.print(text, highlight=False, markup=False)
 
     def close(self) -> None:
         self.progress.stop()

@@ -11,6 +11,9 @@ correctness allows:
   pods wrote when they stopped), and at once when that Job's state changes (complete,
   failed, deleted): that is when FINAL decides what happens next. FINAL is asked for
   only when the Job completed, so a running stage costs one request per read.
+- ``ArchitectureReader``: the config.json of a run's Hugging Face ``model.from``, for
+  the up-front estimate: read once per (namespace, ``model.from``), with the run's
+  Secret and a shared client; a failed read is tried again only after ``retry_after``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetrain.core import api
+from kubetrain.core.architecture import read_hf_config_from
 from kubetrain.core.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
+from kubetrain.core.hf_config import ModelConfig
 from kubetrain.core.store import ObjectStore, open_store
 from kubetrain.operator import plan as planner
 from kubetrain.operator.progress import StageRecords, read_stage_records
@@ -41,6 +46,7 @@ STORE_READ_TIMEOUT = 20.0
 # so that every poll reads.
 FRESH_SHARE = 0.8
 MAX_CLIENTS = 64
+MAX_ARCHITECTURES = 1024
 
 
 def open_run_store(s3: api.S3Storage, credentials: dict[str, str] | None) -> ObjectStore:
@@ -221,3 +227,73 @@ class ProgressReader:
         if self._on_requests is not None:
             self._on_requests(len(stages) + len(set(stages) & set(complete)))
         return read_stage_records(store, namespace, name, stages, final_for=complete)
+
+
+class ArchitectureReader:
+    """The config.json of the Hugging Face model a run starts from (``model.from`` of
+    the spec ``plan.choose_spec`` picks), reached with the run's S3 endpoint and
+    Secret, as its trainers reach it.
+
+    A run's model does not change once it started, so what a (namespace, ``model.from``)
+    holds is read once (the least recently used of more than ``max_entries`` are
+    dropped). A read that failed is not tried again for ``retry_after`` seconds, so an
+    unreachable store costs a reconcile its timeouts once per interval, not every time.
+    Only ``s3://`` is read: a ``file://`` path is on the trainers' volumes, not the
+    operator's."""
+
+    def __init__(
+        self,
+        secrets: SecretCache,
+        stores: StoreCache,
+        retry_after: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = MAX_ARCHITECTURES,
+    ):
+        self.secrets = secrets
+        self.stores = stores
+        self.retry_after = retry_after
+        self._clock = clock
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self._known: OrderedDict[Key, ModelConfig | None] = OrderedDict()
+        self._failed: dict[Key, float] = {}  # monotonic time of the last failed read
+
+    def read(self, run: dict[str, Any], jobs: list[dict[str, Any]]) -> ModelConfig | None:
+        """The run's Hugging Face config; None when it starts from no model, from a
+        kubetrain checkpoint, from a ``file://`` path, or while a failed read waits for
+        its retry. Raises what reading the Secret or the store raises (the caller logs
+        it; the run's estimate stays the manifest's until a read succeeds)."""
+        stages = {planner.ObservedJob.from_k8s(j).stage for j in jobs}
+        spec = planner.choose_spec(run, stages).spec
+        if spec is None or spec.model.from_ is None or spec.storage.s3 is None:
+            return None
+        uri = spec.model.from_
+        if not uri.startswith("s3://"):
+            return None
+        key = (run["metadata"]["namespace"], uri)
+        now = self._clock()
+        with self._lock:
+            if key in self._known:
+                self._known.move_to_end(key)
+                return self._known[key]
+            if now - self._failed.get(key, -self.retry_after) < self.retry_after:
+                return None
+            # Marked before reading, so that other workers do not read it meanwhile;
+            # marks past their interval go, so models of deleted runs are not kept.
+            self._failed = {k: t for k, t in self._failed.items() if now - t < self.retry_after}
+            self._failed[key] = now
+        found = self._read(key[0], uri, spec.storage.s3)
+        with self._lock:
+            self._failed.pop(key, None)
+            self._known[key] = found
+            while len(self._known) > self._max:
+                self._known.popitem(last=False)
+        return found
+
+    def _read(self, namespace: str, uri: str, s3: api.S3Storage) -> ModelConfig | None:
+        credentials = None
+        if s3.credentials_secret:
+            credentials = self.secrets.get(namespace, s3.credentials_secret)
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        where = s3.model_copy(update={"bucket": bucket, "prefix": prefix.strip("/")})
+        return read_hf_config_from(self.stores.get(where, credentials))

@@ -57,7 +57,13 @@ class OperatorConfig(BaseModel):
         le=2000,
         description="Grid carbon intensity for runs that leave pricing at its default.",
     )
-    mfu: float = Field(0.4, gt=0, le=1, description="MFU assumed by the up-front estimate.")
+    mfu: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="MFU assumed by the up-front estimate; null: calibrated per gpuType "
+        "(kubetrain.core.accounting.ACCELERATORS, each with its published source).",
+    )
     poll_interval_seconds: float = Field(
         15.0,
         gt=0,

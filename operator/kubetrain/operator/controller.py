@@ -28,7 +28,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetrain.core import api
 from kubetrain.operator import resources
-from kubetrain.operator.caches import ProgressReader, SecretCache, StoreCache
+from kubetrain.operator.caches import ArchitectureReader, ProgressReader, SecretCache, StoreCache
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.handlers import Reconciler
 from kubetrain.operator.informer import (
@@ -158,7 +158,16 @@ class Controller:
             config.poll_interval_seconds,
             on_requests=metrics.store_requests.inc,
         )
-        self.reconciler = Reconciler(self.cache, kube, config, metrics, self.progress)
+        self.reconciler = Reconciler(
+            self.cache,
+            kube,
+            config,
+            metrics,
+            self.progress,
+            architectures=ArchitectureReader(
+                self.progress.secrets, self.progress.stores, config.poll_interval_seconds
+            ),
+        )
         self.informers = self._informers(list(namespaces) or [None])
         self.elector: LeaderElector | None = None
         if config.leader_election:

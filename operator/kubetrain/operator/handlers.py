@@ -30,9 +30,10 @@ from typing import Any, Protocol
 from kubetrain.core import api
 from kubetrain.core.api import RunPhase, TrainingRunSpec, TrainingRunStatus
 from kubetrain.core.conditions import ConditionType
+from kubetrain.core.hf_config import ModelConfig
 from kubetrain.core.store import StoreError
 from kubetrain.operator import plan as planner
-from kubetrain.operator.caches import ProgressReader
+from kubetrain.operator.caches import ArchitectureReader, ProgressReader
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.kube import Conflict
 from kubetrain.operator.metrics import OperatorMetrics
@@ -193,12 +194,14 @@ class Reconciler:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         monotonic: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
+        architectures: ArchitectureReader | None = None,
     ):
         self.cache = cache
         self.kube = kube
         self.config = config
         self.metrics = metrics
         self.progress = progress
+        self.architectures = architectures  # None: estimates count the manifest's model
         self.clock = clock
         self.monotonic = monotonic
         self.jitter = jitter
@@ -248,6 +251,29 @@ class Reconciler:
         log.warning("%s/%s: cannot read progress from %s", meta["namespace"], meta["name"], reason)
         return {}
 
+    def model_architecture(
+        self, run: dict[str, Any], jobs: list[dict[str, Any]]
+    ) -> ModelConfig | None:
+        """The config.json of the run's Hugging Face ``model.from``, so that the estimate
+        counts its real parameters; None when there is none, or while it cannot be read
+        (logged; the reader tries again after its interval)."""
+        if self.architectures is None:
+            return None
+        meta = run["metadata"]
+        try:
+            return self.architectures.read(run, jobs)
+        except (StoreError, OSError, ValueError) as exc:
+            reason = f"model.from: {exc}"
+        except Exception as exc:  # the Secret: missing, forbidden, unreachable
+            reason = f"the credentials Secret: {type(exc).__name__}"
+        log.warning(
+            "%s/%s: estimate counts the manifest's model fields: cannot read %s",
+            meta["namespace"],
+            meta["name"],
+            reason,
+        )
+        return None
+
     def _reconcile(self, namespace: str, name: str) -> Result:
         key = (namespace, name)
         run = self.cache.run(namespace, name)
@@ -284,6 +310,7 @@ class Reconciler:
             now,
             self.config,
             observed_services=[s["metadata"]["name"] for s in services],
+            architecture=self.model_architecture(run, jobs),
         )
         self.apply(run, p, jobs, services)
         if p.previous_status is not None and p.run_status is not None:

@@ -69,6 +69,7 @@ from kubetrain.core.api import (
     TrainingRunSpec,
     TrainingRunStatus,
 )
+from kubetrain.core.architecture import Architecture
 from kubetrain.core.conditions import CONDITION_ORDER, ConditionType, Reason
 from kubetrain.operator import resources
 from kubetrain.operator.config import OperatorConfig, effective_pricing
@@ -511,11 +512,17 @@ class Costing:
     estimate: accounting.RunEstimate
 
 
-def price(spec: TrainingRunSpec, config: OperatorConfig) -> Costing:
-    """Pricing and estimate of ``spec``."""
+def price(
+    spec: TrainingRunSpec, config: OperatorConfig, architecture: Architecture | None = None
+) -> Costing:
+    """Pricing and estimate of ``spec`` (``architecture``: the config.json of a Hugging
+    Face ``model.from``, None for the model the manifest describes)."""
     pricing = effective_pricing(spec.pricing, config)
     estimate = accounting.estimate_run(
-        spec.model_copy(update={"pricing": pricing}), config.mfu, config.gpu_prices
+        spec.model_copy(update={"pricing": pricing}),
+        config.mfu,
+        config.gpu_prices,
+        architecture=architecture,
     )
     return Costing(pricing, estimate)
 
@@ -1185,9 +1192,11 @@ def plan(
     now: datetime,
     config: OperatorConfig,
     observed_services: list[str] | None = None,
+    architecture: Architecture | None = None,
 ) -> Plan:
     """Decide what to do for ``run`` given what exists (``observed_services``: names of
-    its Services); see the module docstring for the steps."""
+    its Services; ``architecture``: the config.json of a Hugging Face ``model.from``
+    once it could be read); see the module docstring for the steps."""
     meta = run.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return Plan()  # ownerReferences: the garbage collector removes the children
@@ -1205,8 +1214,11 @@ def plan(
         return draft.finish(None)
     out.events += spec_conditions(choice, old, conds)
     out.annotations.update(applied_annotation(spec, annotations))
-    costing = price(spec, config)
-    if status.estimate is None:
+    costing = price(spec, config, architecture)
+    # Once the model's config.json is read, the estimate counts its real parameters.
+    if status.estimate is None or (
+        architecture is not None and status.estimate.parameters != costing.estimate.parameters
+    ):
         status.estimate = estimate_summary(costing.estimate)
     out.events += created_condition(spec, status.estimate, conds)
     stages = stage_statuses(spec, old.stages)

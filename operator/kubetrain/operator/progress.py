@@ -157,6 +157,8 @@ def apply_record(
         updates["energy_source"] = record.energy_source
     if record.checkpoint:
         updates["checkpoint"] = record.checkpoint
+    if record.hf_model:
+        updates["hf_model"] = record.hf_model
     done = updates["step"]
     updates["progress"] = round(min(1.0, done / total), 4) if total else 0.0
     remaining = max(0, total - done)

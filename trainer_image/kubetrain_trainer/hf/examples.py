@@ -54,6 +54,28 @@ class PreferenceExample:
     rejected: TokenizedExample
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """A Hugging Face stage's evaluation data: ``examples`` for the loss on their
+    trained tokens (and, with ``generate``, exact match of a greedy answer to the last
+    trained span), ``pairs`` for preference accuracy."""
+
+    examples: list[TokenizedExample]
+    pairs: list[PreferenceExample]
+    generate: bool
+
+
+def answer_split(example: TokenizedExample) -> tuple[list[int], list[int]]:
+    """The prompt (every token before the last run of trained tokens) and that run: what
+    a model is asked and should answer, for exact-match evaluation."""
+    mask = example.loss_mask
+    end = max((i + 1 for i, on in enumerate(mask) if on), default=0)
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return example.ids[:start], example.ids[start:end]
+
+
 def conversation_example(
     tok: HFTokenizer, messages: Sequence[Message], *, trained_from: int = 0
 ) -> TokenizedExample:

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetrain.core.hf_config import ModelConfig
 from kubetrain_trainer.hf import rope as rope_fns
-from kubetrain_trainer.hf.config import ModelConfig
 
 PAD_DOCUMENT = -1  # the document id of padding: it attends only to other padding
 
@@ -231,6 +231,8 @@ class RotaryEmbedding(nn.Module):
         # Computed from the config, never loaded or saved.
         self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    inv_freq: torch.Tensor
 
     def reset_buffers(self) -> None:
         inv_freq, _ = rope_fns.inverse_frequencies(self.rope, self.head_dim)

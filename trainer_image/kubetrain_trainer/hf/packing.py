@@ -17,37 +17,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from kubetrain_trainer.data import IGNORE, LMBatch, PairBatch
+from kubetrain_trainer.data import IGNORE, LMBatch, PackedBatch, PairBatch
 from kubetrain_trainer.hf.examples import PreferenceExample, TokenizedExample
 from kubetrain_trainer.hf.model import PAD_DOCUMENT
-
-
-@dataclass
-class PackedBatch:
-    """Inputs (B, T), next-token targets with IGNORE where no loss applies, and the
-    document and position ids the model needs to keep packed examples apart."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    document_ids: torch.Tensor
-    position_ids: torch.Tensor
-
-    def to(self, device: torch.device) -> PackedBatch:
-        return PackedBatch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.inputs, self.targets, self.document_ids, self.position_ids)
-            )
-        )
-
-    @property
-    def tokens(self) -> int:
-        """Real (non-padding) input tokens: what the model computed on."""
-        return int((self.document_ids != PAD_DOCUMENT).sum())
 
 
 def truncate(example: TokenizedExample, seq_len: int) -> TokenizedExample:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from kubetrain_trainer.hf.config import Rope
+from kubetrain.core.hf_config import Rope
 
 
 def _exponents(head_dim: int) -> torch.Tensor:

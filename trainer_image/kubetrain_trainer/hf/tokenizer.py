@@ -31,7 +31,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from kubetrain_trainer.hf.config import ModelFormatError
+from kubetrain.core.hf_config import ModelFormatError
 
 Message = dict[str, Any]
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -181,7 +181,7 @@ class HFTokenizer:
 
     def encode_with_offsets(self, text: str, *, add_special_tokens: bool = False) -> Encoding:
         enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
-        return Encoding(list(enc.ids), [(int(o[0]), int(o[1])) for o in enc.offsets])
+        return Encoding(list(enc.ids), [(int(a), int(b)) for a, b in enc.offsets])
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from kubetrain.core import store as kstore
 from kubetrain.core.contract import S3Endpoint
-from kubetrain_trainer.hf.config import ARCHITECTURES, ModelConfig, ModelFormatError, read_config
+from kubetrain.core.hf_config import ARCHITECTURES, ModelConfig, ModelFormatError, read_config
 from kubetrain_trainer.hf.model import CausalLM, build_model
 
 SINGLE_FILE = "model.safetensors"
@@ -191,9 +191,25 @@ def load_pretrained(
     return model.to(device).eval()
 
 
-def local_folder(uri: str, scratch: str | Path, s3: S3Endpoint | None = None) -> Path:
+def wanted(name: str, *, weights: bool = True) -> bool:
+    """Whether a file of a model folder is needed to train it: config, generation config,
+    tokenizer and (with ``weights``) safetensors; not other formats' copies of the same
+    weights (``*.bin``, ``original/``) that hub folders often carry as well."""
+    if "/" in name:
+        return False
+    if name in ("config.json", GENERATION_CONFIG, *TOKENIZER_FILES):
+        return True
+    return weights and (name == INDEX_FILE or name.endswith(".safetensors"))
+
+
+def local_folder(
+    uri: str, scratch: str | Path, s3: S3Endpoint | None = None, *, weights: bool = True
+) -> Path:
     """A local copy of the model folder at ``uri``: ``file://`` folders are used where
-    they are; ``s3://`` folders are downloaded into ``scratch`` (from ``s3``'s endpoint)."""
+    they are; the files an ``s3://`` folder needs (:func:`wanted`) are downloaded into
+    ``scratch`` (from ``s3``'s endpoint) under a temporary name that is renamed when the
+    download is complete, so a ``scratch`` that exists is whole and is reused (by the
+    other processes of a node, or after a restart)."""
     s3 = s3 or S3Endpoint()
     store = kstore.open_store(uri, endpoint=s3.endpoint, region=s3.region)
     if isinstance(store, kstore.FileStore):
@@ -201,13 +217,21 @@ def local_folder(uri: str, scratch: str | Path, s3: S3Endpoint | None = None) ->
             raise FileNotFoundError(f"model.from {uri}: no such folder")
         return store.base
     dest = Path(scratch)
-    keys = list(store.list())
+    if dest.is_dir():
+        return dest
+    keys = [k for k in store.list() if wanted(k, weights=weights)]
     if not keys:
-        raise FileNotFoundError(f"model.from {uri}: no objects under that prefix")
-    for key in keys:
-        target = dest / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        store.get_file(key, target)
+        raise FileNotFoundError(f"model.from {uri}: no model files under that prefix")
+    tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        for key in keys:
+            store.get_file(key, tmp / key)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.is_dir():  # another process may have finished the same download
+            raise
     return dest
 
 

@@ -1,8 +1,9 @@
 """A Hugging Face ``config.json`` read into kubetrain's typed model description.
 
 Pure Python on purpose (no torch, no transformers): the parameter count and FLOPs of a
-model are needed before any GPU is asked for (estimates, quotas), so this module can move
-into ``kubetrain.core`` unchanged.
+model are needed before any GPU is asked for (``kubetrain estimate``, the operator's
+up-front estimate), so this lives in ``kubetrain.core`` and the trainer builds its
+native models (``kubetrain_trainer.hf.model``) from the same :class:`ModelConfig`.
 
 Every family's defaults for keys a ``config.json`` may leave out are the ones
 transformers' config classes use, so a folder means the same model here and there.
@@ -29,6 +30,7 @@ SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 DEFAULT_ROPE_THETA = 10_000.0
+CONFIG_FILE = "config.json"
 
 # Defaults of transformers' config classes for keys that config.json files omit.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -104,19 +106,26 @@ class ModelConfig:
 
 def read_config(folder: str | Path) -> ModelConfig:
     """The ``config.json`` of a Hugging Face model folder."""
-    path = Path(folder) / "config.json"
+    path = Path(folder) / CONFIG_FILE
     try:
-        raw = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ModelFormatError(
             f"{folder}: no config.json (a Hugging Face model folder has config.json, "
             "*.safetensors and tokenizer files)"
         ) from None
+    return parse_config(text, where=str(path))
+
+
+def parse_config(text: str, *, where: str) -> ModelConfig:
+    """A ``config.json``'s text (``where`` names it in errors)."""
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
+        raise ModelFormatError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object")
-    return from_hf_config(raw, where=str(path))
+        raise ModelFormatError(f"{where}: expected a JSON object")
+    return from_hf_config(raw, where=where)
 
 
 def from_hf_config(raw: dict[str, Any], *, where: str = "config.json") -> ModelConfig:
