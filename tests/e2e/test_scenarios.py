@@ -462,6 +462,10 @@ INVALID = {
         _edit(_set("model.heads", 3)),
         ["spec.model.heads", "model.dim must be a multiple of model.heads"],
     ),
+    "heads not dividing the default dim": (
+        _edit(_set("model", {"heads": 3})),
+        ["spec.model.heads", "model.dim must be a multiple of model.heads"],
+    ),
     "seqLen over contextLength": (
         _edit(_set("stages.0.hyperparameters.seqLen", 64)),
         ["spec.stages", "seqLen must be at most model.contextLength"],
@@ -494,6 +498,23 @@ def test_api_server_rejects_invalid_manifests(e2e: E2E, case: str) -> None:
     message = json.loads(rejected.value.body)["message"]
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_api_server_leaves_a_hugging_face_models_shape_to_its_config(e2e: E2E) -> None:
+    """With model.from the model fields are optional and config.json decides: a lone
+    heads value and a seqLen beyond the built-in context pass the API server (the trainer
+    checks them against config.json)."""
+    manifest = _edit(
+        _set("model", {"from": "s3://models/llama", "heads": 3}),
+        name="hf-shape",
+    )
+    manifest["spec"]["stages"][0]["hyperparameters"]["seqLen"] = 4096
+    custom = client.CustomObjectsApi(e2e.admin)
+    custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "default", api.PLURAL, manifest)
+    custom.delete_namespaced_custom_object(
+        api.GROUP, api.VERSION, "default", api.PLURAL, "hf-shape"
+    )
+    api.parse_run(manifest)
 
 
 def test_api_server_cel_approximates_the_dpo_order_rule(e2e: E2E) -> None:
