@@ -11,6 +11,11 @@ Conventions (stated so anyone can redo the arithmetic by hand):
   is the output projection, position embeddings excluded (a lookup is free); the second
   term is attention's QKᵀ and AV over a sequence of T tokens (as in nanoGPT and
   torchtitan).
+- dpo adds the frozen reference's forward pass (2·N_matmul per token); grpo adds it too,
+  and sampling its completions with a KV cache (a forward pass, 2·N_matmul + 4·L·d·T
+  per token, shared by the ``iterations`` steps that reuse them). A grpo step trains
+  batchSize × generations sequences per process and micro-batch; estimates take every
+  sequence at its longest (seqLen), as for the other stages.
 - GPU-hours = FLOPs / (peak dense bf16 FLOP/s × MFU) / 3600.
 - Energy (IT) = GPU-hours × board power; facility energy = IT × PUE.
 - Cost = GPU-hours × price per GPU-hour + facility kWh × energy price.
@@ -88,11 +93,46 @@ def flops_per_token(model: ModelSpec, seq_len: int | None = None) -> float:
     return 6.0 * n_matmul + 12.0 * model.layers * model.dim * t
 
 
+def generation_flops_per_token(model: ModelSpec, seq_len: int | None = None) -> float:
+    """Forward FLOPs per token of sampling with a KV cache (every token of prompt and
+    completion passes the model once): 2·N_matmul + 4·L·d·T."""
+    t = seq_len or model.context_length
+    n_matmul = parameter_count(model) - model.context_length * model.dim
+    return 2.0 * n_matmul + 4.0 * model.layers * model.dim * t
+
+
+def grpo_flops_per_token(model: ModelSpec, seq_len: int | None, iterations: int) -> float:
+    """FLOPs per trained token of a grpo step: the policy's forward and backward, the
+    frozen reference's forward (2·N_matmul), and, once per batch of completions and so
+    shared by its ``iterations`` steps, sampling it (:func:`generation_flops_per_token`)
+    plus, when ``iterations`` > 1, a forward pass for the sampling policy's log-probs."""
+    n_matmul = parameter_count(model) - model.context_length * model.dim
+    rollout = generation_flops_per_token(model, seq_len)
+    if iterations > 1:
+        rollout += 2.0 * n_matmul
+    return flops_per_token(model, seq_len) + 2.0 * n_matmul + rollout / iterations
+
+
+def sequences_per_micro_batch(stage: Stage) -> int:
+    """Sequences one process trains per micro-batch: batchSize, times the completions
+    per prompt for grpo (its batchSize counts prompts)."""
+    hp = stage.hyperparameters
+    if stage.type.value == "grpo":
+        return hp.batch_size * stage.grpo_settings.generations
+    return hp.batch_size
+
+
 def tokens_per_step(stage: Stage, model: ModelSpec) -> int:
     """Tokens consumed by one optimizer step over all processes."""
     hp, res = stage.hyperparameters, stage.resources
     seq = hp.seq_len or model.context_length
-    return hp.batch_size * hp.gradient_accumulation * res.processes * res.nodes * seq
+    return (
+        sequences_per_micro_batch(stage)
+        * hp.gradient_accumulation
+        * res.processes
+        * res.nodes
+        * seq
+    )
 
 
 DEFAULT_STEPS = 100
@@ -251,6 +291,8 @@ def estimate_run(
             per_token += 2.0 * (
                 parameter_count(spec.model) - spec.model.context_length * spec.model.dim
             )
+        elif stage.type.value == "grpo":
+            per_token = grpo_flops_per_token(spec.model, seq, stage.grpo_settings.iterations)
         out.append(
             estimate_compute(
                 name=stage.name,
