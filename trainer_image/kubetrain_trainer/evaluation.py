@@ -5,7 +5,6 @@ rejected one?). The same numbers after every stage make the curriculum comparabl
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +14,8 @@ from kubetrain_trainer import tokenizer as tok
 from kubetrain_trainer.data import IGNORE, EvalSet, _pair_batch, _sequence, collate
 from kubetrain_trainer.model import GPT
 from kubetrain_trainer.objectives import pair_logprobs
+from kubetrain_trainer.rewards import matches
+from kubetrain_trainer.sampling import sample
 
 BATCH = 64
 
@@ -23,31 +24,20 @@ BATCH = 64
 def greedy_answers(
     model: GPT, prompts: list[str], max_new_tokens: int, device: torch.device
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` until EOS or ``max_new_tokens``.
-
-    Prompts are grouped by token length so a batch needs no padding (positions stay
-    exact without attention masks); without a KV cache, fine at evaluation sizes.
-    """
-    context = model.cfg.context_length
-    by_len: dict[int, list[int]] = defaultdict(list)
-    encoded = [tok.encode(p, bos=True) for p in prompts]
-    for i, ids in enumerate(encoded):
-        by_len[len(ids)].append(i)
-    out = [""] * len(prompts)
-    for length, members in by_len.items():
-        for s in range(0, len(members), BATCH):
-            idx = members[s : s + BATCH]
-            seq = torch.tensor([encoded[i] for i in idx], device=device)
-            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-            for _ in range(min(max_new_tokens, context - length)):
-                nxt = model(seq[:, -context:])[:, -1].argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, tok.EOS), nxt)
-                seq = torch.cat([seq, nxt[:, None]], dim=1)
-                done |= nxt == tok.EOS
-                if bool(done.all()):
-                    break
-            for row, i in zip(seq[:, length:].tolist(), idx, strict=True):
-                out[i] = tok.decode(row)
+    """Greedy continuations of ``prompts`` until EOS or ``max_new_tokens``, batched
+    with the KV cache (``kubetrain_trainer.sampling``)."""
+    out: list[str] = []
+    for s in range(0, len(prompts), BATCH):
+        encoded = [tok.encode(p, bos=True) for p in prompts[s : s + BATCH]]
+        completions = sample(
+            model,
+            encoded,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            stop_ids={tok.EOS},
+            pad_id=tok.PAD,
+        )
+        out += [tok.decode(ids) for ids in completions.tokens]
     return out
 
 
@@ -64,7 +54,7 @@ def evaluate(model: GPT, eval_set: EvalSet, seq_len: int, device: torch.device) 
             answers = [a for _, a in eval_set.qa]
             longest = max(len(tok.encode(a)) for a in answers)
             got = greedy_answers(model, prompts, longest + 1, device)
-            hits = sum(g.strip() == a.strip() for g, a in zip(got, answers, strict=True))
+            hits = sum(matches(g, a) for g, a in zip(got, answers, strict=True))
             metrics["accuracy"] = hits / len(answers)
             metrics["examples"] = float(len(answers))
             metrics["loss"] = _mean_loss(
