@@ -4,10 +4,12 @@ environment the operator (or ``kubetrain run --local``) sets (``kubetrain.core.c
 Lifecycle:
 - start: read the stage config; join the process group when launched by torchrun
   (gloo on CPU, nccl on GPU); build the model; initialise it from KUBETRAIN_INIT_URI
-  (weights only) and, for DPO, load the frozen reference from KUBETRAIN_REFERENCE_URI;
+  (weights only) and, for DPO and GRPO, load the frozen reference from
+  KUBETRAIN_REFERENCE_URI;
 - resume: when this stage's folder has a complete checkpoint, continue from it exactly
   (model, optimizer, scheduler, data cursor, RNG, step, tokens, energy, wall time);
-- every step: grad accumulation, clipping, AdamW, warm-up + schedule; rank 0 writes
+- every step: grad accumulation, clipping, AdamW, warm-up + schedule (a grpo step samples
+  and scores its completions first: ``kubetrain_trainer.grpo``); rank 0 writes
   progress every ``logEvery`` steps, evaluates every ``evalEvery``, checkpoints every
   ``checkpointEvery``;
 - SIGTERM/SIGINT (preemption, suspend, node drain): the current step finishes, a
@@ -28,6 +30,7 @@ import signal
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,11 +46,13 @@ from kubetrain.core.records import ProgressRecord, read_progress, write_progress
 from kubetrain.core.store import StoreError, open_store
 from kubetrain_trainer import checkpoint as ckpt
 from kubetrain_trainer import signals as early_signals
-from kubetrain_trainer.data import LMBatch, PairBatch, build_dataset
+from kubetrain_trainer.data import LMBatch, PairBatch, PromptBatch, build_dataset
 from kubetrain_trainer.energy import EnergyMeter, open_meter
 from kubetrain_trainer.evaluation import evaluate
+from kubetrain_trainer.grpo import GRPOLearner, Rollout, RolloutStats, rollout_metrics
 from kubetrain_trainer.model import GPT, build_model
 from kubetrain_trainer.objectives import dpo_step_loss, lm_loss
+from kubetrain_trainer.rewards import RewardSet
 from kubetrain_trainer.telemetry import FOLDER, Telemetry, utc_now
 
 log = logging.getLogger("kubetrain_trainer")
@@ -228,7 +233,7 @@ class Trainer:
         if init_uri:
             self.init_source = _load_weights(self.model, init_uri, "init", device, self.s3)
         self.reference: GPT | None = None
-        if self.kind == "dpo":
+        if self.kind in ("dpo", "grpo"):
             ref_uri = environ.get(contract.ENV_REFERENCE_URI) or init_uri
             self.reference = build_model(self.spec).to(device)
             if ref_uri:
@@ -246,6 +251,20 @@ class Trainer:
             eval_examples=self.stage.data.eval_examples,
             s3=self.s3,
         )
+        self.learner: GRPOLearner | None = None
+        # The completions a grpo step trains on, kept for grpo.iterations steps.
+        self.rollouts: list[Rollout] = []
+        self.rollout_metrics: dict[str, float] = {}
+        self.rollout_tokens = 0.0
+        if self.kind == "grpo":
+            assert self.reference is not None
+            self.learner = GRPOLearner(
+                self.stage.grpo_settings,
+                beta=self.hp.beta,
+                rewards=RewardSet.from_spec(self.stage.grpo_settings.rewards),
+                reference=self.reference,
+                seq_len=self.seq_len,
+            )
         self.optimizer = build_optimizer(self.model, self.hp, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(self.hp, self.total)
@@ -295,6 +314,7 @@ class Trainer:
             self.step, self.cursor, self.tokens = t["step"], t["cursor"], t["tokens"]
             self.energy_base, self.wall_base = t["energyJoules"], t["wallSeconds"]
             self.eval = dict(t.get("eval", {}))
+            self._restore_rollouts(t.get("grpo"))
             torch.set_rng_state(t["rng"]["torch"])
             if self.d.device.type == "cuda" and t["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(t["rng"]["cuda"], self.d.device)
@@ -329,6 +349,13 @@ class Trainer:
                 "totalSteps": self.total,
                 "stageType": self.kind,
             }
+            if self.learner is not None and self.step % self.learner.settings.iterations:
+                # Between two rollouts: the next steps train on these completions.
+                trainer["grpo"] = {
+                    "rollouts": [r.state() for r in self.rollouts],
+                    "tokensPerProcess": self.rollout_tokens,
+                    "metrics": self.rollout_metrics,
+                }
             self.checkpoint_uri = self.checkpointer.save(
                 self.step,
                 {
@@ -362,8 +389,9 @@ class Trainer:
         self.window = _Window(self.started)
         self._log_start()
         self.publish("running")
+        step = self._grpo_step if self.kind == "grpo" else self._train_step
         while self.step < self.total and not self._should_stop(stop):
-            self._train_step(model, autocast)
+            step(model, autocast)
             self._after_step()
         if self.step < self.total:
             self._interrupted()
@@ -468,6 +496,7 @@ class Trainer:
         metric_sums: dict[str, float] = {}
         for micro in range(ga):
             batch = self.data.batch(self.cursor + d.rank * bsz, bsz).to(d.device)
+            assert not isinstance(batch, PromptBatch), "grpo stages step in _grpo_step"
             self.cursor += bsz * d.world
             sync = (
                 model.no_sync()
@@ -488,6 +517,13 @@ class Trainer:
                 [float(loss.detach()) / ga, batch.tokens, self.flops(batch)],
                 dtype=torch.float64,
             )
+        self._update(stats, metric_sums)
+
+    def _update(self, stats: torch.Tensor, metrics: dict[str, float]) -> None:
+        """The optimizer step after the micro-batches' backward passes, and its
+        bookkeeping; ``stats``: this rank's loss (already divided by the
+        micro-batches), tokens and FLOPs."""
+        hp, d = self.hp, self.d
         if hp.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
         self.optimizer.step()
@@ -501,12 +537,100 @@ class Trainer:
         self.tokens += int(stats[1])
         self.window.tokens += float(stats[1])
         self.window.flops += float(stats[2])
-        self.train_metrics = metric_sums
+        self.train_metrics = metrics
         if not math.isfinite(self.loss_value):
             raise StageError(
                 f"loss became {self.loss_value} at step {self.step} (lower "
                 "hyperparameters.learningRate or set gradClip)"
             )
+
+    def _grpo_step(
+        self, model: nn.Module, autocast: contextlib.AbstractContextManager[Any]
+    ) -> None:
+        """One optimizer step of a grpo stage: every ``grpo.iterations`` steps sample and
+        score new completions, then the clipped policy-gradient loss over them, one
+        micro-batch of completions at a time."""
+        assert self.learner is not None
+        iterations = self.learner.settings.iterations
+        if self.step % iterations == 0 or not self.rollouts:
+            self._roll_out(autocast)
+        stats = torch.zeros(3, dtype=torch.float64)  # loss, tokens, flops
+        sums = torch.zeros(3, dtype=torch.float64)  # kl, clipped tokens, completion tokens
+        for micro, rollout in enumerate(self.rollouts):
+            sync = (
+                model.no_sync()
+                if isinstance(model, DistributedDataParallel) and micro < len(self.rollouts) - 1
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with autocast:
+                    loss, m = self.learner.loss(
+                        model,
+                        rollout,
+                        accumulation=len(self.rollouts),
+                        tokens_per_process=self.rollout_tokens,
+                    )
+                loss.backward()
+            per_token = accounting.grpo_flops_per_token(
+                self.spec, rollout.inputs.shape[1], iterations
+            )
+            stats += torch.tensor(
+                [float(loss.detach()), rollout.tokens, per_token * rollout.tokens],
+                dtype=torch.float64,
+            )
+            sums += torch.tensor(
+                [float(m.get("kl", 0.0)), float(m["clip_ratio"]), float(m["tokens"])],
+                dtype=torch.float64,
+            )
+        if self.d.world > 1:
+            dist.all_reduce(sums)
+        tokens = max(float(sums[2]), 1.0)
+        metrics = {
+            **self.rollout_metrics,
+            "kl": float(sums[0]) / tokens,
+            "clip_ratio": float(sums[1]) / tokens,
+        }
+        self._update(stats, metrics)
+
+    def _roll_out(self, autocast: contextlib.AbstractContextManager[Any]) -> None:
+        """Sample and score this rank's prompts of every micro-batch of the step."""
+        assert self.learner is not None
+        d, bsz = self.d, self.hp.batch_size
+        # Seeded by the step, not carried in the RNG state: a resumed stage samples the
+        # same completions at the same step.
+        generator = torch.Generator(device=d.device)
+        generator.manual_seed(zlib.crc32(f"grpo:{self.hp.seed}:{self.step}:{d.rank}".encode()))
+        self.rollouts, stats = [], RolloutStats()
+        for _ in range(self.hp.gradient_accumulation):
+            batch = self.data.batch(self.cursor + d.rank * bsz, bsz)
+            assert isinstance(batch, PromptBatch)
+            self.cursor += bsz * d.world
+            rollout, s = self.learner.roll_out(self.model, batch, generator, autocast)
+            self.rollouts.append(rollout)
+            stats.add(s)
+        tokens = torch.tensor(
+            [float(sum(r.completion_tokens for r in self.rollouts))],
+            dtype=torch.float64,
+            device=d.device,
+        )
+        if d.world > 1:
+            gathered: list[RolloutStats | None] = [None] * d.world
+            dist.all_gather_object(gathered, stats)
+            stats = RolloutStats()
+            for other in gathered:
+                assert other is not None
+                stats.add(other)
+            dist.all_reduce(tokens)
+        self.rollout_tokens = float(tokens.item()) / d.world
+        self.rollout_metrics = rollout_metrics(stats)
+
+    def _restore_rollouts(self, state: dict[str, Any] | None) -> None:
+        """The completions a checkpoint taken between two rollouts was training on."""
+        if not state:
+            return
+        self.rollouts = [Rollout.from_state(r, self.d.device) for r in state["rollouts"]]
+        self.rollout_tokens = float(state["tokensPerProcess"])
+        self.rollout_metrics = dict(state.get("metrics", {}))
 
     def _after_step(self) -> None:
         """Evaluate, checkpoint and publish on their schedules (the last step's are done
