@@ -110,3 +110,30 @@ def test_estimate_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["estimate", "--params", "7e9", "--tokens", "1e12", "--gpu", "tpu9"]) == 2
     err = capsys.readouterr().err
     assert "tpu9" in err and "h100" in err
+
+
+def test_grpo_estimate_counts_sampling_and_the_reference_by_hand() -> None:
+    spec = parse_spec(
+        {
+            "model": {"layers": 2, "heads": 2, "dim": 64, "contextLength": 64},
+            "stages": [
+                {"name": "sft", "type": "sft"},
+                {
+                    "name": "rl",
+                    "type": "grpo",
+                    "hyperparameters": {"maxSteps": 10, "batchSize": 4, "seqLen": 32},
+                    "grpo": {"generations": 8, "iterations": 2},
+                },
+            ],
+        }
+    )
+    stage = estimate_run(spec).stages[1]
+    tokens = 10 * 4 * 8 * 32  # steps · prompts · generations · seq
+    n, attention = 115264, 2 * 64 * 32  # matmul weights; L·d·T
+    train = 6 * n + 12 * attention  # policy forward and backward
+    reference = 2 * n
+    # Sampling (a forward pass per token) and the sampling policy's log-probs, once
+    # per rollout, shared by the 2 steps (iterations) that train on it.
+    rollout = (2 * n + 4 * attention + 2 * n) / 2
+    assert stage.tokens == tokens
+    assert stage.flops == pytest.approx(tokens * (train + reference + rollout))
