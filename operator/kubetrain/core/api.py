@@ -733,6 +733,11 @@ class StageStatus(_Model):
     eval: dict[str, float] = Field(
         default_factory=dict, description="Last evaluation metrics (e.g. `accuracy`, `loss`)."
     )
+    train: dict[str, float] = Field(
+        default_factory=dict,
+        description="Last step's diagnostics by TRL's names (grpo: `reward`, `reward_std`, "
+        "`kl`, `clip_ratio`, `completion_length`; dpo: `rewards/*`).",
+    )
     tokens_per_second: float | None = Field(None, description="Recent training throughput.")
     eta_seconds: float | None = Field(None, description="Estimated seconds to finish the stage.")
     checkpoint: str | None = Field(None, description="URI of the newest complete checkpoint.")
