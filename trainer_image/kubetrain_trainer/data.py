@@ -9,9 +9,12 @@ consumed so far by all ranks), in its checkpoints; rank ``r`` of ``w`` reads ind
 The arithmetic task (addition of two numbers below 100) exists in two guises on purpose:
 - pretraining text states sums in several *free* formats ("12+34=46", "the sum of 12
   and 34 is 46", ...) but never in the question/answer format;
-- SFT, DPO and evaluation use the question/answer format ``Q: 12+34\\nA: `` -> ``46``.
-So a pretrained model knows some arithmetic but not how to answer; SFT teaches the
-format, DPO sharpens the preference for correct answers over near misses.
+- SFT, DPO, GRPO and evaluation use the question/answer format ``Q: 12+34\\nA: `` ->
+  ``46``.
+So a pretrained model has read sums but cannot answer a question; SFT teaches the
+format, DPO sharpens the preference for correct answers over near misses, and GRPO
+samples answers and rewards the right ones (its prompts carry the ``answer`` column that
+the exact-match reward checks).
 A fixed tenth of all problems (by a hash of the problem, independent of any seed) is
 held out: no stage ever trains on it, so eval numbers are comparable across stages.
 """
