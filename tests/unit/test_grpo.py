@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +26,7 @@ from kubetrain_trainer.grpo import (
     GRPOLearner,
     group_advantages,
     grpo_loss,
+    hf_codec,
     rollout_metrics,
     to_sequences,
     token_logprobs,
@@ -236,3 +238,54 @@ def test_token_logprobs_are_the_temperature_scaled_distribution() -> None:
     expected = logp[0, 1, 20] + logp[0, 2, 258]
     assert abs(float(got.sum()) - float(expected)) <= 1e-5
     assert float(got[0, 0]) == 0.0
+
+
+def test_a_hugging_face_model_rolls_out_and_trains_through_its_tokenizer(
+    tmp_path: Path,
+) -> None:
+    from kubetrain_trainer.hf.config import from_hf_config
+    from kubetrain_trainer.hf.model import build_model as build_hf
+    from kubetrain_trainer.hf.tokenizer import HFTokenizer
+    from tests.unit.test_hf_data import write_tokenizer
+
+    tokenizer = HFTokenizer.from_folder(write_tokenizer(tmp_path, None, eos="<|endoftext|>"))
+    config = from_hf_config(
+        {
+            "model_type": "qwen2",
+            "vocab_size": tokenizer.vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": True,
+        }
+    )
+    torch.manual_seed(0)
+    policy, reference = build_hf(config), build_hf(config)
+    policy.reset_parameters()
+    reference.load_state_dict(policy.state_dict())
+    learner = GRPOLearner(
+        GRPO(generations=4, max_completion_tokens=6),
+        beta=0.04,
+        # Rewards that differ within a group, so that the advantages are not all zero.
+        rewards=RewardSet(
+            ("length",), (lambda prompts, completions, **_: [len(c) for c in completions],), (1.0,)
+        ),
+        reference=reference.eval().requires_grad_(False),
+        seq_len=64,
+        codec=hf_codec(tokenizer),
+    )
+    batch = PromptBatch(["What is two plus two?", "Say yes."], {})
+    rollout, stats = learner.roll_out(
+        policy, batch, torch.Generator().manual_seed(0), contextlib.nullcontext()
+    )
+    assert stats.completions == 8 and rollout.inputs.shape[0] == 8
+    prompt = tokenizer.encode("Say yes.", add_special_tokens=True)
+    assert rollout.inputs[4, : len(prompt)].tolist() == prompt
+    loss, _ = learner.loss(
+        policy, rollout, accumulation=1, tokens_per_process=rollout.completion_tokens
+    )
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())

@@ -37,7 +37,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -47,6 +47,9 @@ from kubetrain_trainer import tokenizer as tok
 from kubetrain_trainer.data import IGNORE, PromptBatch
 from kubetrain_trainer.rewards import RewardSet
 from kubetrain_trainer.sampling import sample
+
+if TYPE_CHECKING:
+    from kubetrain_trainer.hf.tokenizer import HFTokenizer
 
 # TRL's guard against a zero group standard deviation.
 STD_EPSILON = 1e-4
@@ -70,6 +73,18 @@ BYTE_CODEC = Codec(
     stop_ids=frozenset({tok.EOS}),
     pad_id=tok.PAD,
 )
+
+
+def hf_codec(tokenizer: HFTokenizer) -> Codec:
+    """The codec of a Hugging Face model's tokenizer: prompts framed as the tokenizer
+    frames plain text (Llama adds its BOS), completions decoded without special tokens,
+    its stop ids (EOS and generation_config.json's) and padding."""
+    return Codec(
+        encode=lambda text: tokenizer.encode(text, add_special_tokens=True),
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        stop_ids=tokenizer.stop_ids,
+        pad_id=tokenizer.pad_id,
+    )
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
