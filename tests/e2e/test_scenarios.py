@@ -458,6 +458,19 @@ INVALID = {
         _edit(_set("stages", [{"name": "dpo", "type": "dpo"}, {"name": "sft", "type": "sft"}])),
         ["spec.stages", "a dpo stage needs an sft stage before it"],
     ),
+    "grpo without sft": (
+        _edit(
+            _set(
+                "stages",
+                [{"name": "pretrain", "type": "pretrain"}, {"name": "grpo", "type": "grpo"}],
+            )
+        ),
+        ["spec.stages", "a grpo stage needs an sft stage before it"],
+    ),
+    "grpo settings on an sft stage": (
+        _edit(_set("stages.1.grpo", {"generations": 4})),
+        ["spec.stages[1].grpo", "stages[].grpo is only for stages of type grpo"],
+    ),
     "heads not dividing dim": (
         _edit(_set("model.heads", 3)),
         ["spec.model.heads", "model.dim must be a multiple of model.heads"],
