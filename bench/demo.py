@@ -2,7 +2,8 @@
 a fresh store: wall time of the whole command and, per stage, held-out exact match,
 the trainer's wall seconds and the stage's own metrics, with the machine's load
 average before and after (a shared machine makes every wall time pessimistic) and the
-CPU seconds the run used. Written to ``bench/results/demo.json``.
+CPU seconds the run used. Written to ``bench/results/demo.json``; what the run printed
+to ``demo.txt`` and its report's curves to ``demo-curves.png`` beside it.
 
     python bench/demo.py [--manifest examples/tiny-run.yaml]
 """
@@ -14,6 +15,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,11 @@ def main() -> None:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         if out.returncode != 0:
             sys.exit(f"the demo failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "demo.txt").write_text(out.stdout)
+        curves = Path(tmp) / ".kubetrain" / "reports" / run / "curves.png"
+        if curves.exists():
+            shutil.copyfile(curves, RESULTS / "demo-curves.png")
         store = open_store((Path(tmp) / ".kubetrain" / "store").as_uri())
         per_stage = {}
         for name in stages:
@@ -79,7 +86,6 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
     }
-    RESULTS.mkdir(exist_ok=True)
     (RESULTS / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
     print(
         json.dumps(

@@ -1,7 +1,8 @@
 """A tiny curriculum that ends in grpo, run as a user runs it (`kubetrain run --local`,
 the real trainer on the CPU): the grpo stage's reward rises, its diagnostics reach the
-progress record, the status numbers and the report, and a grpo stage interrupted
-between two rollouts resumes on the completions it was training on."""
+progress record, the summary and the report, a reward of the user's own (a module next
+to the manifest) is imported by the trainer, and a grpo stage interrupted between two
+rollouts resumes on the completions it was training on."""
 
 from __future__ import annotations
 
@@ -28,10 +29,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 GRPO_STEPS = 30
 
 
+# A team's own reward, in a module beside the manifest (the trainer runs in that folder):
+# it pays answers that start with a 1, which a model that has just learnt to answer
+# with a number gives about as often as not, so that every group has something to teach
+# and the rise is quick and certain. The exact-match reward comes on top.
+USER_REWARD = """
+def starts_with_one(prompts, completions, **columns):
+    return [1.0 if c.strip().startswith("1") else 0.0 for c in completions]
+"""
+
+
 def curriculum(name: str) -> dict[str, Any]:
-    """pretrain -> sft -> grpo of a 2-layer model on the arithmetic task: the sft stage
-    leaves it answering some held-out sums right and many wrong, which is where
-    rewards that compare groups of answers have something to teach."""
+    """pretrain -> sft -> grpo of a 2-layer model on the arithmetic task."""
     return {
         "apiVersion": "kubetrain.dev/v1alpha1",
         "kind": "TrainingRun",
@@ -51,13 +60,13 @@ def curriculum(name: str) -> dict[str, Any]:
                     "type": "sft",
                     "data": {"evalExamples": 64},
                     "hyperparameters": {
-                        "maxSteps": 250,
-                        "batchSize": 64,
+                        "maxSteps": 150,
+                        "batchSize": 32,
                         "learningRate": 0.003,
                         "warmupSteps": 20,
                         "logEvery": 50,
                     },
-                    "checkpointEvery": 250,
+                    "checkpointEvery": 150,
                 },
                 {
                     "name": "grpo",
@@ -65,8 +74,8 @@ def curriculum(name: str) -> dict[str, Any]:
                     "data": {"evalExamples": 64},
                     "hyperparameters": {
                         "maxSteps": GRPO_STEPS,
-                        "batchSize": 16,
-                        "learningRate": 0.0003,
+                        "batchSize": 8,
+                        "learningRate": 0.001,
                         "schedule": "constant",
                         "beta": 0.04,
                         "logEvery": 1,
@@ -77,7 +86,7 @@ def curriculum(name: str) -> dict[str, Any]:
                         "iterations": 2,
                         "rewards": [
                             {"function": "exact-match"},
-                            {"function": "format", "weight": 0.5},
+                            {"function": "team_rewards:starts_with_one"},
                         ],
                     },
                     "checkpointEvery": 7,
@@ -89,6 +98,7 @@ def curriculum(name: str) -> dict[str, Any]:
 
 def test_a_curriculum_ending_in_grpo_raises_the_reward(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, curriculum("rl"))
+    (tmp_path / "team_rewards.py").write_text(USER_REWARD)
     out = run_cli(
         "run",
         str(manifest),
@@ -106,7 +116,7 @@ def test_a_curriculum_ending_in_grpo_raises_the_reward(tmp_path: Path) -> None:
     assert record.phase == "completed" and record.step == GRPO_STEPS
     for key in ("reward", "reward_std", "kl", "clip_ratio", "completion_length"):
         assert key in record.train, record.train
-    assert {"rewards/exact-match", "rewards/format"} <= set(record.train)
+    assert {"rewards/exact-match", "rewards/team_rewards:starts_with_one"} <= set(record.train)
     assert record.train["completion_length"] <= 5
     assert "accuracy" in record.eval
 
@@ -115,8 +125,8 @@ def test_a_curriculum_ending_in_grpo_raises_the_reward(tmp_path: Path) -> None:
     )
     rewards = [m.train["reward"] for m in history if "reward" in m.train]
     assert len(rewards) == GRPO_STEPS
-    first, last = statistics.mean(rewards[:8]), statistics.mean(rewards[-8:])
-    assert last > first + 0.1, f"reward did not rise: {rewards}"
+    first, last = statistics.mean(rewards[:6]), statistics.mean(rewards[-6:])
+    assert last > first + 0.2, f"reward did not rise: {rewards}"
     # Completions are reused for a second step (iterations 2): the ratio moves off 1.
     assert max(m.train["clip_ratio"] for m in history if "clip_ratio" in m.train) > 0
 
