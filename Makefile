@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help
 help:
-	@echo "make demo         train examples/tiny-run.yaml locally (pretrain -> sft -> dpo on CPU)"
+	@echo "make demo         train examples/tiny-run.yaml locally (pretrain -> sft -> dpo -> grpo on CPU)"
 	@echo "make test         install what the tests need and run unit, integration and e2e tiers"
 	@echo "make test-unit    only the fast unit tier"
 	@echo "make crd          regenerate crds/ and the chart's copy from kubetrain.core.api"

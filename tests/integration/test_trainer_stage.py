@@ -457,3 +457,35 @@ def test_a_hugging_face_model_from_s3_trains_alike_in_one_and_two_processes(
             assert a.loss == pytest.approx(b.loss, rel=1e-4)
     for key, value in one_weights.items():
         assert torch.allclose(two_weights[key], value, rtol=1e-4, atol=1e-6), key
+
+
+def test_two_process_grpo_samples_its_own_prompts_on_each_rank(s3_server: S3Server) -> None:
+    bucket = s3_server.create_bucket("ddp-grpo")
+    sft = {"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 2, "batchSize": 4}}
+    grpo = {
+        "name": "grpo",
+        "type": "grpo",
+        "checkpointEvery": 2,
+        "resources": {"processesPerNode": 2},
+        "data": {"evalExamples": 8},
+        "hyperparameters": {"maxSteps": 4, "batchSize": 2, "logEvery": 1},
+        "grpo": {"generations": 4, "maxCompletionTokens": 3, "iterations": 2},
+    }
+    spec = spec_for(bucket, s3_server.endpoint, [sft, grpo])
+    run_stage(spec, 0, s3_server)
+    from tests.support.services import free_port
+
+    st = start(spec, 1, s3_server, PET_MASTER_PORT=str(free_port()))
+    rc, err = st.wait()
+    assert rc == 0, err[-3000:]
+    assert "world 2" in err
+    progress = progress_of(st.store)
+    assert progress.phase == "completed" and progress.step == 4
+    assert {"reward", "kl", "clip_ratio", "completion_length"} <= set(progress.train)
+    assert 1 <= progress.train["completion_length"] <= 3
+    saved = torch.load(
+        io.BytesIO(st.store.get_bytes("checkpoints/step-000004/trainer.pt")), weights_only=True
+    )
+    # Two rollouts (at steps 0 and 2, iterations 2), each rank sampling its own 2
+    # prompts: the data cursor moved past 2 x 2 x 2 prompts, none read twice.
+    assert saved["cursor"] == 2 * 2 * 2

@@ -132,6 +132,44 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.stages[0]",
         "sft",
     ),
+    (
+        "grpo-without-sft",
+        with_change(
+            "spec.stages", [{"name": "p", "type": "pretrain"}, {"name": "g", "type": "grpo"}]
+        ),
+        "spec.stages[1]",
+        "grpo stage with no sft stage before it",
+    ),
+    (
+        "grpo-settings-on-sft",
+        with_change("spec.stages[1].grpo", {"generations": 4}),
+        "spec.stages[1]",
+        "only on a stage of type grpo",
+    ),
+    (
+        "grpo-one-generation",
+        with_change(
+            "spec.stages",
+            [
+                {"name": "s", "type": "sft"},
+                {"name": "g", "type": "grpo", "grpo": {"generations": 1}},
+            ],
+        ),
+        "spec.stages[1].grpo.generations",
+        "greater than or equal to 2",
+    ),
+    (
+        "grpo-reward-not-an-entry-point",
+        with_change(
+            "spec.stages",
+            [
+                {"name": "s", "type": "sft"},
+                {"name": "g", "type": "grpo", "grpo": {"rewards": [{"function": "my_rewards"}]}},
+            ],
+        ),
+        "spec.stages[1].grpo.rewards[0].function",
+        "package.module:function",
+    ),
     ("heads-do-not-divide", with_change("spec.model.heads", 3), "model.heads", "divide"),
     (
         "seq-longer-than-context",

@@ -44,7 +44,13 @@ def test_dashboard_shows_what_users_look_for() -> None:
     assert dash["schemaVersion"] >= 36
     titles = {p["title"] for p in dash["panels"]}
     rows = {p["title"] for p in dash["panels"] if p["type"] == "row"}
-    assert rows == {"Runs", "Training", "Energy, cost and carbon", "Reliability"}
+    assert rows == {
+        "Runs",
+        "Training",
+        "Reinforcement learning (grpo)",
+        "Energy, cost and carbon",
+        "Reliability",
+    }
     assert {
         "Runs by phase",
         "Progress",
@@ -59,6 +65,10 @@ def test_dashboard_shows_what_users_look_for() -> None:
         "Cost",
         "CO2",
         "Restarts",
+        "Reward",
+        "KL to reference",
+        "Clip ratio",
+        "Completion length",
     } <= titles
     kinds = {p["title"]: p["type"] for p in dash["panels"]}
     assert kinds["Stage timeline"] == "state-timeline"

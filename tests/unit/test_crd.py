@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CEL_ONLY = {
     "duplicate-names",
     "dpo-without-sft",
+    "grpo-without-sft",
+    "grpo-settings-on-sft",
     "heads-do-not-divide",
     "seq-longer-than-context",
     "steps-and-tokens",

@@ -236,3 +236,31 @@ def test_the_estimate_uses_the_mfu_earlier_runs_measured(
     assert f"{est.gpu_hours:,.0f}" in out
     assert main([*args, "--mfu", "0.5"]) == 0
     assert "MFU 50% on h100 (given)" in capsys.readouterr().out
+
+
+def test_grpo_estimate_counts_sampling_and_the_reference_by_hand() -> None:
+    spec = parse_spec(
+        {
+            "model": {"layers": 2, "heads": 2, "dim": 64, "contextLength": 64},
+            "stages": [
+                {"name": "sft", "type": "sft"},
+                {
+                    "name": "rl",
+                    "type": "grpo",
+                    "hyperparameters": {"maxSteps": 10, "batchSize": 4, "seqLen": 32},
+                    "grpo": {"generations": 8, "iterations": 2},
+                },
+            ],
+        }
+    )
+    stage = estimate_run(spec).stages[1]
+    tokens = 10 * 4 * 8 * 32  # steps · prompts · generations · seq
+    n, attention = 115264, 2 * 64 * 32  # matmul weights; L·d·T
+    train = 6 * n + 12 * attention  # policy forward and backward
+    forward = 2 * n + 4 * attention  # a third of it
+    reference = forward
+    # Sampling (a forward pass per token) and the sampling policy's log-probs, once
+    # per rollout, shared by the 2 steps (iterations) that train on it.
+    rollout = (forward + forward) / 2
+    assert stage.tokens == tokens
+    assert stage.flops == pytest.approx(tokens * (train + reference + rollout))

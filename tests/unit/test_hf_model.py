@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from torch import nn
 
 from kubetrain.core.hf_config import (
     ModelFormatError,
@@ -21,10 +22,10 @@ from kubetrain.core.hf_config import (
     parameter_count,
 )
 from kubetrain_trainer.hf.examples import TokenizedExample
-from kubetrain_trainer.hf.generate import greedy_generate
 from kubetrain_trainer.hf.model import CausalLM, KVCache, build_model
 from kubetrain_trainer.hf.packing import pack_rows
 from kubetrain_trainer.hf.weights import load_pretrained
+from kubetrain_trainer.sampling import sample
 
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
@@ -196,6 +197,19 @@ def _recompute(model: CausalLM, prompt: list[int], n: int) -> list[int]:
     return seq[len(prompt) :]
 
 
+def greedy(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: frozenset[int] = frozenset(),
+) -> list[list[int]]:
+    """Greedy continuations by the trainer's KV-cache sampler."""
+    return sample(
+        model, prompts, temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=0
+    ).tokens
+
+
 @pytest.mark.parametrize(
     "name",
     ["llama3-rope-llama3-tied-gqa", "mistral-sliding-window", "qwen2-bias-tied", "gpt2-tied"],
@@ -204,7 +218,7 @@ def test_kv_cache_generation_equals_full_recompute(loaded: dict, name: str) -> N
     _, model = loaded[name]
     prompts = [tokens(1, 6, seed=3)[0].tolist(), tokens(1, 3, seed=4)[0].tolist()]
     # Batched with left padding, each prompt continues as it does alone.
-    got = greedy_generate(model, prompts, max_new_tokens=6)
+    got = greedy(model, prompts, max_new_tokens=6)
     assert got == [_recompute(model, p, 6) for p in prompts]
 
 
@@ -212,7 +226,7 @@ def test_generation_stops_at_a_stop_token(loaded: dict) -> None:
     _, model = loaded["qwen2-bias-tied"]
     prompt = tokens(1, 5, seed=5)[0].tolist()
     full = _recompute(model, prompt, 6)
-    got = greedy_generate(model, [prompt], max_new_tokens=6, stop_ids=frozenset({full[2]}))
+    got = greedy(model, [prompt], max_new_tokens=6, stop_ids=frozenset({full[2]}))
     assert got == [full[: full.index(full[2]) + 1]]
 
 

@@ -132,7 +132,7 @@ def test_dpo_loss_and_rewards_equal_trl(
     ours = pair_batch(pairs, MAX_LENGTH, tok.pad_id)
     loss_sum, metric_sums = dpo_step_loss(policy, reference, ours, BETA)
     items = loss_items(ours)
-    assert float(loss_sum) / items == pytest.approx(trl_loss, abs=TOLERANCE)
+    assert float(loss_sum.detach()) / items == pytest.approx(trl_loss, abs=TOLERANCE)
     for key in DPO_METRICS:
         assert float(metric_sums[key]) / items == pytest.approx(trl_metrics[key], abs=TOLERANCE)
     # Not the trivial case of a policy equal to its reference.

@@ -66,6 +66,14 @@ def test_the_hugging_face_export_reaches_the_stage_status() -> None:
     assert "hfModel" in st.model_dump(by_alias=True)
 
 
+def test_a_grpo_stage_reports_its_reward_and_kl_in_the_status() -> None:
+    record = ProgressRecord.model_validate(
+        {"step": 4, "train": {"reward": 0.8125, "kl": 0.0123456789, "clip_ratio": 0.0}}
+    )
+    st = apply_record(STAGE, SPEC.model, StageStatus(name="pretrain"), record)
+    assert st.train == {"reward": 0.8125, "kl": 0.012346, "clip_ratio": 0.0}
+
+
 def test_numbers_never_go_backwards() -> None:
     before = StageStatus(name="pretrain", step=50, tokens=1000, energy_joules=5.0)
     older = ProgressRecord(step=10, tokens=10, energy_joules=1)

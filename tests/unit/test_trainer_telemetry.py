@@ -125,3 +125,31 @@ def test_prometheus_endpoint_exposes_the_trainer_metrics(tmp_path: Path) -> None
         f"kubetrain_trainer_eval_accuracy{{{labels}}} 0.25",
     ):
         assert line in body, f"{line!r} missing from\n{body}"
+
+
+def test_grpo_diagnostics_are_gauges_only_where_a_stage_reports_them() -> None:
+    from kubetrain.docgen.metrics import example_trainer_registry
+
+    registry, collector = example_trainer_registry()
+    collector.record = ProgressRecord.model_validate({"step": 3, "loss": 0.5})
+    assert not any(f.name.startswith("kubetrain_trainer_grpo") for f in registry.collect())
+    collector.record = ProgressRecord.model_validate(
+        {
+            "step": 3,
+            "train": {
+                "reward": 0.75,
+                "reward_std": 0.25,
+                "kl": 0.02,
+                "clip_ratio": 0.1,
+                "completion_length": 3.5,
+            },
+        }
+    )
+    values = {f.name: f.samples[0].value for f in registry.collect()}
+    assert {k: v for k, v in values.items() if "grpo" in k} == {
+        "kubetrain_trainer_grpo_reward": 0.75,
+        "kubetrain_trainer_grpo_reward_std": 0.25,
+        "kubetrain_trainer_grpo_kl": 0.02,
+        "kubetrain_trainer_grpo_clip_ratio": 0.1,
+        "kubetrain_trainer_grpo_completion_tokens": 3.5,
+    }

@@ -9,9 +9,12 @@ consumed so far by all ranks), in its checkpoints; rank ``r`` of ``w`` reads ind
 The arithmetic task (addition of two numbers below 100) exists in two guises on purpose:
 - pretraining text states sums in several *free* formats ("12+34=46", "the sum of 12
   and 34 is 46", ...) but never in the question/answer format;
-- SFT, DPO and evaluation use the question/answer format ``Q: 12+34\\nA: `` -> ``46``.
-So a pretrained model knows some arithmetic but not how to answer; SFT teaches the
-format, DPO sharpens the preference for correct answers over near misses.
+- SFT, DPO, GRPO and evaluation use the question/answer format ``Q: 12+34\\nA: `` ->
+  ``46``.
+So a pretrained model has read sums but cannot answer a question; SFT teaches the
+format, DPO sharpens the preference for correct answers over near misses, and GRPO
+samples answers and rewards the right ones (its prompts carry the ``answer`` column that
+the exact-match reward checks).
 A fixed tenth of all problems (by a hash of the problem, independent of any seed) is
 held out: no stage ever trains on it, so eval numbers are comparable across stages.
 """
@@ -21,9 +24,10 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -150,6 +154,17 @@ class PairBatch:
         return self.chosen.tokens + self.rejected.tokens
 
 
+@dataclass
+class PromptBatch:
+    """GRPO: prompts, and per data key the values the rewards see (``answer`` ...)."""
+
+    prompts: list[str]
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> PromptBatch:
+        return self  # text: the trainer tokenizes and samples on the device itself
+
+
 def _sequence(prompt: str, response: str, seq_len: int) -> tuple[list[int], list[int]]:
     """Token ids of BOS+prompt+response+EOS and its loss mask (response and EOS only),
     truncated to ``seq_len + 1`` ids (T inputs plus the last target)."""
@@ -200,7 +215,7 @@ class Dataset:
 
     eval_set: EvalSet | HeldOut
 
-    def batch(self, start: int, size: int) -> LMBatch | PackedBatch | PairBatch:
+    def batch(self, start: int, size: int) -> LMBatch | PackedBatch | PairBatch | PromptBatch:
         raise NotImplementedError
 
 
@@ -250,6 +265,23 @@ class ArithmeticDPO(Dataset):
 
     def batch(self, start: int, size: int) -> PairBatch:
         return _pair_batch([self.example(start + j) for j in range(size)], self.seq_len)
+
+
+class ArithmeticGRPO(Dataset):
+    """Question/answer prompts; the ``answer`` column is what the exact-match reward
+    checks."""
+
+    def __init__(self, seed: int, seq_len: int, eval_examples: int):
+        self.seed, self.seq_len = seed, seq_len
+        self.eval_set = _arithmetic_eval(eval_examples, seed)
+
+    def example(self, index: int) -> tuple[str, str]:
+        a, b = _train_problem(random.Random(f"grpo:{self.seed}:{index}"))
+        return qa_prompt(a, b), str(a + b)
+
+    def batch(self, start: int, size: int) -> PromptBatch:
+        examples = [self.example(start + j) for j in range(size)]
+        return PromptBatch([p for p, _ in examples], {"answer": [a for _, a in examples]})
 
 
 def _pair_batch(examples: list[tuple[str, str, str]], seq_len: int) -> PairBatch:
@@ -387,8 +419,63 @@ class JsonlDPO(Dataset):
         return _pair_batch([self.records[self.order(start + j)] for j in range(size)], self.seq_len)
 
 
-SYNTHETIC = {"pretrain": ArithmeticPretrain, "sft": ArithmeticSFT, "dpo": ArithmeticDPO}
-FROM_URI = {"pretrain": TextPretrain, "sft": JsonlSFT, "dpo": JsonlDPO}
+class JsonlGRPO(Dataset):
+    """JSONL objects with a ``prompt``; every other key is a column the rewards get
+    (``answer`` for exact-match, which also makes the held-out exact match)."""
+
+    def __init__(
+        self,
+        uri: str,
+        seed: int,
+        seq_len: int,
+        eval_examples: int,
+        s3: contract.S3Endpoint | None = None,
+    ):
+        records = _jsonl_objects(uri, "prompt", s3)
+        train, held = split(records, eval_examples, seed)
+        self.records, self.order = train, Shuffled(len(train), seed)
+        self.eval_set = EvalSet(
+            qa=[(str(r["prompt"]), str(r["answer"])) for r in held if "answer" in r]
+        )
+
+    def batch(self, start: int, size: int) -> PromptBatch:
+        rows = [self.records[self.order(start + j)] for j in range(size)]
+        keys = sorted({k for r in rows for k in r} - {"prompt"})
+        return PromptBatch(
+            [str(r["prompt"]) for r in rows], {k: [r.get(k) for r in rows] for k in keys}
+        )
+
+
+def _jsonl_objects(uri: str, required: str, s3: contract.S3Endpoint | None) -> list[dict[str, Any]]:
+    out = []
+    for n, line in enumerate(read_source(uri, s3).decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get(required), str):
+            raise ValueError(
+                f"data.source {uri} line {n}: expected a JSON object with a string "
+                f"{required!r} (other keys are passed to the rewards)"
+            )
+        out.append(obj)
+    return out
+
+
+SYNTHETIC: dict[str, Callable[..., Dataset]] = {
+    "pretrain": ArithmeticPretrain,
+    "sft": ArithmeticSFT,
+    "dpo": ArithmeticDPO,
+    "grpo": ArithmeticGRPO,
+}
+FROM_URI: dict[str, Callable[..., Dataset]] = {
+    "pretrain": TextPretrain,
+    "sft": JsonlSFT,
+    "dpo": JsonlDPO,
+    "grpo": JsonlGRPO,
+}
 
 
 def build_dataset(

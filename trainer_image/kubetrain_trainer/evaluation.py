@@ -4,8 +4,6 @@ rejected one?). The same numbers after every stage make the curriculum comparabl
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import nn
 
@@ -13,6 +11,8 @@ from kubetrain_trainer import tokenizer as tok
 from kubetrain_trainer.data import EvalSet, _pair_batch, _sequence, collate
 from kubetrain_trainer.model import GPT
 from kubetrain_trainer.objectives import lm_loss_sum, loss_items, pair_logprobs
+from kubetrain_trainer.rewards import matches
+from kubetrain_trainer.sampling import sample
 
 BATCH = 64
 
@@ -21,31 +21,20 @@ BATCH = 64
 def greedy_answers(
     model: GPT, prompts: list[str], max_new_tokens: int, device: torch.device
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` until EOS or ``max_new_tokens``.
-
-    Prompts are grouped by token length so a batch needs no padding (positions stay
-    exact without attention masks); without a KV cache, fine at evaluation sizes.
-    """
-    context = model.cfg.context_length
-    by_len: dict[int, list[int]] = defaultdict(list)
-    encoded = [tok.encode(p, bos=True) for p in prompts]
-    for i, ids in enumerate(encoded):
-        by_len[len(ids)].append(i)
-    out = [""] * len(prompts)
-    for length, members in by_len.items():
-        for s in range(0, len(members), BATCH):
-            idx = members[s : s + BATCH]
-            seq = torch.tensor([encoded[i] for i in idx], device=device)
-            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-            for _ in range(min(max_new_tokens, context - length)):
-                nxt = model(seq[:, -context:])[:, -1].argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, tok.EOS), nxt)
-                seq = torch.cat([seq, nxt[:, None]], dim=1)
-                done |= nxt == tok.EOS
-                if bool(done.all()):
-                    break
-            for row, i in zip(seq[:, length:].tolist(), idx, strict=True):
-                out[i] = tok.decode(row)
+    """Greedy continuations of ``prompts`` until EOS or ``max_new_tokens``, batched
+    with the KV cache (``kubetrain_trainer.sampling``)."""
+    out: list[str] = []
+    for s in range(0, len(prompts), BATCH):
+        encoded = [tok.encode(p, bos=True) for p in prompts[s : s + BATCH]]
+        completions = sample(
+            model,
+            encoded,
+            temperature=0.0,
+            max_new_tokens=max_new_tokens,
+            stop_ids={tok.EOS},
+            pad_id=tok.PAD,
+        )
+        out += [tok.decode(ids) for ids in completions.tokens]
     return out
 
 
@@ -94,7 +83,7 @@ def evaluate_sums(
             answers = [a for _, a in qa]
             longest = max(len(tok.encode(a)) for a in answers)
             got = greedy_answers(model, [p for p, _ in qa], longest + 1, device)
-            sums["hits"] = sum(g.strip() == a.strip() for g, a in zip(got, answers, strict=True))
+            sums["hits"] = sum(matches(g, a) for g, a in zip(got, answers, strict=True))
             sums["answered"] = len(answers)
             seqs = [_sequence(p, a, seq_len) for p, a in qa]
             sums["loss_sum"], sums["loss_tokens"] = _loss_sums(model, seqs, device)

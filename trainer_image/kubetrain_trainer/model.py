@@ -17,6 +17,7 @@ from torch import nn
 
 from kubetrain.core.api import ModelSpec
 from kubetrain.core.architecture import builtin
+from kubetrain_trainer.hf.model import KVCache, attention_mask, positions_from_documents
 
 
 @dataclass(frozen=True)
@@ -40,24 +41,31 @@ class GPTConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.heads = cfg.heads
+        self.layer = layer
         self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.k = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.v = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.o = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         b, t, d = x.shape
         h = self.heads
 
         def split(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, h, d // h).transpose(1, 2)
 
-        # The fused kernel (flash / memory-efficient on GPU) with the causal mask built in.
+        k, v = split(self.k(x)), split(self.v(x))
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # Without a mask: the fused kernel (flash / memory-efficient on GPU) with the
+        # causal mask built in; with one (padding, a cache): the boolean mask.
         y = F.scaled_dot_product_attention(
-            split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=True
+            split(self.q(x)), k, v, attn_mask=mask, is_causal=mask is None
         )
         return self.o(y.transpose(1, 2).reshape(b, t, d))
 
@@ -73,15 +81,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.norm1 = nn.RMSNorm(cfg.dim)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.norm2 = nn.RMSNorm(cfg.dim)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -91,7 +101,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos = nn.Embedding(cfg.context_length, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.dim)
         self.apply(self._init)
         # GPT-2's scaled init: each residual branch adds variance, so the projections
@@ -105,22 +115,71 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T), T ≤ context length."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T).
+
+        The calling convention of ``kubetrain_trainer.hf.model.CausalLM``, so that one
+        sampler drives both: ``document_ids`` (B, T) keep left padding
+        (``PAD_DOCUMENT``) out of attention, positions restart at each document unless
+        ``position_ids`` are given, and ``cache`` continues the sequences cached so far.
+        Without any of them: plain causal attention from position 0 (training).
+        """
         t = idx.shape[1]
-        if t > self.cfg.context_length:
+        past = 0 if cache is None else cache.length
+        if past + t > self.cfg.context_length:
             raise ValueError(
-                f"sequence of {t} tokens exceeds model.contextLength={self.cfg.context_length}"
+                f"sequence of {past + t} tokens exceeds "
+                f"model.contextLength={self.cfg.context_length}"
             )
-        pos = torch.arange(t, device=idx.device)
+        mask = None
+        if cache is None and document_ids is None:
+            pos = position_ids if position_ids is not None else torch.arange(t, device=idx.device)
+        else:
+            pos, mask = _positions_and_mask(idx, position_ids, document_ids, cache)
         x = self.tok(idx) + self.pos(pos)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask, cache)
         # Tied head: the output projection is the token embedding matrix.
         return F.linear(self.norm(x), self.tok.weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _positions_and_mask(
+    idx: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    cache: KVCache | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids (B, T) and the boolean attention mask (B, 1, T, S) of a call with
+    document ids or a cache, as ``CausalLM`` derives them: a continuation extends each
+    row's last document from the position after its last cached one."""
+    b, t = idx.shape
+    past = 0 if cache is None else cache.length
+    if cache is not None and cache.document_ids is not None:
+        assert cache.next_position is not None
+        if document_ids is None:
+            document_ids = cache.document_ids[:, -1:].expand(b, t)
+        if position_ids is None:
+            position_ids = cache.next_position[:, None] + torch.arange(t, device=idx.device)
+    if document_ids is None:
+        document_ids = torch.zeros_like(idx)
+    if position_ids is None:
+        position_ids = positions_from_documents(document_ids)
+    k_docs = document_ids
+    if cache is not None:
+        if cache.document_ids is not None:
+            k_docs = torch.cat((cache.document_ids, document_ids), dim=1)
+        cache.document_ids = k_docs
+        cache.next_position = position_ids[:, -1] + 1
+    return position_ids, attention_mask(document_ids, k_docs, past, None)
 
 
 def build_model(spec: ModelSpec) -> GPT:

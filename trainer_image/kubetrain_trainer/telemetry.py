@@ -43,6 +43,36 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# grpo stages: the progress record's ``train`` keys (TRL's names) exported as gauges.
+GRPO_GAUGES = (
+    (
+        "reward",
+        "kubetrain_trainer_grpo_reward",
+        "grpo: mean reward of the last step's completions.",
+    ),
+    (
+        "reward_std",
+        "kubetrain_trainer_grpo_reward_std",
+        "grpo: standard deviation of the last step's rewards.",
+    ),
+    (
+        "kl",
+        "kubetrain_trainer_grpo_kl",
+        "grpo: mean per-token KL divergence of the policy from the frozen reference.",
+    ),
+    (
+        "clip_ratio",
+        "kubetrain_trainer_grpo_clip_ratio",
+        "grpo: share of completion tokens whose probability ratio was clipped, 0..1.",
+    ),
+    (
+        "completion_length",
+        "kubetrain_trainer_grpo_completion_tokens",
+        "grpo: mean length of the sampled completions, in tokens.",
+    ),
+)
+
+
 class TrainerCollector:
     """Exposes the newest progress record as Prometheus metrics (no state of its own,
     so a resumed trainer's counters continue from the accumulated values)."""
@@ -94,6 +124,7 @@ class TrainerCollector:
                 "Held-out exact-match accuracy, 0..1.",
                 r.eval.get("accuracy"),
             ),
+            *(gauge(name, doc, r.train.get(key)) for key, name, doc in GRPO_GAUGES),
         ]
         yield from (f for f in families if f is not None)
 

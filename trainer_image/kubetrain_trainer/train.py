@@ -6,17 +6,20 @@ Lifecycle:
   (gloo on CPU, nccl on GPU, each serving only that device type, so a tensor on the
   wrong device fails on a CPU test as it would on GPUs); build the model; initialise it
   from KUBETRAIN_INIT_URI (weights only; a Hugging Face model also brings its
-  architecture and tokenizer, see ``kubetrain_trainer.hf.source``) and, for DPO, load
-  the frozen reference from KUBETRAIN_REFERENCE_URI;
+  architecture and tokenizer, see ``kubetrain_trainer.hf.source``) and, for DPO and
+  GRPO, load the frozen reference from KUBETRAIN_REFERENCE_URI;
 - resume: when this stage's folder has a complete checkpoint, continue from it exactly
-  (model, optimizer, scheduler, data cursor, RNG, step, tokens, energy, wall time);
+  (model, optimizer, scheduler, data cursor, RNG, step, tokens, energy, wall time, and a
+  grpo stage's completions between two rollouts);
 - every step: grad accumulation, the loss normalised by the step's target tokens
-  over all micro-batches and ranks (``kubetrain_trainer.objectives``), a check that it
-  is finite before the weights change, clipping, AdamW, warm-up + schedule; progress
-  every ``logEvery`` steps, evaluation every ``evalEvery`` (every rank evaluates its
-  share of the held-out set), a checkpoint every ``checkpointEvery`` (rank 0 writes it
-  while the others wait on a barrier whose timeout is sized for uploads,
-  :data:`UPLOAD_TIMEOUT`, not the collectives' :data:`COLLECTIVE_TIMEOUT`);
+  over all micro-batches and ranks (``kubetrain_trainer.objectives``; a grpo step
+  samples and scores its completions first and normalises as TRL does,
+  ``kubetrain_trainer.grpo``), a check that it is finite before the weights change,
+  clipping, AdamW, warm-up + schedule; progress every ``logEvery`` steps, evaluation
+  every ``evalEvery`` (every rank evaluates its share of the held-out set), a checkpoint
+  every ``checkpointEvery`` (rank 0 writes it while the others wait on a barrier whose
+  timeout is sized for uploads, :data:`UPLOAD_TIMEOUT`, not the collectives'
+  :data:`COLLECTIVE_TIMEOUT`);
 - SIGTERM/SIGINT (preemption, suspend, node drain): the current step finishes, a
   checkpoint is saved, progress says ``interrupted``, exit 0. That takes one step plus
   one checkpoint upload, so the pod's terminationGracePeriodSeconds must cover both
@@ -36,6 +39,7 @@ import signal
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -47,7 +51,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kubetrain.core import accounting, architecture, contract
-from kubetrain.core.api import Hyperparameters
+from kubetrain.core.api import REFERENCE_STAGE_TYPES, Hyperparameters, StageType
 from kubetrain.core.hf_config import ModelConfig
 from kubetrain.core.records import ProgressRecord, read_progress, write_progress
 from kubetrain.core.store import StoreError, open_store
@@ -60,15 +64,25 @@ from kubetrain_trainer.data import (
     LMBatch,
     PackedBatch,
     PairBatch,
+    PromptBatch,
     build_dataset,
 )
 from kubetrain_trainer.energy import EnergyMeter, open_meter
+from kubetrain_trainer.grpo import (
+    BYTE_CODEC,
+    GRPOLearner,
+    Rollout,
+    RolloutStats,
+    hf_codec,
+    rollout_metrics,
+)
 from kubetrain_trainer.hf import datasets as hf_datasets
 from kubetrain_trainer.hf import evaluation as hf_evaluation
 from kubetrain_trainer.hf import stage as hf_stage
 from kubetrain_trainer.hf.model import CausalLM
 from kubetrain_trainer.model import GPT, build_model
 from kubetrain_trainer.objectives import DPO_METRICS, dpo_step_loss, lm_loss_sum, loss_items
+from kubetrain_trainer.rewards import RewardSet
 from kubetrain_trainer.telemetry import FOLDER, Telemetry, utc_now
 
 log = logging.getLogger("kubetrain_trainer")
@@ -305,6 +319,11 @@ class Trainer:
             self._init_builtin(init_uri)
         self.seq_len = self._seq_len()
         self.data = self._build_data()
+        self.learner = self._grpo_learner()
+        # The completions a grpo step trains on, kept for grpo.iterations steps.
+        self.rollouts: list[Rollout] = []
+        self.rollout_metrics: dict[str, float] = {}
+        self.rollout_tokens = 0.0
         self.optimizer = build_optimizer(self.model, self.hp, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(self.hp, self.total)
@@ -348,8 +367,8 @@ class Trainer:
         return self.hf.config if self.hf is not None else architecture.builtin(self.spec)
 
     def _init_builtin(self, init_uri: str | None) -> None:
-        """The built-in model, from random weights or a kubetrain checkpoint; for DPO the
-        frozen reference."""
+        """The built-in model, from random weights or a kubetrain checkpoint; for DPO and
+        GRPO the frozen reference."""
         device = self.d.device
         self.model = build_model(self.spec).to(device)
         expected = accounting.parameter_count(self.spec)
@@ -359,7 +378,7 @@ class Trainer:
             )
         if init_uri:
             self.init_source = _load_weights(self.model, init_uri, "init", device, self.s3)
-        if self.kind == "dpo":
+        if self.stage.type in REFERENCE_STAGE_TYPES:
             ref_uri = self.env.get(contract.ENV_REFERENCE_URI) or init_uri
             self.reference = build_model(self.spec).to(device)
             if ref_uri:
@@ -370,15 +389,15 @@ class Trainer:
             self.reference.eval().requires_grad_(False)
 
     def _init_hf(self, hf: hf_stage.HFModel) -> None:
-        """A Hugging Face model's weights; for DPO the frozen reference, which is the
-        model the stage starts from (KUBETRAIN_REFERENCE_URI names the same folder)."""
+        """A Hugging Face model's weights; for DPO and GRPO the frozen reference, which is
+        the model the stage starts from (KUBETRAIN_REFERENCE_URI names the same folder)."""
         self.model, self.init_source = hf_stage.load_weights(hf, self.d.device, self.s3)
         if self.model.num_parameters() != accounting.parameter_count(hf.config):
             raise StageError(
                 f"model has {self.model.num_parameters()} parameters, accounting says "
                 f"{accounting.parameter_count(hf.config)}"
             )
-        if self.kind == "dpo":
+        if self.stage.type in REFERENCE_STAGE_TYPES:
             reference, _ = hf_stage.load_weights(hf, self.d.device, self.s3)
             self.reference = reference.eval().requires_grad_(False)
 
@@ -417,6 +436,22 @@ class Trainer:
             s3=self.s3,
         )
 
+    def _grpo_learner(self) -> GRPOLearner | None:
+        """A grpo stage's rollouts and loss, with the model's tokenizer (None: another
+        stage type)."""
+        if self.stage.type != StageType.grpo:
+            return None
+        assert self.reference is not None
+        settings = self.stage.grpo_settings
+        return GRPOLearner(
+            settings,
+            beta=self.hp.beta,
+            rewards=RewardSet.from_spec(settings.rewards),
+            reference=self.reference,
+            seq_len=self.seq_len,
+            codec=hf_codec(self.hf.tokenizer) if self.hf is not None else BYTE_CODEC,
+        )
+
     # ------------------------------------------------------------------ state
     def resume(self) -> None:
         loaded = self.checkpointer.load_latest(map_location=self.d.device)
@@ -431,6 +466,7 @@ class Trainer:
             self.step, self.cursor, self.tokens = t["step"], t["cursor"], t["tokens"]
             self.energy_base, self.wall_base = t["energyJoules"], t["wallSeconds"]
             self.eval = dict(t.get("eval", {}))
+            self._restore_rollouts(t.get("grpo"))
             torch.set_rng_state(t["rng"]["torch"])
             if self.d.device.type == "cuda" and t["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(t["rng"]["cuda"], self.d.device)
@@ -465,6 +501,13 @@ class Trainer:
                 "totalSteps": self.total,
                 "stageType": self.kind,
             }
+            if self.learner is not None and self.step % self.learner.settings.iterations:
+                # Between two rollouts: the next steps train on these completions.
+                trainer["grpo"] = {
+                    "rollouts": [r.state() for r in self.rollouts],
+                    "tokensPerProcess": self.rollout_tokens,
+                    "metrics": self.rollout_metrics,
+                }
             self.checkpoint_uri = self.checkpointer.save(
                 self.step,
                 {
@@ -480,11 +523,12 @@ class Trainer:
         self.saved_step = self.step
 
     # ------------------------------------------------------------------ steps
-    def flops(self, batch: LMBatch | PackedBatch | PairBatch) -> float:
-        """Training FLOPs of one micro-batch (accounting's formula at its length, the
-        DPO reference's forward included), so MFU here and the estimate agree."""
-        seq = (batch.chosen if isinstance(batch, PairBatch) else batch).inputs.shape[1]
-        return accounting.stage_flops_per_token(self.arch, seq, self.kind) * batch.tokens
+    def flops(self, seq: int, tokens: float) -> float:
+        """Training FLOPs of ``tokens`` in sequences of ``seq`` (accounting's formula,
+        the DPO and GRPO reference's forward and GRPO's sampling included), so MFU here
+        and the estimate agree."""
+        iterations = self.stage.grpo_settings.iterations
+        return accounting.stage_flops_per_token(self.arch, seq, self.kind, iterations) * tokens
 
     def run(self, stop: StopRequest | None = None) -> int:
         """Train the stage to its end or to a stop request; the exit code."""
@@ -496,8 +540,9 @@ class Trainer:
         self.window = _Window(self.started)
         self._log_start()
         self.publish("running")
+        step = self._grpo_step if self.learner is not None else self._train_step
         while self.step < self.total and not self._should_stop(stop):
-            self._train_step(step_model)
+            step(step_model)
             self._after_step()
         if self.step < self.total:
             self._interrupted()
@@ -614,9 +659,11 @@ class Trainer:
         change only when the step's loss and gradient norm are finite."""
         d, hp = self.d, self.hp
         ga, bsz = hp.gradient_accumulation, hp.batch_size
-        batches = []
+        batches: list[LMBatch | PackedBatch | PairBatch] = []
         for _ in range(ga):
-            batches.append(self.data.batch(self.cursor + d.rank * bsz, bsz))
+            batch = self.data.batch(self.cursor + d.rank * bsz, bsz)
+            assert not isinstance(batch, PromptBatch), "grpo stages step in _grpo_step"
+            batches.append(batch)
             self.cursor += bsz * d.world
         (items,) = d.all_reduce([float(sum(loss_items(b) for b in batches))])
         # DDP averages gradients over the ranks: × world makes that the global sum.
@@ -634,7 +681,8 @@ class Trainer:
             for k, v in m.items():
                 metric_sums[k] += float(v)
             tokens += batch.tokens
-            flops += self.flops(batch)
+            seq = (batch.chosen if isinstance(batch, PairBatch) else batch).inputs.shape[1]
+            flops += self.flops(seq, batch.tokens)
         total, tokens, flops, *metrics = d.all_reduce(
             [float(loss_sum), tokens, flops, *metric_sums.values()]
         )
@@ -684,6 +732,86 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _grpo_step(self, sm: StepModel) -> None:
+        """One optimizer step of a grpo stage: every ``grpo.iterations`` steps sample and
+        score new completions, then the clipped policy-gradient loss over them, one
+        micro-batch of completions at a time. The loss comes normalised as TRL's
+        (``grpo.lossType``, see ``kubetrain_trainer.grpo``): over the step's completion
+        tokens of all ranks (``dapo``) or per completion (``grpo``), and DDP's average
+        over the ranks completes it."""
+        assert self.learner is not None
+        d, iterations = self.d, self.learner.settings.iterations
+        if self.step % iterations == 0 or not self.rollouts:
+            self._roll_out(sm.autocast)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+        tokens = flops = kl = clipped = completion_tokens = 0.0
+        for micro, rollout in enumerate(self.rollouts):
+            with sm.sync(last=micro == len(self.rollouts) - 1):
+                with sm.autocast:
+                    loss, m = self.learner.loss(
+                        sm.module,
+                        rollout,
+                        accumulation=len(self.rollouts),
+                        tokens_per_process=self.rollout_tokens,
+                    )
+                loss.backward()
+            loss_sum += loss.detach()
+            tokens += rollout.tokens
+            flops += self.flops(rollout.inputs.shape[1], rollout.tokens)
+            kl += float(m.get("kl", 0.0))
+            clipped += float(m["clip_ratio"])
+            completion_tokens += float(m["tokens"])
+        total, tokens, flops, kl, clipped, completion_tokens = d.all_reduce(
+            [float(loss_sum), tokens, flops, kl, clipped, completion_tokens]
+        )
+        self.step += 1
+        self.tokens += int(tokens)
+        self.window.tokens += tokens
+        self.window.flops += flops
+        # Each rank's loss is its share of the global mean: their sum over world is it.
+        self._apply_update(total, float(d.world))
+        completion_tokens = max(completion_tokens, 1.0)
+        self.train_metrics = {
+            **self.rollout_metrics,
+            "kl": kl / completion_tokens,
+            "clip_ratio": clipped / completion_tokens,
+        }
+
+    def _roll_out(self, autocast: contextlib.AbstractContextManager[Any]) -> None:
+        """Sample and score this rank's prompts of every micro-batch of the step."""
+        assert self.learner is not None
+        d, bsz = self.d, self.hp.batch_size
+        # Seeded by the step, not carried in the RNG state: a resumed stage samples the
+        # same completions at the same step.
+        generator = torch.Generator(device=d.device)
+        generator.manual_seed(zlib.crc32(f"grpo:{self.hp.seed}:{self.step}:{d.rank}".encode()))
+        self.rollouts, stats = [], RolloutStats()
+        for _ in range(self.hp.gradient_accumulation):
+            batch = self.data.batch(self.cursor + d.rank * bsz, bsz)
+            assert isinstance(batch, PromptBatch)
+            self.cursor += bsz * d.world
+            rollout, s = self.learner.roll_out(self.model, batch, generator, autocast)
+            self.rollouts.append(rollout)
+            stats.add(s)
+        (tokens,) = d.all_reduce([float(sum(r.completion_tokens for r in self.rollouts))])
+        if d.world > 1:
+            gathered: list[RolloutStats | None] = [None] * d.world
+            dist.all_gather_object(gathered, stats)
+            stats = RolloutStats()
+            for other in gathered:
+                assert other is not None
+                stats.add(other)
+        self.rollout_tokens = tokens / d.world
+        self.rollout_metrics = rollout_metrics(stats)
+
+    def _restore_rollouts(self, state: dict[str, Any] | None) -> None:
+        """The completions a checkpoint taken between two rollouts was training on."""
+        if not state:
+            return
+        self.rollouts = [Rollout.from_state(r, self.d.device) for r in state["rollouts"]]
+        self.rollout_tokens = float(state["tokensPerProcess"])
+        self.rollout_metrics = dict(state.get("metrics", {}))
 
     def _after_step(self) -> None:
         """Evaluate, checkpoint and publish on their schedules (the last step's are done

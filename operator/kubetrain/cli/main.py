@@ -129,7 +129,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetrain",
-        description="Run LLM training curricula (pretrain -> sft -> dpo) on Kubernetes or "
+        description="Run LLM training curricula (pretrain -> sft -> dpo -> grpo) on Kubernetes or "
         "locally, and see progress, energy, cost and CO2 as they happen.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

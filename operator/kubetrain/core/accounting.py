@@ -12,9 +12,14 @@ Conventions (stated so anyone can redo the arithmetic by hand):
   counts every weight used in a matrix multiply, the tied embedding included because it
   is the output projection, position embeddings excluded (a lookup is free); the second
   term is attention's QKᵀ and AV over a sequence of T tokens (as in nanoGPT and
-  torchtitan). DPO runs the policy forward and backward over the chosen and the rejected
-  sequence (both count as tokens) and the frozen reference forward over both (a third of
-  the training FLOPs again).
+  torchtitan). A forward pass alone costs a third of that (2·N_matmul + 4·L·d·T).
+- DPO runs the policy forward and backward over the chosen and the rejected sequence
+  (both count as tokens) and the frozen reference forward over both. grpo runs the
+  reference forward too, and samples its completions with a KV cache (a forward pass per
+  token, shared by the ``iterations`` steps that reuse them, plus then a forward pass for
+  the sampling policy's log-probs). A grpo step trains batchSize × generations sequences
+  per process and micro-batch; estimates take every sequence at its longest (seqLen), as
+  for the other stages.
 - GPU-hours = FLOPs / (peak dense bf16 FLOP/s × MFU) / 3600. The MFU is calibrated per
   accelerator class against published runs (:data:`ACCELERATORS` names each source), or
   taken from what earlier runs measured.
@@ -168,13 +173,22 @@ def flops_per_token(model: ModelSpec | Architecture, seq_len: int | None = None)
     return 6.0 * n_matmul + 12.0 * arch.layers * arch.dim * t
 
 
-def stage_flops_per_token(arch: Architecture | ModelSpec, seq_len: int, stage_type: str) -> float:
-    """FLOPs per trained token of a stage: the policy's forward and backward, plus for
-    DPO the frozen reference's forward over the same tokens (a third of the former)."""
-    per_token = flops_per_token(arch, seq_len)
+def stage_flops_per_token(
+    arch: Architecture | ModelSpec, seq_len: int, stage_type: str, iterations: int = 1
+) -> float:
+    """FLOPs per trained token of a stage: the policy's forward and backward, plus the
+    frozen reference's forward for dpo and grpo (a forward pass is a third of the
+    former), plus for grpo sampling with a KV cache (a forward pass per token) and, when
+    ``iterations`` > 1, the sampling policy's log-probs: once per batch of completions,
+    so shared by the ``iterations`` steps that train on it."""
+    train = flops_per_token(arch, seq_len)
+    forward = train / 3.0
     if stage_type == StageType.dpo.value:
-        per_token += per_token / 3.0
-    return per_token
+        return train + forward
+    if stage_type == StageType.grpo.value:
+        rollout = forward + (forward if iterations > 1 else 0.0)
+        return train + forward + rollout / iterations
+    return train
 
 
 def seq_len(stage: Stage, model: ModelSpec) -> int:
@@ -184,13 +198,19 @@ def seq_len(stage: Stage, model: ModelSpec) -> int:
 
 
 def sequences_per_example(stage: Stage) -> int:
-    """Sequences the model runs per example: DPO runs the chosen and the rejected one."""
-    return 2 if stage.type == StageType.dpo else 1
+    """Sequences the model trains per example: DPO the chosen and the rejected one, grpo
+    the ``generations`` completions of its prompt (its batchSize counts prompts)."""
+    if stage.type == StageType.dpo:
+        return 2
+    if stage.type == StageType.grpo:
+        return stage.grpo_settings.generations
+    return 1
 
 
 def tokens_per_step(stage: Stage, model: ModelSpec) -> int:
     """Tokens one optimizer step runs through the model, over all processes (for DPO,
-    the chosen and the rejected sequences both, as the trainer counts them)."""
+    the chosen and the rejected sequences both, for grpo every completion, as the trainer
+    counts them)."""
     hp, res = stage.hyperparameters, stage.resources
     examples = hp.batch_size * hp.gradient_accumulation * res.processes * res.nodes
     return examples * sequences_per_example(stage) * seq_len(stage, model)
@@ -398,7 +418,12 @@ def estimate_run(
         acc = accelerator(res.gpu_type, gpus)
         steps = total_steps(stage, spec.model)
         tokens = steps * tokens_per_step(stage, spec.model)
-        per_token = stage_flops_per_token(arch, seq_len(stage, spec.model), stage.type.value)
+        per_token = stage_flops_per_token(
+            arch,
+            seq_len(stage, spec.model),
+            stage.type.value,
+            stage.grpo_settings.iterations,
+        )
         stage_mfu, source = chosen_mfu(acc, mfu, measured)
         out.append(
             estimate_compute(

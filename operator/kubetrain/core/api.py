@@ -54,6 +54,11 @@ STAGE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 STAGE_NAME_MAX = 20
 URI_PATTERN = r"^(s3|file)://.+$"
 DATA_SOURCE_PATTERN = r"^(synthetic:[a-z][a-z0-9-]*|s3://.+|file://.+)$"
+# A built-in reward's name, or a Python entry point ``package.module:function``.
+REWARD_FUNCTION_PATTERN = (
+    r"^(exact-match|format"
+    r"|[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*)$"
+)
 # A non-negative Kubernetes resource.Quantity, as the API server parses it
 # (resource.ParseQuantity): a decimal number, then a binary suffix (Ki..Ei), a decimal
 # suffix (n, u, m, k, M..E) or a decimal exponent. The API server's looser pattern lets
@@ -94,6 +99,12 @@ class StageType(StrEnum):
     pretrain = "pretrain"
     sft = "sft"
     dpo = "dpo"
+    grpo = "grpo"
+
+
+# Stage types that optimise a policy against a frozen reference (the policy they start
+# from): they need a fine-tuned model to start from.
+REFERENCE_STAGE_TYPES = (StageType.dpo, StageType.grpo)
 
 
 # The built-in model's architecture where the manifest leaves a field out (and no Hugging
@@ -262,7 +273,8 @@ class DataSpec(_Model):
             "for dpo (strings, or lists of `{role, content}` messages rendered with the "
             "model's chat template; loss on the completion only). For the built-in model: a "
             "text file for pretrain, JSONL `{prompt, response}` for sft, JSONL "
-            "`{prompt, chosen, rejected}` for dpo."
+            "`{prompt, chosen, rejected}` for dpo. For either: JSONL `{prompt, ...}` for grpo "
+            "(the other keys, e.g. `answer`, go to the rewards)."
         ),
     )
     eval_examples: int = Field(
@@ -289,7 +301,11 @@ class Hyperparameters(_Model):
         "global batch and `seqLen`).",
     )
     batch_size: int = Field(
-        16, ge=1, le=65536, description="Sequences per process per micro-batch."
+        16,
+        ge=1,
+        le=65536,
+        description="Sequences per process per micro-batch (grpo: prompts, each sampled "
+        "`grpo.generations` times).",
     )
     gradient_accumulation: int = Field(
         1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step."
@@ -308,7 +324,10 @@ class Hyperparameters(_Model):
         f"{FROM_MODEL_SEQ_LEN} with a `from` model whose contextLength is not given).",
     )
     beta: float = Field(
-        0.1, gt=0, le=10, description="DPO: strength of the KL penalty to the reference model."
+        0.1,
+        gt=0,
+        le=10,
+        description="dpo and grpo: strength of the KL penalty to the frozen reference model.",
     )
     eval_every: int = Field(
         0, ge=0, description="Evaluate every N steps (0: only when the stage ends)."
@@ -455,6 +474,73 @@ class Resources(_Model):
         return self.processes_per_node or max(self.gpus_per_node, 1)
 
 
+class BuiltinReward(StrEnum):
+    """The verifiable rewards the trainer ships (``kubetrain_trainer.rewards``)."""
+
+    exact_match = "exact-match"
+    answer_format = "format"
+
+
+class Reward(_Model):
+    """One reward function of a grpo stage; a completion's reward is the weighted sum."""
+
+    function: str = Field(
+        ...,
+        max_length=256,
+        pattern=REWARD_FUNCTION_PATTERN,
+        description="`exact-match` (1 when the completion, stripped, equals the example's "
+        "`answer`), `format` (1 when the completion is just a number), or a Python entry "
+        "point `package.module:function` importable in the trainer image, called as "
+        "`function(prompts, completions, **columns)` with the data's other keys as columns "
+        "and returning one number (or None: not applicable) per completion.",
+    )
+    weight: float = Field(1.0, ge=-100, le=100, description="Multiplier of this reward.")
+
+
+class GRPO(_Model):
+    """Group Relative Policy Optimization (DeepSeekMath; TRL's GRPOTrainer): per prompt,
+    sample `generations` completions, score them, normalise the rewards within the
+    group, optimise the clipped policy-gradient objective with `hyperparameters.beta`
+    times the KL divergence to the frozen starting policy."""
+
+    generations: int = Field(
+        8,
+        ge=2,
+        le=256,
+        description="Completions sampled per prompt (G); `hyperparameters.batchSize` counts "
+        "prompts, so a micro-batch has batchSize x generations sequences.",
+    )
+    max_completion_tokens: int = Field(
+        16, ge=1, le=65536, description="Longest completion sampled, in tokens."
+    )
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: smallest token set of this mass."
+    )
+    epsilon: float = Field(
+        0.2, gt=0, le=1, description="Clip range of the probability ratio (1 ± epsilon)."
+    )
+    iterations: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Optimizer steps on each batch of completions (μ); above 1 the ratio to "
+        "the sampling policy moves and clipping applies.",
+    )
+    loss_type: Literal["dapo", "grpo"] = Field(
+        "dapo",
+        description="Loss normalisation as in TRL: `dapo` averages over every completion "
+        "token of the global batch (no length bias), `grpo` averages each completion over "
+        "its tokens, then over completions (DeepSeekMath's formula).",
+    )
+    rewards: list[Reward] = Field(
+        default_factory=lambda: [Reward(function=BuiltinReward.exact_match.value)],
+        min_length=1,
+        max_length=16,
+        description="Reward functions, summed with their weights.",
+    )
+
+
 class Stage(_Model):
     """One step of the curriculum, run as an Indexed Job."""
 
@@ -470,7 +556,8 @@ class Stage(_Model):
         ...,
         json_schema_extra={"maxLength": 16},
         description="Objective: `pretrain` (next token), `sft` (response tokens only), "
-        "`dpo` (preference pairs against the frozen previous stage).",
+        "`dpo` (preference pairs against the frozen previous stage), `grpo` (sampled "
+        "completions scored by rewards, against the frozen previous stage).",
     )
     data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
     hyperparameters: Hyperparameters = Field(
@@ -490,6 +577,33 @@ class Stage(_Model):
         description="Pod failures retried (resuming from the last checkpoint) before the "
         "run fails.",
     )
+    grpo: GRPO | None = Field(
+        None,
+        description="Sampling, rewards and clipping of a `grpo` stage (its defaults "
+        "when unset); only for type `grpo`.",
+    )
+
+    CEL_RULES: ClassVar[list[dict[str, str]]] = [
+        {
+            "rule": "!has(self.grpo) || self.type == 'grpo'",
+            "message": "stages[].grpo is only for stages of type grpo",
+            "fieldPath": ".grpo",
+        },
+    ]
+
+    @model_validator(mode="after")
+    def _grpo_settings_on_grpo(self) -> Stage:
+        if self.grpo is not None and self.type != StageType.grpo:
+            raise ValueError(
+                f"grpo is set on stage {self.name!r} of type {self.type.value} (accepted: "
+                "grpo settings only on a stage of type grpo)"
+            )
+        return self
+
+    @property
+    def grpo_settings(self) -> GRPO:
+        """The stage's GRPO settings, defaults filled in."""
+        return self.grpo or GRPO()
 
 
 class Pricing(_Model):
@@ -576,6 +690,15 @@ class TrainingRunSpec(_Model):
             "fieldPath": ".stages",
         },
         {
+            # The same approximation as for dpo, one rule per type so each message names it.
+            "rule": (
+                "has(self.model.from) || !self.stages.exists(s, s.type == 'grpo') || "
+                "(self.stages.exists(s, s.type == 'sft') && self.stages[0].type != 'grpo')"
+            ),
+            "message": "a grpo stage needs an sft stage before it or model.from",
+            "fieldPath": ".stages",
+        },
+        {
             "rule": (
                 "self.stages.all(s, !has(s.hyperparameters) || !has(s.hyperparameters.seqLen) "
                 "|| (has(self.model.contextLength) ? s.hyperparameters.seqLen <= "
@@ -598,11 +721,13 @@ class TrainingRunSpec(_Model):
                 )
             seen[stage.name] = i
         types = [s.type for s in self.stages]
-        if StageType.dpo in types and self.model.from_ is None:
-            first_dpo = types.index(StageType.dpo)
-            if StageType.sft not in types[:first_dpo]:
+        for kind in REFERENCE_STAGE_TYPES:
+            if kind not in types or self.model.from_ is not None:
+                continue
+            first = types.index(kind)
+            if StageType.sft not in types[:first]:
                 raise ValueError(
-                    f"spec.stages[{first_dpo}] ({self.stages[first_dpo].name!r}) is a dpo stage "
+                    f"spec.stages[{first}] ({self.stages[first].name!r}) is a {kind.value} stage "
                     "with no sft stage before it and no model.from (accepted: put an sft stage "
                     "first, or set model.from to a fine-tuned checkpoint)"
                 )
@@ -676,6 +801,11 @@ class StageStatus(_Model):
     loss: float | None = Field(None, description="Last training loss.")
     eval: dict[str, float] = Field(
         default_factory=dict, description="Last evaluation metrics (e.g. `accuracy`, `loss`)."
+    )
+    train: dict[str, float] = Field(
+        default_factory=dict,
+        description="Last step's diagnostics by TRL's names (grpo: `reward`, `reward_std`, "
+        "`kl`, `clip_ratio`, `completion_length`; dpo: `rewards/*`).",
     )
     tokens_per_second: float | None = Field(None, description="Recent training throughput.")
     eta_seconds: float | None = Field(None, description="Estimated seconds to finish the stage.")
@@ -788,6 +918,7 @@ PATTERN_HINTS = {
     DATA_SOURCE_PATTERN: "synthetic:<task> (e.g. synthetic:arithmetic), s3://bucket/key "
     "or file:///path",
     URI_PATTERN: "an s3://bucket/key or file:///path URI",
+    REWARD_FUNCTION_PATTERN: "exact-match, format, or a Python entry point package.module:function",
 }
 
 
@@ -891,12 +1022,14 @@ def dump(model: BaseModel) -> dict[str, Any]:
 __all__ = [
     "API_VERSION",
     "GROUP",
+    "GRPO",
     "KIND",
     "PLURAL",
     "VERSION",
     "ApiVersion",
     "Budget",
     "BudgetAction",
+    "BuiltinReward",
     "Condition",
     "DataSpec",
     "Estimate",
@@ -905,6 +1038,7 @@ __all__ = [
     "ModelSpec",
     "Pricing",
     "Resources",
+    "Reward",
     "RunPhase",
     "S3Storage",
     "Stage",

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
-from kubetrain.core.api import ModelSpec, Stage, StageType, TrainingRunSpec, _Model
+from kubetrain.core.api import REFERENCE_STAGE_TYPES, ModelSpec, Stage, TrainingRunSpec, _Model
 from kubetrain.core.layout import StageLayout
 
 # torchrun
@@ -95,8 +95,9 @@ def init_uri(
 def reference_uri(
     spec: TrainingRunSpec, index: int, store_root: str, namespace: str, run: str
 ) -> str | None:
-    """DPO's frozen reference: the policy it starts from (the previous stage's FINAL)."""
-    if spec.stages[index].type != StageType.dpo:
+    """The frozen reference of a dpo or grpo stage: the policy it starts from (the
+    previous stage's FINAL, or model.from)."""
+    if spec.stages[index].type not in REFERENCE_STAGE_TYPES:
         return None
     return init_uri(spec, index, store_root, namespace, run)
 

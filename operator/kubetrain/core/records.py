@@ -186,7 +186,10 @@ class _StageSnapshot(_Record):
     )
     eval: dict[str, float] = Field(default_factory=dict)
     train: dict[str, float] = Field(
-        default_factory=dict, description="DPO's rewards/* diagnostics of the last batch."
+        default_factory=dict,
+        description="Diagnostics of the last step, by TRL's names: dpo's rewards/*; grpo's "
+        "reward, reward_std, rewards/<function>, kl, clip_ratio, completion_length and "
+        "frac_reward_zero_std.",
     )
     energy_joules: float = Field(0.0, ge=0, allow_inf_nan=False)
     energy_source: str | None = None

@@ -56,6 +56,14 @@ EXAMPLE_PROGRESS: dict[str, Any] = {
     "energySource": "nvml",
     "powerWatts": 350.0,
     "eval": {"accuracy": 0.5},
+    # A grpo stage's diagnostics, so that its gauges are listed too.
+    "train": {
+        "reward": 0.8,
+        "reward_std": 0.4,
+        "kl": 0.01,
+        "clip_ratio": 0.0,
+        "completion_length": 3.0,
+    },
 }
 
 

@@ -30,6 +30,7 @@ class StageLine:
     total_steps: int | None = None
     loss: float | None = None
     accuracy: float | None = None
+    reward: float | None = None  # grpo: mean reward of the last step's completions
     tokens: int = 0
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
@@ -61,6 +62,7 @@ def stage_line(
         total_steps=record.total_steps,
         loss=record.loss,
         accuracy=record.eval.get("accuracy"),
+        reward=record.train.get("reward"),
         tokens=record.tokens,
         tokens_per_second=record.tokens_per_second,
         eta_seconds=eta_seconds,
@@ -139,6 +141,8 @@ def fmt_steps(line: StageLine) -> str:
 def live_text(line: StageLine) -> str:
     """The one-line status of a running stage (both renderings use it)."""
     parts = [f"loss {fmt_loss(line.loss)}"]
+    if line.reward is not None:
+        parts.append(f"reward {line.reward:.3f}")
     if line.accuracy is not None:
         parts.append(f"eval acc {fmt_accuracy(line.accuracy)}")
     parts += [

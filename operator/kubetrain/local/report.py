@@ -32,6 +32,7 @@ Panel = tuple[str, str, Callable[[MetricsLine], float | None]]
 PANELS: list[Panel] = [
     ("loss", "training loss", lambda m: m.loss),
     ("eval", "evaluation accuracy", lambda m: m.eval.get("accuracy")),
+    ("reward", "grpo reward (mean)", lambda m: m.train.get("reward")),
     ("throughput", "tokens / second", lambda m: m.tokens_per_second),
     ("energy", "energy (kJ, cumulative per stage)", lambda m: m.energy_joules / 1000.0),
 ]
@@ -170,10 +171,18 @@ def write_report(
             f"no metrics for run {run!r} in namespace {namespace!r} under {store.uri()}"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The reward panel only for runs with a grpo stage.
+    panels = [
+        p
+        for p in PANELS
+        if p[0] != "reward" or any(p[2](m) is not None for h in histories.values() for m in h)
+    ]
     images = {
         "loss.png": _figure(histories, PANELS[:1], f"{run}: training loss per stage"),
         "curves.png": _figure(
-            histories, PANELS, f"{run}: loss, evaluation accuracy, throughput and energy"
+            histories,
+            panels,
+            f"{run}: {', '.join(key for key, _, _ in panels[:-1])} and {panels[-1][0]}",
         ),
     }
     for name, data in images.items():

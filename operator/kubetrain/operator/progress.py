@@ -150,6 +150,8 @@ def apply_record(
         updates["loss"] = round(record.loss, 6)
     if "eval" in record.model_fields_set:
         updates["eval"] = {k: round(v, 6) for k, v in record.eval.items()}
+    if "train" in record.model_fields_set:
+        updates["train"] = {k: round(v, 6) for k, v in record.train.items()}
     tps = record.tokens_per_second
     if tps is not None:
         updates["tokens_per_second"] = round(tps, 3)

@@ -9,7 +9,10 @@ the model's chat template like any user data). A seeded tenth at most
 Pretraining and SFT examples are packed (:mod:`.packing`): rows are planned once over
 the whole training set, best-fit decreasing, and a *sample index* (what the trainer's
 cursor counts, see :mod:`kubetrain_trainer.data`) is a packed row, reshuffled each
-epoch. DPO pairs are one sample each, padded per micro-batch.
+epoch. DPO pairs are one sample each, padded per micro-batch. GRPO prompts are text,
+as for the built-in model (:class:`kubetrain_trainer.data.PromptBatch`: the trainer
+encodes them with the model's tokenizer, ``kubetrain_trainer.grpo.hf_codec``); their
+held-out answers are scored in the same plain-text framing.
 """
 
 from __future__ import annotations
@@ -20,9 +23,14 @@ from typing import Any
 
 from kubetrain.core.contract import S3Endpoint
 from kubetrain_trainer import data
-from kubetrain_trainer.data import Dataset, PackedBatch, PairBatch
+from kubetrain_trainer.data import Dataset, PackedBatch, PairBatch, PromptBatch
 from kubetrain_trainer.hf import records
-from kubetrain_trainer.hf.examples import HeldOut, PreferenceExample, TokenizedExample
+from kubetrain_trainer.hf.examples import (
+    HeldOut,
+    PreferenceExample,
+    TokenizedExample,
+    plain_example,
+)
 from kubetrain_trainer.hf.packing import (
     pack_rows,
     pair_batch,
@@ -94,6 +102,23 @@ class PairDataset(Dataset):
         return pair_batch(chosen, self.seq_len, self.pad_id)
 
 
+class PromptDataset(Dataset):
+    """GRPO prompts (and the columns the rewards see), as the built-in model's grpo data
+    gives them; the held-out prompts with an ``answer`` tokenized for exact match."""
+
+    def __init__(self, prompts: Dataset, tok: HFTokenizer, seq_len: int):
+        self.prompts = prompts
+        held = prompts.eval_set
+        assert isinstance(held, data.EvalSet)
+        examples = [truncate(plain_example(tok, p, a), seq_len) for p, a in held.qa]
+        self.eval_set = HeldOut(examples, [], generate=True)
+
+    def batch(self, start: int, size: int) -> PromptBatch:
+        batch = self.prompts.batch(start, size)
+        assert isinstance(batch, PromptBatch)
+        return batch
+
+
 def synthetic_rows(stage_type: str, seed: int, eval_examples: int) -> tuple[list[Any], list[Any]]:
     """``synthetic:arithmetic`` as (training rows, held-out rows) of the stage's format;
     the held-out problems are the built-in model's, so numbers compare across models."""
@@ -130,6 +155,11 @@ def build_dataset(
     s3: S3Endpoint | None = None,
 ) -> Dataset:
     """The dataset of a Hugging Face model's stage."""
+    if stage_type == "grpo":
+        prompts = data.build_dataset(
+            stage_type, source, seed=seed, seq_len=seq_len, eval_examples=eval_examples, s3=s3
+        )
+        return PromptDataset(prompts, tok, seq_len)
     build: Any = {
         "pretrain": records.pretrain_example,
         "sft": records.sft_example,

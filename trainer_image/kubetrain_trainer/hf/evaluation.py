@@ -3,8 +3,8 @@
 
 - ``loss``: mean cross-entropy on the held-out examples' trained tokens;
 - ``accuracy``: the greedy answer to each prompt (KV-cache generation until a stop
-  token), decoded, equals the reference completion (special tokens dropped, whitespace
-  stripped);
+  token, ``kubetrain_trainer.sampling``), decoded, equals the reference completion
+  (special tokens dropped, whitespace stripped);
 - ``preferenceAccuracy``: the chosen response is more likely than the rejected one.
 """
 
@@ -14,11 +14,11 @@ import torch
 
 from kubetrain_trainer.evaluation import BATCH, SUMS
 from kubetrain_trainer.hf.examples import HeldOut, answer_split
-from kubetrain_trainer.hf.generate import greedy_generate
 from kubetrain_trainer.hf.model import CausalLM
 from kubetrain_trainer.hf.packing import pad_batch, pair_batch
 from kubetrain_trainer.hf.tokenizer import HFTokenizer
 from kubetrain_trainer.objectives import lm_loss_sum, loss_items, pair_logprobs
+from kubetrain_trainer.sampling import sample
 
 # Generation is capped: exact match on answers longer than this says little anyway.
 MAX_ANSWER_TOKENS = 256
@@ -69,13 +69,14 @@ def _exact_match(
     for s in range(0, len(asked), BATCH):
         chunk = asked[s : s + BATCH]
         longest = min(max(len(a) for _, a in chunk), MAX_ANSWER_TOKENS)
-        got = greedy_generate(
+        got = sample(
             model,
             [p for p, _ in chunk],
+            temperature=0.0,
             max_new_tokens=longest + 1,
             stop_ids=tok.stop_ids,
             pad_id=tok.pad_id,
         )
-        for (_, answer), ids in zip(chunk, got, strict=True):
+        for (_, answer), ids in zip(chunk, got.tokens, strict=True):
             hits += tok.decode(ids).strip() == tok.decode(answer).strip()
     return len(asked), hits
