@@ -583,6 +583,8 @@ class Trainer:
                 dtype=torch.float64,
             )
         if self.d.world > 1:
+            # On the device: NCCL reduces no CPU tensors.
+            sums = sums.to(self.d.device)
             dist.all_reduce(sums)
         tokens = max(float(sums[2]), 1.0)
         metrics = {
