@@ -33,7 +33,7 @@ import traceback
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -430,7 +430,8 @@ class Trainer:
                 model, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
         if self.hp.compile:
-            model = torch.compile(model)
+            # torch.compile returns the module wrapped (typed as a plain callable).
+            model = cast(nn.Module, torch.compile(model))
         autocast = (
             torch.autocast(d.device.type, dtype=torch.bfloat16)
             if self.precision == "bf16"
