@@ -1,7 +1,8 @@
 """Hugging Face models in and out: the families kubetrain fine-tunes, their tokenizers
 and chat data.
 
-- ``config``: ``config.json`` -> :class:`ModelConfig`; parameter count and FLOPs (no torch).
+- ``kubetrain.core.hf_config`` (shared with the estimate): ``config.json`` ->
+  ``ModelConfig``; parameter count and FLOPs (no torch).
 - ``model``: native PyTorch Llama-family and GPT-2 models (why native: that module's
   docstring), packed-sequence attention, KV cache.
 - ``rope``: rotary embeddings with Llama 3, linear, dynamic and YaRN scaling.
@@ -10,4 +11,7 @@ and chat data.
 - ``examples``, ``records``: rows of JSONL/Parquet to token ids with loss masks.
 - ``packing``: examples into packed rows (document ids, restarting positions) and DPO pairs.
 - ``generate``: greedy generation with the KV cache.
+- ``source``, ``stage``, ``datasets``, ``evaluation``: what a training stage uses: where
+  the model comes from and its local copy, the model and tokenizer loaded, the stage's
+  batches and held-out set, held-out metrics.
 """
