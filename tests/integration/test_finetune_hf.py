@@ -159,3 +159,49 @@ def test_sft_then_dpo_of_a_hugging_face_model(tmp_path: Path) -> None:
         assert (theirs(x).logits - ours(x)).abs().max().item() <= 1e-4
     tok = transformers.AutoTokenizer.from_pretrained(exported)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
+
+
+def test_grpo_of_a_hugging_face_model(tmp_path: Path) -> None:
+    """A grpo stage straight from model.from: its prompts go through the model's
+    tokenizer, completions stop at its end-of-turn token, the frozen reference is the
+    model it starts from, and its final weights come out as a Hugging Face folder."""
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama(model_dir, seed=0)
+    prompts = tmp_path / "prompts.jsonl"
+    with prompts.open("w") as fh:
+        for a, b in _problems(3, 60):
+            fh.write(json.dumps({"prompt": f"Q: {a}+{b}\nA: ", "answer": str(a + b)}) + "\n")
+    stage = {
+        "name": "rl",
+        "type": "grpo",
+        "data": {"source": prompts.as_uri(), "evalExamples": 6},
+        "hyperparameters": {"maxSteps": 4, "batchSize": 2, "seqLen": 48, "logEvery": 1},
+        "grpo": {
+            "generations": 4,
+            "maxCompletionTokens": 4,
+            "iterations": 2,
+            "rewards": [{"function": "exact-match"}, {"function": "format", "weight": 0.5}],
+        },
+    }
+    doc = {
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": RUN},
+        "spec": {"model": {"from": model_dir.as_uri()}, "stages": [stage]},
+    }
+    manifest = write_manifest(tmp_path, doc)
+    out = run_cli(
+        "run", str(manifest), "--local", "--plain", "--metrics-port", "0", cwd=tmp_path, timeout=600
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    store = tmp_path / ".kubetrain" / "store"
+    record = progress(store, RUN, "rl")
+    assert record.phase == "completed" and record.step == 4
+    assert record.init_from == model_dir.as_uri()
+    assert {"reward", "kl", "clip_ratio", "completion_length"} <= set(record.train)
+    assert 1 <= record.train["completion_length"] <= 4
+    # Held-out exact match of the model's greedy answers, through its tokenizer.
+    assert record.eval["examples"] == 6 and 0 <= record.eval["accuracy"] <= 1
+    exported = stage_folder(store, RUN, "rl") / layout.HF_EXPORT
+    assert record.hf_model is not None and (exported / layout.MANIFEST).exists()
+    assert transformers.AutoModelForCausalLM.from_pretrained(exported).config.model_type == "llama"

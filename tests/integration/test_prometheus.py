@@ -96,14 +96,21 @@ class OperatorExporter:
 
 
 class LocalRun:
-    """`kubetrain run --local` of a one-stage tiny run, long enough to be scraped."""
+    """`kubetrain run --local` of a tiny run, long enough to be scraped: a short sft
+    stage, then a grpo stage, so that the reinforcement-learning gauges have series too."""
 
     def __init__(self, folder: Path):
-        manifest = tiny_manifest(RUN, steps=(2000, 1, 1))
-        stage = manifest["spec"]["stages"][0]
-        manifest["spec"]["stages"] = [stage]
-        stage["hyperparameters"].update({"logEvery": 5, "evalEvery": 100})
-        stage["checkpointEvery"] = 500
+        manifest = tiny_manifest(RUN, steps=(1, 2, 1))
+        sft = manifest["spec"]["stages"][1]
+        grpo = {
+            "name": "grpo",
+            "type": "grpo",
+            "data": {"evalExamples": 16},
+            "hyperparameters": {"maxSteps": 2000, "batchSize": 2, "logEvery": 5, "evalEvery": 20},
+            "grpo": {"generations": 2, "maxCompletionTokens": 3},
+            "checkpointEvery": 500,
+        }
+        manifest["spec"]["stages"] = [sft, grpo]
         path = write_manifest(folder, manifest)
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
