@@ -219,12 +219,16 @@ class Dataset:
         raise NotImplementedError
 
 
-class ArithmeticPretrain(Dataset):
-    """Windows of ``seq_len + 1`` tokens of free-format arithmetic statements."""
+class _Arithmetic(Dataset):
+    """The synthetic task's shared state: a seed, the row length and the held-out sums."""
 
     def __init__(self, seed: int, seq_len: int, eval_examples: int):
         self.seed, self.seq_len = seed, seq_len
         self.eval_set = _arithmetic_eval(eval_examples, seed)
+
+
+class ArithmeticPretrain(_Arithmetic):
+    """Windows of ``seq_len + 1`` tokens of free-format arithmetic statements."""
 
     def sample(self, index: int) -> list[int]:
         rng = random.Random(f"pretrain:{self.seed}:{index}")
@@ -240,11 +244,7 @@ class ArithmeticPretrain(Dataset):
         return LMBatch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
 
 
-class ArithmeticSFT(Dataset):
-    def __init__(self, seed: int, seq_len: int, eval_examples: int):
-        self.seed, self.seq_len = seed, seq_len
-        self.eval_set = _arithmetic_eval(eval_examples, seed)
-
+class ArithmeticSFT(_Arithmetic):
     def example(self, index: int) -> tuple[str, str]:
         a, b = _train_problem(random.Random(f"sft:{self.seed}:{index}"))
         return qa_prompt(a, b), str(a + b)
@@ -253,11 +253,7 @@ class ArithmeticSFT(Dataset):
         return collate([_sequence(*self.example(start + j), self.seq_len) for j in range(size)])
 
 
-class ArithmeticDPO(Dataset):
-    def __init__(self, seed: int, seq_len: int, eval_examples: int):
-        self.seed, self.seq_len = seed, seq_len
-        self.eval_set = _arithmetic_eval(eval_examples, seed)
-
+class ArithmeticDPO(_Arithmetic):
     def example(self, index: int) -> tuple[str, str, str]:
         rng = random.Random(f"dpo:{self.seed}:{index}")
         a, b = _train_problem(rng)
@@ -267,13 +263,9 @@ class ArithmeticDPO(Dataset):
         return _pair_batch([self.example(start + j) for j in range(size)], self.seq_len)
 
 
-class ArithmeticGRPO(Dataset):
+class ArithmeticGRPO(_Arithmetic):
     """Question/answer prompts; the ``answer`` column is what the exact-match reward
     checks."""
-
-    def __init__(self, seed: int, seq_len: int, eval_examples: int):
-        self.seed, self.seq_len = seed, seq_len
-        self.eval_set = _arithmetic_eval(eval_examples, seed)
 
     def example(self, index: int) -> tuple[str, str]:
         a, b = _train_problem(random.Random(f"grpo:{self.seed}:{index}"))
