@@ -1,0 +1,154 @@
+"""The operator's decisions, as one pure function.
+
+``plan(run, jobs, pods, records, now, config)`` looks at a TrainingRun and what exists
+(its Jobs and Pods, the trainer's progress records and FINAL pointers) and returns what
+to do: children to create and delete, the status to write, annotations to keep, events
+to emit. It is level-based: it never depends on which event woke the operator up, so a
+timer, a Job event, a restart of the operator or a retry after a conflict all lead to
+the same result. Handlers (``kubetrain.operator.handlers``) only gather the inputs and
+apply it.
+
+``plan`` is a pipeline of named steps, each a function of its own, one module per
+concern (``spec``, ``costs``, ``budget``, ``stages``, ``outcome``, ``ttl``; ``pipeline``
+runs them in order; ``observed`` and ``result`` are its input and output):
+
+1. ``choose_spec``: which spec applies (stages that started are frozen). The handlers
+   use it too, through ``records_to_read``, so they read the records of the stages
+   this spec names.
+2. ``spec_conditions``, ``applied_annotation``, ``created_condition``,
+   ``storage_condition``: what the spec choice means for the status.
+3. ``price`` (once per reconcile: pricing and the estimate), ``account`` (records, the
+   GPU-seconds ledger, costs -> stage statuses) and ``totals``.
+4. ``check_budget`` and ``budget_condition``.
+5. ``walk_stages``: the stages in order; the first one not Succeeded is in one
+   situation (``decide_stage``) that says what to do.
+6. ``run_outcome`` and ``outcome_conditions``: the run's phase and conditions.
+7. ``expired_children``: ``ttlSecondsAfterFinished``.
+
+Decisions, in words:
+
+- Stages run strictly in order. A stage has succeeded when its Job completed *and* its
+  FINAL pointer exists; a Job that completed without FINAL was interrupted (the trainer
+  exits 0 after checkpointing on SIGTERM), so it is recreated and resumes from LATEST.
+- Restarts are the operator's: Jobs have ``backoffLimit: 0`` so that one failed rank
+  stops the whole gang. A failed Job created at attempt N means N + 1 restarts; while
+  that is at most ``maxRestarts`` the Job is deleted and recreated at attempt N + 1,
+  otherwise the run fails with reason ``ReachedMaxRestarts``.
+- Stopping (``spec.suspend``, a budget hit, a failed run) deletes the active Job in the
+  foreground: its pods get SIGTERM and ``terminationGracePeriodSeconds`` to checkpoint,
+  and no new Job of the same name is created until they are gone. Resuming creates the
+  Job again; the trainer continues from LATEST.
+- Stages that have started are frozen: a spec change to one of them (or to ``model``)
+  is refused (condition ``SpecChangeRefused``, a Warning event) and the operator goes on
+  with the spec those stages started with (kept in the annotation
+  ``kubetrain.dev/applied-spec``); changes to stages that have not started apply.
+"""
+
+from __future__ import annotations
+
+from kubetrain.operator.plan.budget import BudgetCheck, Course, budget_condition, check_budget
+from kubetrain.operator.plan.conditions import Conditions, condition_of, set_condition
+from kubetrain.operator.plan.costs import (
+    Accounts,
+    Costing,
+    account,
+    estimate_summary,
+    price,
+    stage_statuses,
+    totals,
+)
+from kubetrain.operator.plan.observed import Observed, ObservedJob, RunRef, pods_of
+from kubetrain.operator.plan.outcome import (
+    FINISHED,
+    Outcome,
+    failed_condition,
+    outcome_conditions,
+    run_outcome,
+    running_condition,
+    stalled_condition,
+    succeeded_condition,
+    suspended_condition,
+)
+from kubetrain.operator.plan.pipeline import plan
+from kubetrain.operator.plan.result import FOREGROUND, NORMAL, WARNING, Delete, Event, Plan
+from kubetrain.operator.plan.spec import (
+    ANNOTATION_APPLIED_SPEC,
+    ANNOTATION_LEDGER,
+    RecordsToRead,
+    SpecChoice,
+    applied_annotation,
+    choose_spec,
+    created_condition,
+    effective_spec,
+    previous_status,
+    records_to_read,
+    spec_conditions,
+    stages_to_read,
+    storage_condition,
+)
+from kubetrain.operator.plan.stages import (
+    StageAt,
+    StageDecision,
+    Walk,
+    WalkContext,
+    decide_stage,
+    walk_stages,
+)
+from kubetrain.operator.plan.ttl import expired_children
+
+__all__ = [
+    "ANNOTATION_APPLIED_SPEC",
+    "ANNOTATION_LEDGER",
+    "FINISHED",
+    "FOREGROUND",
+    "NORMAL",
+    "WARNING",
+    "Accounts",
+    "BudgetCheck",
+    "Conditions",
+    "Costing",
+    "Course",
+    "Delete",
+    "Event",
+    "Observed",
+    "ObservedJob",
+    "Outcome",
+    "Plan",
+    "RecordsToRead",
+    "RunRef",
+    "SpecChoice",
+    "StageAt",
+    "StageDecision",
+    "Walk",
+    "WalkContext",
+    "account",
+    "applied_annotation",
+    "budget_condition",
+    "check_budget",
+    "choose_spec",
+    "condition_of",
+    "created_condition",
+    "decide_stage",
+    "effective_spec",
+    "estimate_summary",
+    "expired_children",
+    "failed_condition",
+    "outcome_conditions",
+    "plan",
+    "pods_of",
+    "previous_status",
+    "price",
+    "records_to_read",
+    "run_outcome",
+    "running_condition",
+    "set_condition",
+    "spec_conditions",
+    "stage_statuses",
+    "stages_to_read",
+    "stalled_condition",
+    "storage_condition",
+    "succeeded_condition",
+    "suspended_condition",
+    "totals",
+    "walk_stages",
+]
