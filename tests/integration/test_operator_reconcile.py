@@ -15,9 +15,10 @@ import pytest
 
 from kubetrain.core.api import RunPhase, TrainingRunStatus
 from kubetrain.operator.config import OperatorConfig
-from kubetrain.operator.handlers import Reconciler, silence_credential_loggers
+from kubetrain.operator.handlers import Reconciler, open_run_store, silence_credential_loggers
 from kubetrain.operator.metrics import OperatorMetrics
-from tests.support.services import S3Server
+from kubetrain.operator.resources import LABEL_RUN
+from tests.support.services import S3Server, free_port
 
 pytestmark = pytest.mark.integration
 _uids = itertools.count(1)
@@ -30,7 +31,7 @@ class FakeApi:
         self.run = run
         self.secrets = secrets
         self.jobs: dict[str, dict[str, Any]] = {}
-        self.services: set[str] = set()
+        self.services: dict[str, dict[str, Any]] = {}
         self.pods: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
         self.requests: list[Any] = []
@@ -38,20 +39,33 @@ class FakeApi:
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.run) if self.run else None
 
+    @staticmethod
+    def _labelled(objects: list[dict[str, Any]], run: str) -> list[dict[str, Any]]:
+        """What a label selector ``kubetrain.dev/run=<run>`` returns."""
+        return copy.deepcopy(
+            [o for o in objects if (o["metadata"].get("labels") or {}).get(LABEL_RUN) == run]
+        )
+
     def list_jobs(self, namespace: str, run: str) -> list[dict[str, Any]]:
-        return copy.deepcopy(list(self.jobs.values()))
+        return self._labelled(list(self.jobs.values()), run)
 
     def list_pods(self, namespace: str, run: str) -> list[dict[str, Any]]:
         return copy.deepcopy(self.pods)
 
-    def list_services(self, namespace: str, run: str) -> list[str]:
-        return sorted(self.services)
+    def list_services(self, namespace: str, run: str) -> list[dict[str, Any]]:
+        return self._labelled(list(self.services.values()), run)
+
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        found = (self.jobs if kind == "Job" else self.services).get(name)
+        return copy.deepcopy(found) if found else None
 
     def create(self, obj: dict[str, Any]) -> bool:
         self.requests.append(obj)
         name = obj["metadata"]["name"]
         if obj["kind"] == "Service":
-            self.services.add(name)
+            if name in self.services:
+                return False
+            self.services[name] = copy.deepcopy(obj)
             return True
         if name in self.jobs:
             return False
@@ -62,11 +76,16 @@ class FakeApi:
 
     def delete(self, kind: str, namespace: str, name: str, propagation: str) -> bool:
         self.requests.append((kind, name, propagation))
-        return self.jobs.pop(name, None) is not None if kind == "Job" else True
+        return (self.jobs if kind == "Job" else self.services).pop(name, None) is not None
 
     def patch_run_annotations(self, namespace: str, name: str, annotations: dict) -> None:
         self.requests.append(annotations)
-        self.run["metadata"].setdefault("annotations", {}).update(annotations)
+        mine = self.run["metadata"].setdefault("annotations", {})
+        for key, value in annotations.items():  # merge patch: None removes
+            if value is None:
+                mine.pop(key, None)
+            else:
+                mine[key] = value
 
     def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.requests.append(status)
@@ -211,6 +230,125 @@ def test_unreadable_store_keeps_reconciling(monkeypatch: pytest.MonkeyPatch) -> 
     rec.reconcile("ml", "demo")
     assert "demo-pretrain" in fake.jobs
     assert fake.run["status"]["phase"] == "Pending"
+    reachable = _condition(fake.run, "StorageReachable")
+    assert reachable["status"] == "False" and "connection refused" in reachable["message"]
+
+
+def _condition(run: dict[str, Any], type_: str) -> dict[str, Any]:
+    conds = {c["type"]: c for c in run["status"].get("conditions", [])}
+    assert type_ in conds, f"no condition {type_}: {sorted(conds)}"
+    return conds[type_]
+
+
+def _run(bucket: str, endpoint: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "demo", "namespace": "ml", "uid": "run-uid", "generation": 1},
+        "spec": {
+            "storage": {
+                "s3": {
+                    "bucket": bucket,
+                    "prefix": "runs",
+                    "endpoint": endpoint,
+                    "credentialsSecret": "s3-creds",
+                }
+            },
+            "stages": [
+                {"name": "pretrain", "type": "pretrain", "hyperparameters": {"maxSteps": 20}},
+                {"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 10}},
+            ],
+        },
+    }
+
+
+def test_store_outage_while_a_stage_completes_reruns_nothing(s3_server: S3Server) -> None:
+    """S3 refuses connections while the stage's Job completes with FINAL written: the
+    Job is neither deleted nor re-run, StorageReachable says why; once S3 answers the
+    stage succeeds and the next one starts."""
+    bucket = s3_server.create_bucket("ckpt-outage")
+    secret = {
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+    }
+    fake = FakeApi(_run(bucket, s3_server.endpoint), {"s3-creds": secret})
+    down = [False]
+    refused = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    def store(s3: Any, credentials: dict[str, str] | None) -> Any:
+        if down[0]:
+            s3 = s3.model_copy(update={"endpoint": refused})
+        return open_run_store(s3, credentials)
+
+    rec = Reconciler(fake, OperatorConfig(), OperatorMetrics(), store_factory=store)
+    rec.reconcile("ml", "demo")
+    job_uid = fake.jobs["demo-pretrain"]["metadata"]["uid"]
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="runs/ml/demo/pretrain/FINAL", Body=b"checkpoints/x")
+    fake.jobs["demo-pretrain"]["status"] = {
+        "succeeded": 1,
+        "conditions": [{"type": "Complete", "status": "True"}],
+    }
+    down[0] = True
+    for _ in range(2):
+        plan = rec.reconcile("ml", "demo")
+        assert plan is not None and plan.delete == [] and plan.create == []
+    assert fake.jobs["demo-pretrain"]["metadata"]["uid"] == job_uid
+    assert [r for r in fake.requests if isinstance(r, tuple)] == []  # nothing deleted
+    reachable = _condition(fake.run, "StorageReachable")
+    assert reachable["status"] == "False" and refused in reachable["message"]
+    assert secret["AWS_SECRET_ACCESS_KEY"] not in json.dumps(fake.run)
+    assert fake.run["status"]["stages"][0]["restarts"] == 0
+    assert [r for _, r, _ in fake.events].count("StoreUnreachable") == 1
+
+    down[0] = False
+    rec.reconcile("ml", "demo")
+    assert fake.run["status"]["stages"][0]["phase"] == "Succeeded"
+    assert _condition(fake.run, "StorageReachable")["status"] == "True"
+    assert "demo-sft" in fake.jobs
+
+
+def test_a_foreign_job_with_the_stages_name_is_reported_not_adopted() -> None:
+    """A Job named demo-pretrain that another run owns (and labels): the create gets a
+    409, the reconciler looks, and the run reports it instead of taking it for its own."""
+    run = _run("ckpt", "http://127.0.0.1:9")
+    theirs = {
+        "kind": "Job",
+        "metadata": {
+            "name": "demo-pretrain",
+            "namespace": "ml",
+            "uid": "their-job",
+            "labels": {LABEL_RUN: "demo-pre", "kubetrain.dev/stage": "train"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "kubetrain.dev/v1alpha1",
+                    "kind": "TrainingRun",
+                    "name": "demo-pre",
+                    "uid": "other-run",
+                    "controller": True,
+                }
+            ],
+        },
+        "status": {"active": 1},
+    }
+    fake = FakeApi(run, {"s3-creds": {}})
+    fake.jobs["demo-pretrain"] = copy.deepcopy(theirs)
+    rec = Reconciler(
+        fake, OperatorConfig(), OperatorMetrics(), store_factory=lambda *_: _no_store()
+    )
+    rec.reconcile("ml", "demo")
+    conflict = _condition(fake.run, "ChildConflict")
+    assert conflict["status"] == "True" and conflict["reason"] == "NotOwned"
+    assert "Job ml/demo-pretrain" in conflict["message"] and "demo-pre" in conflict["message"]
+    assert ("Warning", "NotOwned") in [(t, r) for t, r, _ in fake.events]
+    assert fake.jobs["demo-pretrain"] == theirs  # untouched
+    rec.reconcile("ml", "demo")
+    assert [(t, r) for t, r, _ in fake.events].count(("Warning", "NotOwned")) == 1
+    assert fake.run["status"]["stages"][0]["message"].startswith("waiting: Job ml/demo-pretrain")
+
+
+def _no_store() -> Any:
+    raise OSError("no store in this test")
 
 
 def test_deleted_run_forgotten() -> None:

@@ -121,7 +121,19 @@ def test_list_runs_and_services(apiserver: FakeApiServer, kube: KubeApi) -> None
         {"items": [{"metadata": {"name": "demo-pretrain"}}, {"metadata": {"name": "demo-sft"}}]},
     )
     assert kube.list_runs("ml") == runs
-    assert kube.list_services("ml", "demo") == ["demo-pretrain", "demo-sft"]
+    services = kube.list_services("ml", "demo")
+    assert [s["metadata"]["name"] for s in services] == ["demo-pretrain", "demo-sft"]
+
+
+def test_get_child_reads_by_name_whoever_owns_it(apiserver: FakeApiServer, kube: KubeApi) -> None:
+    theirs = job(spec_dict(), run="other")
+    apiserver.routes[("GET", f"{JOBS_PATH}/demo-pretrain")] = (200, theirs)
+    got = kube.get_child("Job", "ml", "demo-pretrain")
+    assert (
+        got is not None
+        and got["metadata"]["ownerReferences"] == theirs["metadata"]["ownerReferences"]
+    )
+    assert kube.get_child("Service", "ml", "demo-pretrain") is None  # 404
 
 
 def test_secret_data_is_decoded_and_its_version_read(

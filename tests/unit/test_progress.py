@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.core.api import Pricing, StageStatus, parse_spec
-from kubetrain.core.store import open_store
+from kubetrain.core.api import Pricing, StageLedger, StageStatus, parse_spec
+from kubetrain.core.store import FileStore, StoreError, open_store
 from kubetrain.operator.progress import (
+    StoreAnswer,
     apply_costs,
     apply_record,
     banked_gpu_seconds,
@@ -90,11 +91,12 @@ def test_gpu_seconds_from_pods() -> None:
 
 def test_bank_moves_to_next_attempt_once() -> None:
     prev = StageStatus(name="pretrain", gpu_seconds=700.0)
-    banked, entry = banked_gpu_seconds({"job": "a", "banked": 100.0}, prev, "a")
-    assert banked == 100.0 and entry == {"job": "a", "banked": 100.0}
-    banked, entry = banked_gpu_seconds({"job": "a", "banked": 100.0}, prev, "b")
-    assert banked == 700.0 and entry["job"] == "b"
+    banked, entry = banked_gpu_seconds(StageLedger(job="a", banked=100.0), prev, "a")
+    assert banked == 100.0 and entry == StageLedger(job="a", banked=100.0)
+    banked, entry = banked_gpu_seconds(StageLedger(job="a", banked=100.0), prev, "b")
+    assert banked == 700.0 and entry.job == "b"
     assert banked_gpu_seconds(entry, prev, "b")[0] == 700.0
+    assert banked_gpu_seconds(None, prev, "a") == (0.0, StageLedger(job="a"))
 
 
 def test_costs_priced_by_gpu_type_and_table() -> None:
@@ -114,5 +116,23 @@ def test_read_records_from_store(tmp_path: Path) -> None:
     records = read_stage_records(
         open_store(f"file://{tmp_path}"), "ml", "demo", ["pretrain", "sft"]
     )
-    assert records["pretrain"].progress == {"step": 3} and records["pretrain"].final
-    assert records["sft"].progress is None and not records["sft"].final
+    assert records["pretrain"].progress == {"step": 3}
+    assert records["pretrain"].final == StoreAnswer.PRESENT
+    assert records["sft"].progress is None and records["sft"].final == StoreAnswer.ABSENT
+
+
+class _Unreachable(FileStore):
+    """A store whose every request fails the way S3Store reports an outage."""
+
+    def get_bytes(self, key: str) -> bytes:
+        raise StoreError("cannot reach the S3 endpoint http://s3:9000 (check the network)")
+
+    def exists(self, key: str) -> bool:
+        raise StoreError("cannot reach the S3 endpoint http://s3:9000 (check the network)")
+
+
+def test_unreachable_store_is_unknown_never_absent(tmp_path: Path) -> None:
+    records = read_stage_records(_Unreachable(str(tmp_path)), "ml", "demo", ["pretrain"])
+    rec = records["pretrain"]
+    assert rec.final == StoreAnswer.UNKNOWN and rec.progress is None
+    assert rec.error is not None and "cannot reach the S3 endpoint" in rec.error

@@ -25,7 +25,7 @@ from kubetrain.operator import plan as planner
 from kubetrain.operator import resources
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.metrics import OperatorMetrics
-from kubetrain.operator.progress import StageRecords, read_stage_records
+from kubetrain.operator.progress import StageRecords, read_stage_records, unknown_records
 
 log = logging.getLogger("kubetrain.operator")
 
@@ -48,11 +48,12 @@ class Api(Protocol):
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def list_jobs(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
     def list_pods(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
-    def list_services(self, namespace: str, run: str) -> list[str]: ...
+    def list_services(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
     def create(self, obj: dict[str, Any]) -> bool: ...
     def delete(self, kind: str, namespace: str, name: str, propagation: str) -> bool: ...
     def patch_run_annotations(
-        self, namespace: str, name: str, annotations: dict[str, str]
+        self, namespace: str, name: str, annotations: Mapping[str, str | None]
     ) -> None: ...
     def patch_run_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
     def read_secret(self, namespace: str, name: str) -> dict[str, str]: ...
@@ -117,8 +118,9 @@ class Reconciler:
     def read_records(
         self, run: dict[str, Any], jobs: list[dict[str, Any]]
     ) -> dict[str, StageRecords]:
-        """The progress records the plan needs (``plan.records_to_read``); none when the
-        store or the Secret cannot be read (the run still reconciles; progress waits)."""
+        """The progress records the plan needs (``plan.records_to_read``); "unknown" when
+        the store or the Secret cannot be read (the run still reconciles; nothing that
+        depends on the store is decided)."""
         meta = run["metadata"]
         wanted = planner.records_to_read(run, jobs)
         s3 = wanted.s3
@@ -136,18 +138,36 @@ class Reconciler:
                     s3.credentials_secret,
                     type(exc).__name__,
                 )
-                return {}
+                status = getattr(exc, "status", None)
+                why = (
+                    f"HTTP {status} {getattr(exc, 'reason', '')}" if status else type(exc).__name__
+                )
+                return unknown_records(
+                    wanted.stages, f"cannot read Secret {s3.credentials_secret} ({why.strip()})"
+                )
         try:
             store = self.store_factory(s3, credentials)
-            return read_stage_records(store, meta["namespace"], meta["name"], wanted.stages)
         except (StoreError, OSError, ValueError) as exc:
-            log.warning(
-                "%s/%s: cannot read progress from the store: %s",
-                meta["namespace"],
-                meta["name"],
-                exc,
-            )
-            return {}
+            log.warning("%s/%s: cannot open the store: %s", meta["namespace"], meta["name"], exc)
+            return unknown_records(wanted.stages, str(exc) or type(exc).__name__)
+        return read_stage_records(store, meta["namespace"], meta["name"], wanted.stages)
+
+    def taken_names(
+        self, run: dict[str, Any], objects: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The objects (Jobs, Services) that already hold the names of ``objects`` but
+        are not the run's. The listings show only what carries the run's labels, and a
+        409 on create says nothing about the owner; so look before creating (a stage
+        creates its Job and Service once per attempt)."""
+        uid = str(run["metadata"].get("uid") or "")
+        jobs: list[dict[str, Any]] = []
+        services: list[dict[str, Any]] = []
+        for obj in objects:
+            meta = obj["metadata"]
+            existing = self.kube.get_child(obj["kind"], meta["namespace"], meta["name"])
+            if existing is not None and not planner.owned_by(existing, uid):
+                (jobs if obj["kind"] == "Job" else services).append(existing)
+        return jobs, services
 
     def reconcile(self, namespace: str, name: str) -> planner.Plan | None:
         """Close the gap between the run's spec and what exists; None when the run is
@@ -173,9 +193,20 @@ class Reconciler:
         pods = self.kube.list_pods(namespace, name)
         services = self.kube.list_services(namespace, name)
         records = self.read_records(run, jobs)
-        p = planner.plan(
-            run, jobs, pods, records, self.clock(), self.config, observed_services=services
-        )
+        now = self.clock()
+        p = planner.plan(run, jobs, pods, records, now, self.config, observed_services=services)
+        taken_jobs, taken_services = self.taken_names(run, p.create)
+        if taken_jobs or taken_services:
+            # Plan again with what holds the names in view: it is reported, not adopted.
+            p = planner.plan(
+                run,
+                jobs + taken_jobs,
+                pods,
+                records,
+                now,
+                self.config,
+                observed_services=services + taken_services,
+            )
         # Order matters: annotations and status first, so that what a delete is about
         # to make unobservable (a failed Job's attempt) is already recorded.
         if p.annotations:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -90,7 +91,10 @@ class KubeApi:
             out = self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)
         return list(_json_object(out).get("items") or [])
 
-    def patch_run_annotations(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+    def patch_run_annotations(
+        self, namespace: str, name: str, annotations: Mapping[str, str | None]
+    ) -> None:
+        """Set annotations; a None value removes one (merge patch)."""
         self.custom.patch_namespaced_custom_object(
             api.GROUP,
             api.VERSION,
@@ -116,9 +120,24 @@ class KubeApi:
         pods = self.core.list_namespaced_pod(namespace, label_selector=self._selector(run))
         return [self._plain(p) for p in pods.items]
 
-    def list_services(self, namespace: str, run: str) -> list[str]:
+    def list_services(self, namespace: str, run: str) -> list[dict[str, Any]]:
         svcs = self.core.list_namespaced_service(namespace, label_selector=self._selector(run))
-        return [s.metadata.name for s in svcs.items if s.metadata and s.metadata.name]
+        return [self._plain(s) for s in svcs.items]
+
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Job or Service by name, whoever owns it; None when there is none."""
+        try:
+            if kind == "Job":
+                obj: object = self.batch.read_namespaced_job(name, namespace)
+            elif kind == "Service":
+                obj = self.core.read_namespaced_service(name, namespace)
+            else:
+                raise ValueError(f"cannot read a {kind}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._plain(obj)
 
     def create(self, obj: dict[str, Any]) -> bool:
         """Create a Job or Service (a manifest in wire form); False when it already existed."""

@@ -7,20 +7,28 @@ turned into status numbers, plus GPU time, cost and CO2.
 GPU-seconds count what the cluster allocated, not what the trainer used: for every pod
 of the stage, GPUs per pod × seconds since the pod started (until its container
 finished). A stage's earlier attempts (restarts, suspensions) are banked in a small
-ledger kept in the run's annotations (``kubetrain.dev/ledger``), because their pods are
+ledger kept in the stage's status (``status.stages[].ledger``), because their pods are
 gone by the time the next attempt runs.
+
+The store has three answers: a FINAL pointer is present, absent, or unknown (the store
+could not be read). Only "absent" may be acted on as "the stage did not finish".
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from kubetrain.core import accounting, contract
-from kubetrain.core.api import ModelSpec, Pricing, Stage, StageStatus
-from kubetrain.core.store import ObjectStore
+from kubetrain.core.api import ModelSpec, Pricing, Stage, StageLedger, StageStatus
+from kubetrain.core.store import ObjectStore, StoreError
+
+# A store error goes into a condition message: enough to act on, never a whole response.
+MAX_ERROR_CHARS = 300
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -39,27 +47,54 @@ def format_time(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class StoreAnswer(StrEnum):
+    """Whether an object exists, as the store answered: unknown when it could not."""
+
+    PRESENT = "present"
+    ABSENT = "absent"
+    UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True)
 class StageRecords:
     """What the store says about one stage: its progress record and whether FINAL
-    exists (written only when the stage completed)."""
+    exists (written only when the stage completed); ``error`` says why the store could
+    not answer (``final`` UNKNOWN)."""
 
     progress: dict[str, Any] | None
-    final: bool
+    final: StoreAnswer
+    error: str | None = None
+
+    @classmethod
+    def unknown(cls, error: str) -> StageRecords:
+        """The store could not be read: nothing is known about the stage."""
+        return cls(progress=None, final=StoreAnswer.UNKNOWN, error=error[:MAX_ERROR_CHARS])
+
+
+def unknown_records(stages: Iterable[str], error: str) -> dict[str, StageRecords]:
+    """The answer for ``stages`` when the store cannot be opened at all."""
+    return {stage: StageRecords.unknown(error) for stage in stages}
 
 
 def read_stage_records(
     store: ObjectStore, namespace: str, run: str, stages: list[str]
 ) -> dict[str, StageRecords]:
     """Read progress.json and test for FINAL for each named stage; ``store`` is rooted
-    at the run's store root (``spec.storage.s3.uri()``)."""
+    at the run's store root (``spec.storage.s3.uri()``). A stage whose objects cannot be
+    read (unreachable endpoint, refused request, timeout) is UNKNOWN, never "absent";
+    this never raises for the store's errors."""
     out: dict[str, StageRecords] = {}
     for stage in stages:
         folder = f"{namespace}/{run}/{stage}"
-        record = store.get_json(f"{folder}/{contract.PROGRESS}")
+        try:
+            record = store.get_json(f"{folder}/{contract.PROGRESS}")
+            final = store.exists(f"{folder}/{contract.FINAL}")
+        except (StoreError, OSError, ValueError) as exc:
+            out[stage] = StageRecords.unknown(str(exc) or type(exc).__name__)
+            continue
         out[stage] = StageRecords(
             progress=record if isinstance(record, dict) else None,
-            final=store.exists(f"{folder}/{contract.FINAL}"),
+            final=StoreAnswer.PRESENT if final else StoreAnswer.ABSENT,
         )
     return out
 
@@ -89,22 +124,22 @@ def pod_gpu_seconds(pods: list[dict[str, Any]], gpus_per_pod: int, now: datetime
 
 
 def banked_gpu_seconds(
-    ledger: dict[str, Any],
+    ledger: StageLedger | None,
     previous: StageStatus,
     job_uid: str | None,
-) -> tuple[float, dict[str, Any]]:
-    """GPU-seconds of the stage's finished attempts, and the updated ledger entry.
+) -> tuple[float, StageLedger]:
+    """GPU-seconds of the stage's finished attempts, and the updated ledger.
 
     The ledger remembers which Job's pods the status' last ``gpuSeconds`` included on
     top of the bank. When a different Job (or none) is observed, that attempt is over:
     the last status value becomes the new bank. Observing the same Job twice changes
     nothing, so this is safe to repeat.
     """
-    banked = float(ledger.get("banked", 0.0))
-    counted = ledger.get("job")
-    if counted is not None and counted != job_uid:
+    ledger = ledger or StageLedger()
+    banked = ledger.banked
+    if ledger.job is not None and ledger.job != job_uid:
         banked = max(banked, previous.gpu_seconds)
-    return banked, {"job": job_uid, "banked": round(banked, 3)}
+    return banked, ledger.model_copy(update={"job": job_uid, "banked": round(banked, 3)})
 
 
 def _number(value: Any) -> float | None:

@@ -46,10 +46,11 @@ Decisions, in words:
 
 from __future__ import annotations
 
+from kubetrain.operator.plan.attempts import backoff_seconds
 from kubetrain.operator.plan.budget import BudgetCheck, Course, budget_condition, check_budget
 from kubetrain.operator.plan.conditions import Conditions, condition_of, set_condition
+from kubetrain.operator.plan.context import Restart, StageAt, StageDecision, WalkContext
 from kubetrain.operator.plan.costs import (
-    Accounts,
     Costing,
     account,
     estimate_summary,
@@ -57,12 +58,22 @@ from kubetrain.operator.plan.costs import (
     stage_statuses,
     totals,
 )
-from kubetrain.operator.plan.observed import Observed, ObservedJob, RunRef, pods_of
+from kubetrain.operator.plan.observed import (
+    Foreign,
+    Observed,
+    ObservedJob,
+    RunRef,
+    disruption,
+    owned_by,
+    pods_of,
+)
 from kubetrain.operator.plan.outcome import (
     FINISHED,
     Outcome,
+    conflict_condition,
     failed_condition,
     outcome_conditions,
+    restarting_condition,
     run_outcome,
     running_condition,
     stalled_condition,
@@ -76,7 +87,8 @@ from kubetrain.operator.plan.spec import (
     ANNOTATION_LEDGER,
     RecordsToRead,
     SpecChoice,
-    applied_annotation,
+    applied_spec_json,
+    applied_spec_of,
     choose_spec,
     created_condition,
     effective_spec,
@@ -85,15 +97,9 @@ from kubetrain.operator.plan.spec import (
     spec_conditions,
     stages_to_read,
     storage_condition,
+    storage_reachable_condition,
 )
-from kubetrain.operator.plan.stages import (
-    StageAt,
-    StageDecision,
-    Walk,
-    WalkContext,
-    decide_stage,
-    walk_stages,
-)
+from kubetrain.operator.plan.stages import Walk, decide_stage, walk_stages
 from kubetrain.operator.plan.ttl import expired_children
 
 __all__ = [
@@ -103,18 +109,19 @@ __all__ = [
     "FOREGROUND",
     "NORMAL",
     "WARNING",
-    "Accounts",
     "BudgetCheck",
     "Conditions",
     "Costing",
     "Course",
     "Delete",
     "Event",
+    "Foreign",
     "Observed",
     "ObservedJob",
     "Outcome",
     "Plan",
     "RecordsToRead",
+    "Restart",
     "RunRef",
     "SpecChoice",
     "StageAt",
@@ -122,23 +129,29 @@ __all__ = [
     "Walk",
     "WalkContext",
     "account",
-    "applied_annotation",
+    "applied_spec_json",
+    "applied_spec_of",
+    "backoff_seconds",
     "budget_condition",
     "check_budget",
     "choose_spec",
     "condition_of",
+    "conflict_condition",
     "created_condition",
     "decide_stage",
+    "disruption",
     "effective_spec",
     "estimate_summary",
     "expired_children",
     "failed_condition",
     "outcome_conditions",
+    "owned_by",
     "plan",
     "pods_of",
     "previous_status",
     "price",
     "records_to_read",
+    "restarting_condition",
     "run_outcome",
     "running_condition",
     "set_condition",
@@ -147,6 +160,7 @@ __all__ = [
     "stages_to_read",
     "stalled_condition",
     "storage_condition",
+    "storage_reachable_condition",
     "succeeded_condition",
     "suspended_condition",
     "totals",

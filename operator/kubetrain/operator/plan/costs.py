@@ -3,11 +3,19 @@ the run's totals."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from kubetrain.core import accounting
-from kubetrain.core.api import Estimate, Pricing, StagePhase, StageStatus, Totals, TrainingRunSpec
+from kubetrain.core.api import (
+    Estimate,
+    Pricing,
+    StageLedger,
+    StagePhase,
+    StageStatus,
+    Totals,
+    TrainingRunSpec,
+)
 from kubetrain.operator.config import OperatorConfig, effective_pricing
 from kubetrain.operator.plan.observed import Observed
 from kubetrain.operator.progress import (
@@ -55,40 +63,36 @@ def stage_statuses(spec: TrainingRunSpec, previous: list[StageStatus]) -> list[S
     return [by_name.get(s.name, StageStatus(name=s.name)) for s in spec.stages]
 
 
-@dataclass(frozen=True)
-class Accounts:
-    stages: list[StageStatus]
-    ledger: dict[str, Any]  # the GPU-seconds ledger after this reconcile
-
-
 def account(
     spec: TrainingRunSpec,
     stages: list[StageStatus],
-    ledger: dict[str, Any],
     observed: Observed,
     pricing: Pricing,
     price_table: dict[str, float],
-) -> Accounts:
+    legacy: Mapping[str, StageLedger] | None = None,
+) -> list[StageStatus]:
     """Progress, GPU time and cost of every stage there is news of (a record, a Job or
-    a ledger entry): the trainer's record applied, GPU-seconds of earlier attempts
-    banked in the ledger plus those of the current Job's pods, priced."""
+    a ledger): the trainer's record applied, GPU-seconds of earlier attempts banked in
+    the stage's ledger plus those of the current Job's pods, priced. ``legacy``: ledgers
+    of a run from an earlier operator, which kept them in an annotation."""
     stages = list(stages)
-    new_ledger = dict(ledger)
+    legacy = legacy or {}
     for i, stage in enumerate(spec.stages):
         rec = observed.records.get(stage.name)
         job = observed.jobs.get(stage.name)
-        if rec is None and job is None and stage.name not in ledger:
+        ledger = stages[i].ledger or legacy.get(stage.name)
+        if rec is None and job is None and ledger is None:
             continue
         st = apply_record(stage, spec.model, stages[i], rec.progress if rec else None)
-        banked, entry = banked_gpu_seconds(ledger.get(stage.name, {}), st, job.uid if job else None)
+        banked, ledger = banked_gpu_seconds(ledger, st, job.uid if job else None)
         current = (
             pod_gpu_seconds(observed.pods_of(job), stage.resources.gpus_per_node, observed.now)
             if job
             else 0.0
         )
-        new_ledger[stage.name] = entry
+        st = st.model_copy(update={"ledger": ledger})
         stages[i] = apply_costs(stage, st, banked + current, pricing, price_table)
-    return Accounts(stages, new_ledger)
+    return stages
 
 
 def totals(stages: list[StageStatus]) -> Totals:

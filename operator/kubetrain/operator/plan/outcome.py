@@ -8,6 +8,7 @@ from kubetrain.core.api import RunPhase, StagePhase, StageStatus, TrainingRunSta
 from kubetrain.core.conditions import ConditionType, Reason
 from kubetrain.operator.plan.budget import Course
 from kubetrain.operator.plan.conditions import Conditions, condition_of
+from kubetrain.operator.plan.context import Restart
 from kubetrain.operator.plan.result import NORMAL, WARNING, Event
 from kubetrain.operator.plan.stages import Walk
 
@@ -20,6 +21,7 @@ class Outcome:
 
     phase: RunPhase
     failed: str | None
+    reason: str | None = None  # the Failed condition's reason (ReachedMaxRestarts if None)
 
 
 def run_outcome(walk: Walk, course: Course) -> Outcome:
@@ -28,15 +30,17 @@ def run_outcome(walk: Walk, course: Course) -> Outcome:
     if course.fail_on_budget and not course.terminal:
         return Outcome(RunPhase.Failed, "budget exceeded: " + "; ".join(course.budget.exceeded))
     if walk.phase not in FINISHED and not course.should_run:
-        return Outcome(RunPhase.Suspended, walk.failed)
-    return Outcome(walk.phase, walk.failed)
+        return Outcome(RunPhase.Suspended, walk.failed, walk.failed_reason)
+    return Outcome(walk.phase, walk.failed, walk.failed_reason)
 
 
 def failed_condition(outcome: Outcome, course: Course, conds: Conditions) -> list[Event]:
     """Condition Failed (and a Warning) when the run fails in this reconcile."""
     if not outcome.failed or course.terminal:
         return []
-    reason = Reason.BUDGET_EXCEEDED if course.fail_on_budget else Reason.REACHED_MAX_RESTARTS
+    reason = outcome.reason or Reason.REACHED_MAX_RESTARTS
+    if course.fail_on_budget:
+        reason = Reason.BUDGET_EXCEEDED
     conds.set(ConditionType.FAILED, True, reason, outcome.failed)
     return [Event(WARNING, reason, outcome.failed)]
 
@@ -63,13 +67,19 @@ def succeeded_condition(
 
 
 def running_condition(
-    phase: RunPhase, current: str | None, course: Course, conds: Conditions
+    phase: RunPhase,
+    current: str | None,
+    course: Course,
+    conds: Conditions,
+    restarting: Restart | None = None,
 ) -> None:
     """Condition Running: True while a stage trains, else False with the reason why
     not (after condition Failed is set, whose reason it repeats)."""
     type_ = ConditionType.RUNNING
     if phase == RunPhase.Running:
         conds.set(type_, True, Reason.RUNNING, f"stage {current!r} is training")
+    elif phase == RunPhase.Pending and restarting is not None:
+        conds.set(type_, False, restarting.reason, restarting.message)
     elif phase == RunPhase.Pending:
         conds.set(type_, False, Reason.PENDING, f"stage {current!r} is waiting for its pods")
     elif phase == RunPhase.Succeeded:
@@ -116,13 +126,50 @@ def stalled_condition(
     return []
 
 
+def restarting_condition(phase: RunPhase, walk: Walk, conds: Conditions) -> None:
+    """Condition Restarting: True while a stage restarts after a failure (during the
+    backoff), a disruption or a completion without FINAL, naming which and when; it
+    stays True while the new attempt's pods start, and turns False once the stage
+    trains again or the run stops."""
+    type_ = ConditionType.RESTARTING
+    if walk.restarting is not None:
+        conds.set(type_, True, walk.restarting.reason, walk.restarting.message)
+        return
+    current = conds.get(type_)
+    if current is None or current.status != "True" or phase == RunPhase.Pending:
+        return
+    if phase == RunPhase.Running:
+        conds.set(type_, False, Reason.RESTARTED, f"stage {walk.current!r} trains again")
+    else:
+        conds.set(type_, False, Reason.NO_RESTART_PENDING, f"the run is {phase.value}")
+
+
+def conflict_condition(
+    conflict: str | None, old: TrainingRunStatus, conds: Conditions
+) -> list[Event]:
+    """Condition ChildConflict (and a Warning naming the object, once per message)
+    while a name the run needs is taken by an object that is not the run's; cleared
+    once it is gone."""
+    type_ = ConditionType.CHILD_CONFLICT
+    if conflict:
+        before = condition_of(old.conditions, type_)
+        conds.set(type_, True, Reason.NOT_OWNED, conflict)
+        if before is None or before.status != "True" or before.message != conflict:
+            return [Event(WARNING, Reason.NOT_OWNED, conflict)]
+    elif (current := conds.get(type_)) is not None and current.status == "True":
+        conds.set(type_, False, Reason.CHILDREN_OWNED, "every child is this run's own")
+    return []
+
+
 def outcome_conditions(
     outcome: Outcome, walk: Walk, course: Course, old: TrainingRunStatus, conds: Conditions
 ) -> list[Event]:
     """Step 6, the conditions that follow from the run's phase, and their events."""
     events = failed_condition(outcome, course, conds)
     events += succeeded_condition(outcome.phase, walk.stages, old, conds)
-    running_condition(outcome.phase, walk.current, course, conds)
+    running_condition(outcome.phase, walk.current, course, conds, walk.restarting)
+    restarting_condition(outcome.phase, walk, conds)
     events += suspended_condition(outcome.phase, course, old, conds)
+    events += conflict_condition(walk.conflict, old, conds)
     events += stalled_condition(walk.stalled, old, conds)
     return events

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -13,22 +12,24 @@ from kubetrain.core.conditions import ConditionType, Reason
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.plan.budget import Course, budget_condition, check_budget
 from kubetrain.operator.plan.conditions import Conditions
+from kubetrain.operator.plan.context import WalkContext
 from kubetrain.operator.plan.costs import account, estimate_summary, price, stage_statuses, totals
 from kubetrain.operator.plan.observed import Observed, RunRef
 from kubetrain.operator.plan.outcome import FINISHED, outcome_conditions, run_outcome
 from kubetrain.operator.plan.result import Plan
 from kubetrain.operator.plan.spec import (
-    ANNOTATION_LEDGER,
-    applied_annotation,
+    applied_spec_json,
     choose_spec,
     created_condition,
-    parse_ledger,
+    legacy_annotations_to_remove,
+    legacy_ledger,
     previous_status,
     spec_conditions,
     stages_to_read,
     storage_condition,
+    storage_reachable_condition,
 )
-from kubetrain.operator.plan.stages import WalkContext, walk_stages
+from kubetrain.operator.plan.stages import walk_stages
 from kubetrain.operator.plan.ttl import expired_children
 from kubetrain.operator.progress import StageRecords
 
@@ -62,15 +63,16 @@ def plan(
     records: Mapping[str, StageRecords],
     now: datetime,
     config: OperatorConfig,
-    observed_services: list[str] | None = None,
+    observed_services: list[dict[str, Any]] | None = None,
 ) -> Plan:
-    """Decide what to do for ``run`` given what exists (``observed_services``: names of
-    its Services); see the module docstring for the steps."""
+    """Decide what to do for ``run`` given what exists; see the package docstring for
+    the steps."""
     meta = run.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return Plan()  # ownerReferences: the garbage collector removes the children
-    annotations = meta.get("annotations") or {}
-    observed = Observed.of(observed_jobs, observed_pods, records, observed_services, now)
+    observed = Observed.of(
+        observed_jobs, observed_pods, records, observed_services, now, meta.get("uid", "")
+    )
     old = previous_status(run)
     draft = _Draft(old, now, meta.get("generation"))
     out, conds, status = draft.out, draft.conditions, draft.status
@@ -82,7 +84,8 @@ def plan(
         conds.set(ConditionType.FAILED, True, Reason.INVALID_SPEC, "; ".join(choice.errors))
         return draft.finish(None)
     out.events += spec_conditions(choice, old, conds)
-    out.annotations.update(applied_annotation(spec, annotations))
+    status.applied_spec = applied_spec_json(spec)
+    out.annotations.update(legacy_annotations_to_remove(run))
     costing = price(spec, config)
     if status.estimate is None:
         status.estimate = estimate_summary(costing.estimate)
@@ -91,26 +94,22 @@ def plan(
     if not storage_condition(spec, conds):
         status.stages, status.phase = stages, RunPhase.Pending
         return draft.finish(spec)
+    out.events += storage_reachable_condition(observed.records, old, conds)
 
-    ledger = parse_ledger(annotations)
-    accounts = account(spec, stages, ledger, observed, costing.pricing, config.gpu_prices)
-    if accounts.ledger != ledger:
-        out.annotations[ANNOTATION_LEDGER] = json.dumps(
-            accounts.ledger, sort_keys=True, separators=(",", ":")
-        )
-    budget = check_budget(spec, accounts.stages, totals(accounts.stages), costing)
+    stages = account(spec, stages, observed, costing.pricing, config.gpu_prices, legacy_ledger(run))
+    budget = check_budget(spec, stages, totals(stages), costing)
     out.events += budget_condition(budget, spec, old, conds)
     course = Course(old.phase in FINISHED, spec.suspend, budget, spec.budget.action)
 
-    walk = walk_stages(
-        WalkContext(RunRef.of(meta), spec, course, observed, config), accounts.stages, old
-    )
+    walk = walk_stages(WalkContext(RunRef.of(meta), spec, course, observed, config), stages, old)
     out.create, out.delete, out.events = walk.create, walk.delete, out.events + walk.events
     outcome = run_outcome(walk, course)
     out.events += outcome_conditions(outcome, walk, course, old, conds)
     expired = expired_children(spec, outcome.phase, conds, observed)
     if expired is not None:
         out.create, out.delete = [], expired
+    if outcome.phase not in FINISHED:
+        out.requeue_after = walk.requeue_after
 
     status.phase, status.current_stage, status.stages = outcome.phase, walk.current, walk.stages
     status.totals = totals(walk.stages)

@@ -34,7 +34,7 @@ class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[Delete] = field(default_factory=list)
     status: dict[str, Any] | None = None  # the full new status (wire form), None: unchanged
-    annotations: dict[str, str] = field(default_factory=dict)  # to set on the run
+    annotations: dict[str, str | None] = field(default_factory=dict)  # None: remove it
     events: list[Event] = field(default_factory=list)
     budget_used: dict[str, float] = field(default_factory=dict)  # kind -> used / limit
     # The spec acted on (the new spec with its started stages frozen); None when the
@@ -47,3 +47,6 @@ class Plan:
     # The stages whose records the next reconcile reads (``records_to_read`` gives the
     # same once this plan is applied).
     read_next: list[str] = field(default_factory=list)
+    # Seconds until something is due that no event announces (the end of a restart's
+    # backoff): reconcile the run again by then. None: nothing is due.
+    requeue_after: float | None = None

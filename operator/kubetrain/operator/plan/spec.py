@@ -3,6 +3,7 @@ handlers read for it, and what the choice means for the status."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from kubetrain.core.api import (
     Estimate,
     ManifestError,
     S3Storage,
+    StageLedger,
     StagePhase,
     StageStatus,
     TrainingRunSpec,
@@ -22,11 +24,17 @@ from kubetrain.core.api import (
 )
 from kubetrain.core.conditions import ConditionType, Reason
 from kubetrain.operator.plan.conditions import Conditions, condition_of
-from kubetrain.operator.plan.observed import ObservedJob
+from kubetrain.operator.plan.observed import ObservedJob, owned_by
 from kubetrain.operator.plan.result import NORMAL, WARNING, Event
+from kubetrain.operator.progress import StageRecords, StoreAnswer
 
+# Where earlier operator versions kept the applied spec and the GPU-seconds ledger.
+# Annotations can be edited by anyone who can edit the run, so both now live in status
+# (written by the operator only): a run that has only these is migrated on its next
+# reconcile, and they are removed once its status holds them.
 ANNOTATION_APPLIED_SPEC = "kubetrain.dev/applied-spec"
 ANNOTATION_LEDGER = "kubetrain.dev/ledger"
+LEGACY_ANNOTATIONS = (ANNOTATION_APPLIED_SPEC, ANNOTATION_LEDGER)
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,7 @@ def effective_spec(
         return TrainingRunSpec.model_validate(keep), refused
 
 
-def _parse_applied(annotations: Mapping[str, str]) -> TrainingRunSpec | None:
-    raw = annotations.get(ANNOTATION_APPLIED_SPEC)
+def _parse_applied(raw: str | None) -> TrainingRunSpec | None:
     if not raw:
         return None
     try:
@@ -104,12 +111,47 @@ def _parse_applied(annotations: Mapping[str, str]) -> TrainingRunSpec | None:
         return None
 
 
-def parse_ledger(annotations: Mapping[str, str]) -> dict[str, Any]:
+def _annotations(run: Mapping[str, Any]) -> Mapping[str, str]:
+    return (run.get("metadata") or {}).get("annotations") or {}
+
+
+def applied_spec_of(run: Mapping[str, Any]) -> TrainingRunSpec | None:
+    """The spec the operator applied last: ``status.appliedSpec``; for a run from an
+    earlier operator that has none yet, its applied-spec annotation (once: the status
+    holds it from the next reconcile on, and the annotation is ignored after that)."""
+    status = previous_status(run)
+    if status.applied_spec is not None:
+        return _parse_applied(status.applied_spec)
+    return _parse_applied(_annotations(run).get(ANNOTATION_APPLIED_SPEC))
+
+
+def applied_spec_json(spec: TrainingRunSpec) -> str:
+    """``status.appliedSpec``: the spec as compact JSON, keys sorted."""
+    return json.dumps(api.dump(spec), sort_keys=True, separators=(",", ":"))
+
+
+def legacy_ledger(run: Mapping[str, Any]) -> dict[str, StageLedger]:
+    """The GPU-seconds ledger of a run not migrated yet (no ``status.appliedSpec``), by
+    stage, from its annotation; empty once migrated."""
+    if previous_status(run).applied_spec is not None:
+        return {}
     try:
-        ledger = json.loads(annotations.get(ANNOTATION_LEDGER) or "{}")
+        raw = json.loads(_annotations(run).get(ANNOTATION_LEDGER) or "{}")
     except ValueError:
         return {}
-    return ledger if isinstance(ledger, dict) else {}
+    out: dict[str, StageLedger] = {}
+    for stage, entry in (raw if isinstance(raw, dict) else {}).items():
+        with contextlib.suppress(ValidationError):
+            out[str(stage)] = StageLedger.model_validate(entry)
+    return out
+
+
+def legacy_annotations_to_remove(run: Mapping[str, Any]) -> dict[str, str | None]:
+    """The legacy annotations to delete (value None): once the status holds what they
+    held, so that nobody edits them expecting an effect."""
+    if previous_status(run).applied_spec is None:
+        return {}
+    return {key: None for key in LEGACY_ANNOTATIONS if key in _annotations(run)}
 
 
 def previous_status(run: Mapping[str, Any]) -> TrainingRunStatus:
@@ -119,14 +161,15 @@ def previous_status(run: Mapping[str, Any]) -> TrainingRunStatus:
 
 def choose_spec(run: Mapping[str, Any], job_stages: Collection[str]) -> SpecChoice:
     """Step 1, which spec applies: the new spec, except that the stages that have
-    started (a phase other than Pending in status, or a Job in ``job_stages``) and the
-    model stay as the applied-spec annotation has them (``effective_spec``)."""
+    started (a phase other than Pending in status, or a Job of the run in
+    ``job_stages``) and the model stay as ``status.appliedSpec`` has them
+    (``effective_spec``)."""
     try:
         new: TrainingRunSpec | None = api.parse_spec(run.get("spec") or {})
         errors: list[str] = []
     except ManifestError as exc:
         new, errors = None, exc.errors
-    applied = _parse_applied((run.get("metadata") or {}).get("annotations") or {})
+    applied = applied_spec_of(run)
     started = sum(1 for s in previous_status(run).stages if s.phase != StagePhase.Pending)
     if applied is not None:
         started = max(
@@ -157,7 +200,8 @@ class RecordsToRead:
 def records_to_read(run: Mapping[str, Any], observed_jobs: list[dict[str, Any]]) -> RecordsToRead:
     """What the handlers read before ``plan`` runs: the store and stages of the spec
     ``choose_spec`` picks, the same choice ``plan`` then makes."""
-    jobs = {ObservedJob.from_k8s(j).stage for j in observed_jobs}
+    run_uid = str((run.get("metadata") or {}).get("uid") or "")
+    jobs = {ObservedJob.from_k8s(j).stage for j in observed_jobs if owned_by(j, run_uid)}
     spec = choose_spec(run, jobs).spec
     return RecordsToRead(
         s3=spec.storage.s3 if spec is not None else None,
@@ -182,14 +226,6 @@ def spec_conditions(choice: SpecChoice, old: TrainingRunStatus, conds: Condition
             "the current spec is applied",
         )
     return []
-
-
-def applied_annotation(spec: TrainingRunSpec, annotations: Mapping[str, str]) -> dict[str, str]:
-    """The applied-spec annotation to set (empty when it already holds ``spec``)."""
-    applied_json = json.dumps(api.dump(spec), sort_keys=True, separators=(",", ":"))
-    if annotations.get(ANNOTATION_APPLIED_SPEC) == applied_json:
-        return {}
-    return {ANNOTATION_APPLIED_SPEC: applied_json}
 
 
 def created_condition(spec: TrainingRunSpec, estimate: Estimate, conds: Conditions) -> list[Event]:
@@ -227,3 +263,31 @@ def storage_condition(spec: TrainingRunSpec, conds: Conditions) -> bool:
             f"checkpoints in {spec.storage.s3.uri()}",
         )
     return True
+
+
+def storage_reachable_condition(
+    records: Mapping[str, StageRecords], old: TrainingRunStatus, conds: Conditions
+) -> list[Event]:
+    """Condition StorageReachable: False (and a Warning when it becomes False) while
+    the store cannot be read, with its error; True again once it answers (set only once
+    it had been False). While it is False completed stages wait for FINAL to be
+    confirmed and nothing is restarted or counted."""
+    type_ = ConditionType.STORAGE_REACHABLE
+    unknown = sorted(
+        (stage, rec.error or "no answer")
+        for stage, rec in records.items()
+        if rec.final == StoreAnswer.UNKNOWN
+    )
+    if unknown:
+        stage, error = unknown[0]
+        message = (
+            f"cannot read the progress and FINAL of stage {stage!r} from the store: {error} "
+            "(completed stages wait for it; nothing is restarted on its account)"
+        )
+        conds.set(type_, False, Reason.STORE_UNREACHABLE, message)
+        before = condition_of(old.conditions, type_)
+        if before is None or before.status != "False":
+            return [Event(WARNING, Reason.STORE_UNREACHABLE, message)]
+    elif (current := conds.get(type_)) is not None and current.status == "False":
+        conds.set(type_, True, Reason.STORE_REACHABLE, "the store answers again")
+    return []
