@@ -1,22 +1,24 @@
 """The operator's decisions, as one pure function.
 
 ``plan(run, jobs, pods, records, now, config)`` looks at a TrainingRun and what exists
-(its Jobs and Pods, the trainer's progress records and FINAL pointers) and returns what
-to do: children to create and delete, the status to write, annotations to keep, events
-to emit. It is level-based: it never depends on which event woke the operator up, so a
-timer, a Job event, a restart of the operator or a retry after a conflict all lead to
-the same result. Handlers (``kubetrain.operator.handlers``) only gather the inputs and
-apply it.
+(its Jobs, Pods and Services, the trainer's progress records and FINAL pointers) and
+returns what to do: children to create and delete, the status to write, annotations to
+remove, events to emit, and when to look again (``requeue_after``). It is level-based:
+it never depends on which event woke the operator up, so a timer, a Job event, a
+restart of the operator or a retry after a conflict all lead to the same result.
+Handlers (``kubetrain.operator.handlers``) only gather the inputs and apply it.
 
 ``plan`` is a pipeline of named steps, each a function of its own, one module per
-concern (``spec``, ``costs``, ``budget``, ``stages``, ``outcome``, ``ttl``; ``pipeline``
-runs them in order; ``observed`` and ``result`` are its input and output):
+concern (``spec``, ``costs``, ``budget``, ``stages`` and ``attempts``, ``outcome``,
+``ttl``; ``pipeline`` runs them in order; ``observed``, ``context`` and ``result`` are
+what they look at and what they say):
 
 1. ``choose_spec``: which spec applies (stages that started are frozen). The handlers
    use it too, through ``records_to_read``, so they read the records of the stages
    this spec names.
-2. ``spec_conditions``, ``applied_annotation``, ``created_condition``,
-   ``storage_condition``: what the spec choice means for the status.
+2. ``spec_conditions``, ``created_condition``, ``storage_condition``,
+   ``storage_reachable_condition``: what the spec choice and the store mean for the
+   status.
 3. ``price`` (once per reconcile: pricing and the estimate), ``account`` (records, the
    GPU-seconds ledger, costs -> stage statuses) and ``totals``.
 4. ``check_budget`` and ``budget_condition``.
@@ -27,21 +29,29 @@ runs them in order; ``observed`` and ``result`` are its input and output):
 
 Decisions, in words:
 
-- Stages run strictly in order. A stage has succeeded when its Job completed *and* its
-  FINAL pointer exists; a Job that completed without FINAL was interrupted (the trainer
-  exits 0 after checkpointing on SIGTERM), so it is recreated and resumes from LATEST.
+- Stages run strictly in order. A stage has succeeded when its Job completed *and* the
+  store says its FINAL pointer exists. The store has three answers: present, absent,
+  unknown (unreachable); unknown never deletes, re-runs or counts anything.
+- How an attempt ended decides what it counts as (``attempts``): a disruption (the pod
+  condition DisruptionTarget, the trainer's exit code 75 after checkpointing on SIGTERM)
+  is a preemption, restarted at once and never counted against ``maxRestarts``; any
+  other failure is a restart, after an exponential backoff, and beyond ``maxRestarts``
+  the run fails with ``ReachedMaxRestarts``; pods that all exited 0 without FINAL count
+  towards ``maxCompletedWithoutFinal``.
 - Restarts are the operator's: Jobs have ``backoffLimit: 0`` so that one failed rank
-  stops the whole gang. A failed Job created at attempt N means N + 1 restarts; while
-  that is at most ``maxRestarts`` the Job is deleted and recreated at attempt N + 1,
-  otherwise the run fails with reason ``ReachedMaxRestarts``.
+  stops the whole gang, and a podFailurePolicy that ignores disruptions, whose pods the
+  Job controller replaces. A failed Job created at attempt N means N + 1 failures.
 - Stopping (``spec.suspend``, a budget hit, a failed run) deletes the active Job in the
   foreground: its pods get SIGTERM and ``terminationGracePeriodSeconds`` to checkpoint,
-  and no new Job of the same name is created until they are gone. Resuming creates the
-  Job again; the trainer continues from LATEST.
+  and no new Job of the same name is created until they are gone, nor while pods of an
+  earlier Job (one deleted by hand) still run. Resuming creates the Job again; the
+  trainer continues from LATEST.
+- Children are the run's when the run controls them (ownerReferences); an object with a
+  child's name that is not is reported (condition ``ChildConflict``), never adopted.
 - Stages that have started are frozen: a spec change to one of them (or to ``model``)
   is refused (condition ``SpecChangeRefused``, a Warning event) and the operator goes on
-  with the spec those stages started with (kept in the annotation
-  ``kubetrain.dev/applied-spec``); changes to stages that have not started apply.
+  with the spec those stages started with (``status.appliedSpec``, which only the
+  operator writes); changes to stages that have not started apply.
 """
 
 from __future__ import annotations
