@@ -134,6 +134,7 @@ class World:
                     "metadata": {
                         "name": f"{job['metadata']['name']}-{i}-{next(_uids)}",
                         "uid": f"pod-{next(_uids)}",
+                        "creationTimestamp": format_time(self.now),
                         "labels": resources.labels(self.run["metadata"]["name"], stage),
                         "ownerReferences": [{"uid": uid}],
                     },

@@ -73,11 +73,12 @@ def test_evicted_pod_is_a_preemption_the_job_controller_replaces() -> None:
     w.reconcile()
     assert counts(w) == (0, 1)
 
-    # The replacements run and train past the step the stage was disrupted at.
+    # The replacements run.
     w.tick(30)
     w.pods_running("pretrain")
     w.progress("pretrain", step=45, total=100)
     w.reconcile()
+    assert w.stage_status("pretrain")["ledger"].get("disruptedJob") is None
     assert condition(w, ConditionType.RESTARTING)[:2] == ("False", Reason.RESTARTED)
     assert w.status["phase"] == "Running"
     finish(w)
@@ -128,6 +129,25 @@ def test_a_disruption_seen_earlier_explains_the_gangs_failure_later() -> None:
     assert counts(w) == (0, 1)
 
 
+def test_a_failure_after_the_gang_recovered_is_a_failure() -> None:
+    """Once a new gang runs in place of the disrupted one, a later failure is the
+    stage's own, not the disruption's aftermath."""
+    w = running()
+    w.pod_evicted("pretrain", 0)
+    w.pod_checkpointed("pretrain", 0)
+    w.pod_checkpointed("pretrain", 1)
+    w.reconcile()
+    w.tick(30)
+    w.pods_running("pretrain")  # the replacements, created after the eviction
+    w.reconcile()
+    w.tick(600)
+    w.pod_exited("pretrain", 1, 1)
+    w.job_finished("pretrain", ok=False, message="Pod demo-pretrain-1 exit code 1")
+    w.reconcile()
+    assert counts(w) == (1, 1)
+    assert condition(w, ConditionType.RESTARTING)[1] == Reason.FAILURE_BACKOFF
+
+
 def test_preemptions_never_use_up_max_restarts() -> None:
     w = running()  # maxRestarts: 2
     for n in range(1, 6):
@@ -167,6 +187,8 @@ def test_real_failure_restarts_after_an_exponential_backoff() -> None:
     status, reason, message = condition(w, ConditionType.RESTARTING)
     assert (status, reason) == ("True", Reason.FAILURE_BACKOFF)
     assert "attempt 2" in message and "in 10s" in message and "exit code 1" in message
+    w.reconcile()  # the failed Job is being deleted: still restarting, counted once
+    assert condition(w, ConditionType.RESTARTING)[0] == "True" and counts(w) == (1, 0)
     w.job_gone("pretrain")
     w.tick(4)
     p = w.reconcile()

@@ -611,10 +611,11 @@ class StageLedger(_Model):
     )
     disrupted_job: str | None = Field(
         None,
-        description="UID of the Job in which a disruption was counted, until the stage "
-        "trains past `disruptedStep` (later pod failures of that Job are its aftermath).",
+        description="UID of the Job in which a disruption was counted, until pods created "
+        "after `disruptedAt` run in place of all the others (until then, the end of the "
+        "Job is the disruption's aftermath).",
     )
-    disrupted_step: int = Field(0, description="The stage's step when it was disrupted.")
+    disrupted_at: str | None = Field(None, description="When the disrupted pod stopped.")
 
     model_config = ConfigDict(
         alias_generator=wire_name, populate_by_name=True, extra="ignore", validate_default=True

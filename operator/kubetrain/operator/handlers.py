@@ -278,11 +278,16 @@ def register(
         labels: Mapping[str, str],
         type: str,
         status: kopf.Status,
+        meta: kopf.Meta,
         uid: str,
         **_: Any,
     ) -> None:
-        # Pods change often (conditions, IPs); only phase changes and deletions matter.
+        # Pods change often (conditions, IPs); only phase changes and deletions matter,
+        # the start of one too: an evicted pod is seen while it checkpoints, with its
+        # DisruptionTarget condition (a preemption, not a failure).
         phase = "Deleted" if type == "DELETED" else str(status.get("phase"))
+        if meta.get("deletionTimestamp") and phase != "Deleted":
+            phase += "/terminating"
         with seen_guard:
             if seen.get(uid) == phase:
                 return

@@ -18,6 +18,7 @@ already counted, so observing them again changes nothing.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from kubetrain.core.api import RunPhase, StageLedger, StagePhase, StageStatus
 from kubetrain.core.conditions import Reason
@@ -29,7 +30,15 @@ from kubetrain.operator.plan.context import (
     WalkContext,
     running_if_should_run,
 )
-from kubetrain.operator.plan.observed import ObservedJob, disruption, pod_name
+from kubetrain.operator.plan.observed import (
+    ObservedJob,
+    disruption,
+    pod_created,
+    pod_name,
+    pod_running,
+    pod_terminal,
+    stopped_at,
+)
 from kubetrain.operator.plan.result import NORMAL, WARNING, Delete, Event
 from kubetrain.operator.progress import format_time
 
@@ -64,7 +73,7 @@ def attempt_disruption(at: StageAt, ctx: WalkContext) -> str | None:
         if why is not None:
             return f"pod {pod_name(pod)}: {why}"
     if ledger_of(at.status).disrupted_job == at.job.uid:
-        return "one of its pods was disrupted before the others failed"
+        return "one of its pods was disrupted before the others ended"
     return None
 
 
@@ -86,7 +95,7 @@ def attempt_preempted(at: StageAt, ctx: WalkContext, why: str) -> StageDecision:
     ledger = ledger_of(st)
     preemptions = st.preemptions + (0 if ledger.disrupted_job == job.uid else 1)
     ledger = with_counted(ledger, job.uid).model_copy(
-        update={"disrupted_job": None, "disrupted_step": 0}
+        update={"disrupted_job": None, "disrupted_at": None}
     )
     message = f"preemption {preemptions}: {why}; restarting from the last checkpoint"
     return StageDecision(
@@ -223,37 +232,50 @@ def stage_completed_without_final(at: StageAt, ctx: WalkContext) -> StageDecisio
     )
 
 
+def _recovered(ledger: StageLedger, ctx: WalkContext, job: ObservedJob) -> bool:
+    """Whether the Job's gang runs again after its disruption: as many running pods as
+    it has nodes, all created after the disrupted pod stopped (so not a rank of the old
+    gang, hung in a collective)."""
+    live = [p for p in ctx.observed.pods_of(job) if not pod_terminal(p)]
+    since = ledger.disrupted_at or ""
+    return len(live) >= job.nodes and all(pod_running(p) and pod_created(p) > since for p in live)
+
+
 def disrupted_in_place(
     at: StageAt, ctx: WalkContext, job: ObservedJob, st: StageStatus
 ) -> tuple[StageStatus, StageDecision | None]:
     """While the Job lives: its pods that were disrupted, which the Job controller
     replaces. The first of a disruption (one drain stops every rank of a gang) counts
-    one preemption; the disruption is over once the stage trains past the step it was
-    at. Returns the status to go on with, and a decision with the preemption's event
-    and condition when one was counted now (None otherwise)."""
+    one preemption; the disruption is over once a new gang runs (``_recovered``); until
+    then the Job's end is the disruption's doing. Returns the status to go on with, and
+    a decision with the preemption's event and condition when one was counted now
+    (None otherwise)."""
     ledger = ledger_of(st)
-    if ledger.disrupted_job is not None and st.step > ledger.disrupted_step:
-        ledger = ledger.model_copy(update={"disrupted_job": None, "disrupted_step": 0})
+    if ledger.disrupted_job is not None and (
+        ledger.disrupted_job != job.uid or _recovered(ledger, ctx, job)
+    ):
+        ledger = ledger.model_copy(update={"disrupted_job": None, "disrupted_at": None})
     fresh = [
         (pod, why)
         for pod in ctx.observed.pods_of(job)
-        if (why := disruption(pod)) is not None
-        and str((pod.get("metadata") or {}).get("uid") or pod_name(pod)) not in ledger.counted
+        if (why := disruption(pod)) is not None and _uid(pod) not in ledger.counted
     ]
     if not fresh:
         return st.model_copy(update={"ledger": ledger}) if ledger != st.ledger else st, None
-    uids = [str((p.get("metadata") or {}).get("uid") or pod_name(p)) for p, _ in fresh]
-    ledger = with_counted(ledger, *uids)
+    now = format_time(ctx.observed.now)
+    until = max(stopped_at(pod, now) for pod, _ in fresh)
+    ledger = with_counted(ledger, *(_uid(p) for p, _ in fresh))
     if ledger.disrupted_job == job.uid:  # the same disruption, seen on more ranks
-        return st.model_copy(update={"ledger": ledger}), None
+        until = max(until, ledger.disrupted_at or "")
+        return st.model_copy(
+            update={"ledger": ledger.model_copy(update={"disrupted_at": until})}
+        ), None
     pod, why = fresh[0]
     st = st.model_copy(
         update={
             "preemptions": st.preemptions + 1,
             "completed_without_final": 0,
-            "ledger": ledger.model_copy(
-                update={"disrupted_job": job.uid, "disrupted_step": st.step}
-            ),
+            "ledger": ledger.model_copy(update={"disrupted_job": job.uid, "disrupted_at": until}),
         }
     )
     why = f"pod {pod_name(pod)}: {why}"
@@ -266,3 +288,7 @@ def disrupted_in_place(
         events=[_preempted_event(at, why, "the Job controller replaces the pod")],
         restarting=Restart(Reason.PREEMPTED, f"stage {at.stage.name!r}: {message}"),
     )
+
+
+def _uid(pod: dict[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("uid") or pod_name(pod))

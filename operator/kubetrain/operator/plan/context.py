@@ -63,6 +63,7 @@ class StageDecision:
     failed: str | None = None  # why the run fails
     failed_reason: str | None = None  # the Failed condition's reason (with ``failed``)
     stalled: str | None = None  # why the stage counts as stalled
+    trains: bool = False  # every pod of the stage's gang runs
     restarting: Restart | None = None
     requeue_after: float | None = None  # seconds until something is due (a backoff)
     conflict: str | None = None  # a child's name is taken by an object not the run's

@@ -133,6 +133,30 @@ def trainer_exit_code(pod: Mapping[str, Any]) -> int | None:
     return None
 
 
+def pod_created(pod: Mapping[str, Any]) -> str:
+    """The pod's creationTimestamp (the API server's clock), '' when unknown."""
+    return str((pod.get("metadata") or {}).get("creationTimestamp") or "")
+
+
+def stopped_at(pod: Mapping[str, Any], now: str) -> str:
+    """When a disrupted pod stopped, as well as the API can tell: its deletion, its
+    DisruptionTarget condition, its container's end; ``now`` when none is known. Pods
+    created later replace it (a Job replaces a pod only once it has stopped)."""
+    times = [str((pod.get("metadata") or {}).get("deletionTimestamp") or "")]
+    status = pod.get("status") or {}
+    times += [
+        str(c.get("lastTransitionTime") or "")
+        for c in status.get("conditions") or []
+        if c.get("type") == DISRUPTION_TARGET
+    ]
+    times += [
+        str(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt") or "")
+        for cs in status.get("containerStatuses") or []
+    ]
+    known = [t for t in times if t]
+    return max(known) if known else now
+
+
 def disruption(pod: Mapping[str, Any]) -> str | None:
     """Why the pod's attempt ended by a disruption (not the trainer's fault), or None:
     the condition DisruptionTarget (eviction, drain, preemption, taint), or the trainer's

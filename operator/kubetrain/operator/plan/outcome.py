@@ -136,11 +136,11 @@ def restarting_condition(phase: RunPhase, walk: Walk, conds: Conditions) -> None
         conds.set(type_, True, walk.restarting.reason, walk.restarting.message)
         return
     current = conds.get(type_)
-    if current is None or current.status != "True" or phase == RunPhase.Pending:
+    if current is None or current.status != "True":
         return
-    if phase == RunPhase.Running:
+    if walk.trains:
         conds.set(type_, False, Reason.RESTARTED, f"stage {walk.current!r} trains again")
-    else:
+    elif phase not in (RunPhase.Pending, RunPhase.Running):
         conds.set(type_, False, Reason.NO_RESTART_PENDING, f"the run is {phase.value}")
 
 

@@ -118,6 +118,7 @@ def stage_running(at: StageAt, ctx: WalkContext) -> StageDecision:
         ),
         phase=RunPhase.Running if running else RunPhase.Pending,
         stalled=stalled,
+        trains=running,
         events=preempted.events if preempted else [],
         restarting=preempted.restarting if preempted else None,
     )
@@ -280,6 +281,7 @@ class Walk:
     failed: str | None = None
     failed_reason: str | None = None
     stalled: str | None = None
+    trains: bool = False
     restarting: Restart | None = None
     requeue_after: float | None = None
     conflict: str | None = None
@@ -293,6 +295,7 @@ class Walk:
         self.failed = decision.failed or self.failed
         self.failed_reason = decision.failed_reason or self.failed_reason
         self.stalled = decision.stalled or self.stalled
+        self.trains = decision.trains
         self.restarting = decision.restarting or self.restarting
         self.conflict = decision.conflict or self.conflict
         if decision.requeue_after is not None:
