@@ -123,11 +123,15 @@ class World:
         uid = self.job(stage)["metadata"]["uid"]
         return [p for p in self.pods if p["metadata"]["ownerReferences"][0]["uid"] == uid]
 
-    def pods_running(self, stage: str, since: datetime | None = None) -> None:
-        """The Job's pods (new ones, replacing any it had) run."""
+    def pods_running(
+        self, stage: str, since: datetime | None = None, *, keep_old: bool = False
+    ) -> None:
+        """The Job's pods (new ones, replacing any it had) run; ``keep_old``: the old
+        ones stay listed, terminated (as the Job controller keeps replaced pods)."""
         job = self.job(stage)
         uid = job["metadata"]["uid"]
-        self.pods = [p for p in self.pods if p["metadata"]["ownerReferences"][0]["uid"] != uid]
+        if not keep_old:
+            self.pods = [p for p in self.pods if p["metadata"]["ownerReferences"][0]["uid"] != uid]
         for i in range(job["spec"]["parallelism"]):
             self.pods.append(
                 {
@@ -143,9 +147,13 @@ class World:
             )
         job["status"] = {"active": job["spec"]["parallelism"]}
 
+    def live_pods(self, stage: str) -> list[dict[str, Any]]:
+        """The stage's pods whose trainer has not exited (terminating ones too)."""
+        return [p for p in self.pods_of(stage) if p["status"]["phase"] == "Running"]
+
     def pod_evicted(self, stage: str, index: int = 0) -> dict[str, Any]:
         """The Eviction API's doing: condition DisruptionTarget, then deletion."""
-        pod = self.pods_of(stage)[index]
+        pod = self.live_pods(stage)[index]
         pod["metadata"]["deletionTimestamp"] = format_time(self.now)
         pod["status"].setdefault("conditions", []).append(
             {
@@ -159,7 +167,7 @@ class World:
 
     def pod_exited(self, stage: str, index: int, code: int) -> dict[str, Any]:
         """A pod's trainer exits with ``code`` (restartPolicy Never: the pod is done)."""
-        pod = self.pods_of(stage)[index]
+        pod = self.live_pods(stage)[index]
         pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
         pod["status"]["containerStatuses"] = [
             {

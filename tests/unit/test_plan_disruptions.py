@@ -69,7 +69,7 @@ def test_evicted_pod_is_a_preemption_the_job_controller_replaces() -> None:
     # The gang stops at the same step: both ranks exit with the checkpoint code. One
     # disruption, one preemption.
     w.pod_checkpointed("pretrain", 0)
-    w.pod_checkpointed("pretrain", 1)
+    w.pod_checkpointed("pretrain", 0)  # and the other rank: the gang stops together
     w.reconcile()
     assert counts(w) == (0, 1)
 
@@ -129,13 +129,33 @@ def test_a_disruption_seen_earlier_explains_the_gangs_failure_later() -> None:
     assert counts(w) == (0, 1)
 
 
+def test_every_drain_of_a_long_running_job_counts_once() -> None:
+    """The Job controller keeps the replaced pods (terminated) as long as the Job lives:
+    many disruptions later, each one has still been counted exactly once."""
+    w = running()
+    for n in range(1, 41):
+        w.pod_evicted("pretrain", 0)
+        w.reconcile()
+        w.pod_checkpointed("pretrain", 0)  # the gang stops together
+        w.pod_checkpointed("pretrain", 0)
+        w.reconcile()
+        w.tick(30)
+        w.pods_running("pretrain", keep_old=True)
+        w.reconcile()
+        w.tick(300)
+        w.reconcile()
+        assert counts(w) == (0, n)
+    assert len(w.pods_of("pretrain")) == 2 * 41
+    assert condition(w, ConditionType.RESTARTING)[:2] == ("False", Reason.RESTARTED)
+
+
 def test_a_failure_after_the_gang_recovered_is_a_failure() -> None:
     """Once a new gang runs in place of the disrupted one, a later failure is the
     stage's own, not the disruption's aftermath."""
     w = running()
     w.pod_evicted("pretrain", 0)
     w.pod_checkpointed("pretrain", 0)
-    w.pod_checkpointed("pretrain", 1)
+    w.pod_checkpointed("pretrain", 0)  # and the other rank: the gang stops together
     w.reconcile()
     w.tick(30)
     w.pods_running("pretrain")  # the replacements, created after the eviction
@@ -171,7 +191,7 @@ def test_stopping_the_run_is_not_a_preemption() -> None:
     w.run["spec"]["suspend"] = True
     w.reconcile()
     w.pod_checkpointed("pretrain", 0)
-    w.pod_checkpointed("pretrain", 1)
+    w.pod_checkpointed("pretrain", 0)  # and the other rank: the gang stops together
     w.reconcile()
     assert counts(w) == (0, 0) and w.status["phase"] == "Suspended"
 

@@ -607,7 +607,7 @@ class StageLedger(_Model):
     banked: float = Field(0.0, description="GPU-seconds of the stage's finished attempts.")
     counted: list[str] = Field(
         default_factory=list,
-        description="UIDs of the Jobs and pods whose end was counted (newest last).",
+        description="UIDs of the Jobs whose end was counted (newest last).",
     )
     disrupted_job: str | None = Field(
         None,
@@ -615,7 +615,11 @@ class StageLedger(_Model):
         "after `disruptedAt` run in place of all the others (until then, the end of the "
         "Job is the disruption's aftermath).",
     )
-    disrupted_at: str | None = Field(None, description="When the disrupted pod stopped.")
+    disrupted_at: str | None = Field(
+        None,
+        description="When the pods of the last counted disruption stopped (pods created "
+        "before then belong to it).",
+    )
 
     model_config = ConfigDict(
         alias_generator=wire_name, populate_by_name=True, extra="ignore", validate_default=True

@@ -11,14 +11,14 @@
 - A Job whose pods all exited 0 without FINAL is counted in ``completedWithoutFinal``;
   ``maxCompletedWithoutFinal`` of them in a row fail the stage.
 
-Each ending is counted once: the stage's ledger remembers the uids of the Jobs and pods
-already counted, so observing them again changes nothing.
+Each ending is counted once: the stage's ledger remembers the uids of the Jobs already
+counted and when the last disruption's pods stopped (pods created before then belong to
+it), so observing them again changes nothing.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 from kubetrain.core.api import RunPhase, StageLedger, StagePhase, StageStatus
 from kubetrain.core.conditions import Reason
@@ -42,8 +42,8 @@ from kubetrain.operator.plan.observed import (
 from kubetrain.operator.plan.result import NORMAL, WARNING, Delete, Event
 from kubetrain.operator.progress import format_time
 
-# The ledger keeps the newest uids only: older Jobs and pods are long gone.
-MAX_COUNTED = 64
+# The ledger keeps the newest Job uids only: older Jobs are long gone.
+MAX_COUNTED = 32
 
 
 def ledger_of(st: StageStatus) -> StageLedger:
@@ -94,9 +94,7 @@ def attempt_preempted(at: StageAt, ctx: WalkContext, why: str) -> StageDecision:
     assert job is not None
     ledger = ledger_of(st)
     preemptions = st.preemptions + (0 if ledger.disrupted_job == job.uid else 1)
-    ledger = with_counted(ledger, job.uid).model_copy(
-        update={"disrupted_job": None, "disrupted_at": None}
-    )
+    ledger = with_counted(ledger, job.uid).model_copy(update={"disrupted_job": None})
     message = f"preemption {preemptions}: {why}; restarting from the last checkpoint"
     return StageDecision(
         st.model_copy(
@@ -234,7 +232,7 @@ def stage_completed_without_final(at: StageAt, ctx: WalkContext) -> StageDecisio
 
 def _recovered(ledger: StageLedger, ctx: WalkContext, job: ObservedJob) -> bool:
     """Whether the Job's gang runs again after its disruption: as many running pods as
-    it has nodes, all created after the disrupted pod stopped (so not a rank of the old
+    it has nodes, all created after the disrupted pods stopped (so not a rank of the old
     gang, hung in a collective)."""
     live = [p for p in ctx.observed.pods_of(job) if not pod_terminal(p)]
     since = ledger.disrupted_at or ""
@@ -245,31 +243,27 @@ def disrupted_in_place(
     at: StageAt, ctx: WalkContext, job: ObservedJob, st: StageStatus
 ) -> tuple[StageStatus, StageDecision | None]:
     """While the Job lives: its pods that were disrupted, which the Job controller
-    replaces. The first of a disruption (one drain stops every rank of a gang) counts
-    one preemption; the disruption is over once a new gang runs (``_recovered``); until
-    then the Job's end is the disruption's doing. Returns the status to go on with, and
-    a decision with the preemption's event and condition when one was counted now
-    (None otherwise)."""
+    replaces (and keeps, terminated, until the Job goes). A disruption counts one
+    preemption, however many ranks of the gang it stopped: a disrupted pod is news only
+    when it was created after the pods of the last counted disruption stopped
+    (``disruptedAt``). Until a new gang runs (``_recovered``) the Job's end is the
+    disruption's doing. Returns the status to go on with, and a decision with the
+    preemption's event and condition when one was counted now (None otherwise)."""
     ledger = ledger_of(st)
     if ledger.disrupted_job is not None and (
         ledger.disrupted_job != job.uid or _recovered(ledger, ctx, job)
     ):
-        ledger = ledger.model_copy(update={"disrupted_job": None, "disrupted_at": None})
+        ledger = ledger.model_copy(update={"disrupted_job": None})
+    since = ledger.disrupted_at or ""
     fresh = [
         (pod, why)
         for pod in ctx.observed.pods_of(job)
-        if (why := disruption(pod)) is not None and _uid(pod) not in ledger.counted
+        if (why := disruption(pod)) is not None and pod_created(pod) > since
     ]
     if not fresh:
         return st.model_copy(update={"ledger": ledger}) if ledger != st.ledger else st, None
     now = format_time(ctx.observed.now)
     until = max(stopped_at(pod, now) for pod, _ in fresh)
-    ledger = with_counted(ledger, *(_uid(p) for p, _ in fresh))
-    if ledger.disrupted_job == job.uid:  # the same disruption, seen on more ranks
-        until = max(until, ledger.disrupted_at or "")
-        return st.model_copy(
-            update={"ledger": ledger.model_copy(update={"disrupted_at": until})}
-        ), None
     pod, why = fresh[0]
     st = st.model_copy(
         update={
@@ -288,7 +282,3 @@ def disrupted_in_place(
         events=[_preempted_event(at, why, "the Job controller replaces the pod")],
         restarting=Restart(Reason.PREEMPTED, f"stage {at.stage.name!r}: {message}"),
     )
-
-
-def _uid(pod: dict[str, Any]) -> str:
-    return str((pod.get("metadata") or {}).get("uid") or pod_name(pod))
