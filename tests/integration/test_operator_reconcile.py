@@ -234,7 +234,11 @@ def test_store_outage_while_a_stage_completes_reruns_nothing(s3_server: S3Server
 
     clock = [0.0]
     rec = reconciler(
-        cluster, {"s3-creds": secret}, OperatorMetrics(), store, monotonic=lambda: clock[0]
+        cluster,
+        {"s3-creds": secret},
+        OperatorMetrics(),
+        store_factory=store,
+        monotonic=lambda: clock[0],
     )
     rec.reconcile("ml", "demo")
     job_uid = cluster.jobs_by_name["demo-pretrain"]["metadata"]["uid"]
@@ -287,7 +291,7 @@ def test_a_foreign_job_with_the_stages_name_is_reported_not_adopted() -> None:
     }
     cluster = FakeCluster(_run("ckpt", "http://127.0.0.1:9"))
     cluster.jobs_by_name["demo-pretrain"] = copy.deepcopy(theirs)
-    rec = reconciler(cluster, {"s3-creds": {}}, OperatorMetrics(), _no_store)
+    rec = reconciler(cluster, {"s3-creds": {}}, OperatorMetrics(), store_factory=_no_store)
     result = rec.reconcile("ml", "demo")
     conflict = _condition(cluster.status, "ChildConflict")
     assert conflict["status"] == "True" and conflict["reason"] == "NotOwned"
