@@ -96,7 +96,7 @@ def test_killed_leader_is_replaced_and_the_run_completes(scenario: Scenario) -> 
         )
 
         first.kill()
-        assert scenario.progress("ha", "pretrain").get("phase") != "completed", (
+        assert scenario.progress("ha", "pretrain").phase != "completed", (
             "pretrain finished before the leader was killed: not a mid-stage takeover"
         )
         _wait(

@@ -287,8 +287,8 @@ def test_evicted_trainer_is_a_preemption_and_resumes_from_its_checkpoint(
         stopped = _wait(
             scenario,
             lambda: (
-                scenario.progress("evict", "pretrain").get("phase") == "interrupted"
-                and scenario.progress("evict", "pretrain")["step"]
+                scenario.progress("evict", "pretrain").phase == "interrupted"
+                and scenario.progress("evict", "pretrain").step
             ),
             "the evicted trainer's checkpoint (progress phase interrupted)",
         )
