@@ -8,8 +8,10 @@ resolves the container's environment the way the kubelet would (literal values,
 them), starts the container's command as a local process, and when the process exits
 reports the exit code through the annotation that the KWOK stages turn into pod phase
 Succeeded or Failed (see ``kwok/stages.yaml``). The Job controller then sees real pod
-outcomes. A pod that is deleted (suspend, run deletion, Job deletion) gets SIGTERM and,
-after its grace period, SIGKILL — as on a real node.
+outcomes. A pod that is deleted (suspend, run deletion, Job deletion, eviction) gets
+SIGTERM and, after its grace period, SIGKILL — as on a real node; when it has stopped and
+the pod is still there (the Job controller's finalizer holds it), its terminal phase and
+exit code are written to its status, as a kubelet writes them.
 
 What differs from a real node, on purpose:
 - There is no image: ``python``/``python3`` in the command means this interpreter, the
@@ -159,12 +161,7 @@ class PodRunner:
             pod = present.get(uid)
             code = running.proc.poll()
             if code is not None:
-                self._finish(
-                    uid,
-                    running,
-                    code,
-                    report=pod is not None and pod.metadata.deletion_timestamp is None,
-                )
+                self._finish(uid, running, code, pod)
             elif pod is None or pod.metadata.deletion_timestamp is not None:
                 # Deleted (suspend, Job or run deleted): SIGTERM now, SIGKILL after grace.
                 if running.terminating_since is None:
@@ -210,19 +207,59 @@ class PodRunner:
                 pod.metadata.namespace, pod.metadata.name, pod.metadata.uid, proc, log, grace, port
             )
 
-    def _finish(self, uid: str, running: RunningPod, code: int, report: bool) -> None:
+    def _finish(self, uid: str, running: RunningPod, code: int, pod: client.V1Pod | None) -> None:
         exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128 + N
         with self._lock:
             self.running.pop(uid, None)
             self.finished[uid] = exit_code
             self.history.append((f"{running.namespace}/{running.name}", uid, exit_code))
-        if report:
-            body = {"metadata": {"annotations": {EXIT_CODE_ANNOTATION: str(exit_code)}}}
-            try:
+        if pod is None:
+            return
+        try:
+            if pod.metadata.deletion_timestamp is None:
+                # The KWOK stage pod-exit turns the annotation into the terminal phase.
+                body = {"metadata": {"annotations": {EXIT_CODE_ANNOTATION: str(exit_code)}}}
                 self.core.patch_namespaced_pod(running.name, running.namespace, body)
-            except client.ApiException as exc:
-                if exc.status != 404:
-                    raise
+            else:
+                self._terminated(pod, exit_code)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def _terminated(self, pod: client.V1Pod, exit_code: int) -> None:
+        """A deleted pod held by a finalizer (the Job controller's): set its terminal
+        phase and exit code as a kubelet does once the container has stopped, so that the
+        Job controller can account it (a pod failure policy needs the phase) and let it
+        go. KWOK's stages handle only pods that are not being deleted."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        started = pod.status.start_time
+        body = {
+            "status": {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "containerStatuses": [
+                    {
+                        "name": c.name,
+                        "image": c.image,
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "started": False,
+                        "state": {
+                            "terminated": {
+                                "exitCode": exit_code,
+                                "reason": "Completed" if exit_code == 0 else "Error",
+                                "startedAt": started.strftime("%Y-%m-%dT%H:%M:%SZ")
+                                if started
+                                else now,
+                                "finishedAt": now,
+                            }
+                        },
+                    }
+                    for c in pod.spec.containers
+                ],
+            }
+        }
+        self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace, body)
 
     def _terminate(self, pod: RunningPod, hard: bool = False) -> None:
         if pod.proc.poll() is None:

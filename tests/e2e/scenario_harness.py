@@ -101,6 +101,7 @@ def write_operator_config(path: Path) -> Path:
             {
                 "pollIntervalSeconds": 1,
                 "terminationGraceSeconds": 20,
+                "restartBackoffSeconds": 2,
                 "image": "kubetrain/trainer:e2e",
                 "imagePullPolicy": "Never",
             }
@@ -293,6 +294,15 @@ class Scenario:
             None,
         )
 
+    def evict(self, pod: str) -> None:
+        """Evict ``pod`` through the Eviction API, as ``kubectl drain`` does: the API
+        server adds the condition DisruptionTarget and deletes the pod."""
+        self.core.create_namespaced_pod_eviction(
+            pod,
+            self.namespace,
+            client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace=self.namespace)),
+        )
+
     def trainer_logs(self) -> str:
         """Output of every trainer process of this namespace, oldest first."""
         logs = sorted(
@@ -449,17 +459,24 @@ class JobWatcher(BackgroundSampler):
 
 
 class StatusSampler(BackgroundSampler):
-    """Samples a stage's status (restarts, step) in the background."""
+    """Samples a stage's status (restarts, step) and the run's condition Restarting in
+    the background."""
 
     def __init__(self, scenario: Scenario, run: str, stage: str, interval: float = 0.3):
         super().__init__(interval)
         self.scenario, self.run, self.stage = scenario, run, stage
         self.samples: list[tuple[int, int]] = []  # (restarts, step)
+        self.restarting: list[tuple[str, str]] = []  # (status, reason) as it changed
 
     def sample(self) -> None:
-        st = stage_status(self.scenario.status(self.run), self.stage)
+        status = self.scenario.status(self.run)
+        st = stage_status(status, self.stage)
         if st:
             self.samples.append((int(st.get("restarts", 0)), int(st.get("step", 0))))
+        cond = condition(status, "Restarting")
+        seen = (cond.get("status", ""), cond.get("reason", ""))
+        if cond and (not self.restarting or self.restarting[-1] != seen):
+            self.restarting.append(seen)
 
 
 def stage_status(status: dict[str, Any], stage: str) -> dict[str, Any]:

@@ -260,6 +260,66 @@ def test_killed_trainer_is_retried_and_resumes_from_its_checkpoint(scenario: Sce
     assert history == sorted(history) and history[-1] == 300, history
 
 
+# --------------------------------------------------------------------------- 2b
+
+
+def test_evicted_trainer_is_a_preemption_and_resumes_from_its_checkpoint(
+    scenario: Scenario,
+) -> None:
+    """The Eviction API (what `kubectl drain` and a spot reclaim's node handler use)
+    evicts the trainer's pod: the pod gets the condition DisruptionTarget and SIGTERM,
+    the trainer checkpoints and exits 75, the Job's podFailurePolicy ignores the pod and
+    the Job controller replaces it in the same Job; the new pod resumes from that
+    checkpoint. Counted as a preemption, not a restart; the run completes. GPUs are fake
+    (KWOK nodes); the trainer runs on CPU."""
+    scenario.start_operator()
+    scenario.create_run(
+        tiny_curriculum("evict", steps=300, checkpoint_every=20, stages=("pretrain",))
+    )
+    with (
+        JobWatcher(scenario, "evict") as jobs,
+        StatusSampler(scenario, "evict", "pretrain") as sampler,
+    ):
+        _wait(
+            scenario,
+            lambda: scenario.latest_step("evict", "pretrain"),
+            "a first checkpoint (LATEST) in S3",
+        )
+        pod = _wait(
+            scenario,
+            lambda: scenario.running_trainer("evict", "pretrain"),
+            "the trainer process of stage pretrain",
+        )
+        scenario.evict(pod)
+        stopped = _wait(
+            scenario,
+            lambda: (
+                scenario.progress("evict", "pretrain").phase == "interrupted"
+                and scenario.progress("evict", "pretrain").step
+            ),
+            "the evicted trainer's checkpoint (progress phase interrupted)",
+        )
+        status = scenario.wait_phase("evict", "Succeeded", timeout=300)
+
+    st = stage_status(status, "pretrain")
+    assert st["preemptions"] == 1 and st["restarts"] == 0, st
+    assert st["step"] == 300, st
+    codes = [
+        code
+        for name, _, code in scenario.runner.history
+        if name.startswith(f"{scenario.namespace}/")
+    ]
+    assert codes == [75, 0], codes  # checkpointed on SIGTERM, then the resumed attempt
+    assert scenario.latest_step("evict", "pretrain") == 300
+    resumed = [int(m) for m in RESUMED_RE.findall(scenario.trainer_logs())]
+    assert resumed == [stopped], (resumed, stopped)  # nothing lost, nothing replayed
+    # The Job controller replaced the pod: the operator never recreated the Job.
+    assert len(jobs.uids["pretrain"]) == 1, jobs.uids
+    assert ("True", "Preempted") in sampler.restarting, sampler.restarting
+    assert condition(status, "Restarting")["status"] == "False", status["conditions"]
+    assert all(restarts == 0 for restarts, _ in sampler.samples)
+
+
 # --------------------------------------------------------------------------- 3
 
 
@@ -544,7 +604,7 @@ def test_budget_hit_suspends_after_a_checkpoint(
     scenario: Scenario, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A GPU-hour budget below what the stage has used: condition BudgetExceeded, the
-    stage stops (SIGTERM: the trainer checkpoints and exits 0), phase Suspended as
+    stage stops (SIGTERM: the trainer checkpoints and exits 75), phase Suspended as
     budget.action says, and the last checkpoint is complete and loadable from S3.
 
     The limit is lowered once the stage has trained (the same path as reaching it), so
@@ -576,7 +636,7 @@ def test_budget_hit_suspends_after_a_checkpoint(
         for name, _, code in scenario.runner.history
         if name.startswith(f"{scenario.namespace}/")
     ]
-    assert codes == [0], codes  # checkpointed and exited cleanly on SIGTERM
+    assert codes == [75], codes  # checkpointed on SIGTERM (EXIT_CHECKPOINTED_ON_SIGTERM)
 
     # Nothing lost: the interrupted record's step is the step of LATEST, which is complete.
     progress = scenario.progress("budget", "pretrain")
@@ -599,7 +659,7 @@ def test_budget_hit_suspends_after_a_checkpoint(
 
 
 def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> None:
-    """spec.suspend: true stops the pod (SIGTERM; the trainer checkpoints and exits 0),
+    """spec.suspend: true stops the pod (SIGTERM; the trainer checkpoints and exits 75),
     phase Suspended; false recreates the Job and the stage continues from that
     checkpoint to the end. GPUs are fake (KWOK); the trainer runs on CPU."""
     scenario.start_operator()
@@ -635,12 +695,13 @@ def test_suspend_and_resume_continue_from_the_checkpoint(scenario: Scenario) -> 
     status = scenario.wait_phase("pause", "Succeeded", timeout=240)
     st = stage_status(status, "pretrain")
     assert st["step"] == 600 and st["restarts"] == 0, st
+    assert st.get("preemptions", 0) == 0, st  # the run's own stop is no disruption
     codes = [
         code
         for name, _, code in scenario.runner.history
         if name.startswith(f"{scenario.namespace}/")
     ]
-    assert codes == [0, 0], codes
+    assert codes == [75, 0], codes
     assert [int(m) for m in RESUMED_RE.findall(scenario.trainer_logs())] == [stopped_at]
     history = [r.step for r in scenario.metrics_history("pause", "pretrain")]
     assert history == sorted(history) and history[-1] == 600, history

@@ -1,11 +1,14 @@
 """The reconciler with a real S3 endpoint and an in-memory cluster: progress read from
-the store with the run's own Secret, stage hand-over, and the Secret's values never
-leaving memory."""
+the store with the run's own Secret, stage hand-over, the Secret's values never leaving
+memory, a store outage that re-runs nothing, and a child's name held by someone else's
+object."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,6 +16,7 @@ import pytest
 
 from kubetrain.core.api import RunPhase, TrainingRunStatus
 from kubetrain.core.layout import StageLayout
+from kubetrain.core.store import ObjectStore
 from kubetrain.operator.caches import (
     ArchitectureReader,
     ProgressReader,
@@ -23,8 +27,9 @@ from kubetrain.operator.caches import (
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.handlers import Reconciler, silence_credential_loggers
 from kubetrain.operator.metrics import OperatorMetrics
+from kubetrain.operator.resources import LABEL_RUN
 from tests.support.fakecluster import FakeCluster
-from tests.support.services import S3Server
+from tests.support.services import S3Server, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -35,13 +40,15 @@ def reconciler(
     metrics: OperatorMetrics,
     clock: Any = None,
     store_factory: Any = open_run_store,
+    monotonic: Any = time.monotonic,
 ) -> Reconciler:
     """The operator's reconciler over ``cluster``, reading the run's Secret from
-    ``secrets`` and its store with real S3 clients."""
+    ``secrets`` and its store with real S3 clients (``monotonic``: the progress
+    reader's clock, which decides when records are read again)."""
     secret_cache = SecretCache(lambda ns, name: dict(secrets[name]), ttl=60)
     stores = StoreCache(store_factory)
     interval = OperatorConfig().poll_interval_seconds
-    progress = ProgressReader(secret_cache, stores, interval)
+    progress = ProgressReader(secret_cache, stores, interval, clock=monotonic)
     kwargs = {"clock": clock} if clock is not None else {}
     return Reconciler(
         cluster,
@@ -177,6 +184,149 @@ def test_unreadable_store_keeps_reconciling() -> None:
     assert "demo-pretrain" in cluster.jobs_by_name
     rec.reconcile("ml", "demo")  # with a Job: the store is read, and fails
     assert cluster.status["phase"] == "Pending"
+    reachable = _condition(cluster.status, "StorageReachable")
+    assert reachable["status"] == "False" and "connection refused" in reachable["message"]
+
+
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    conds = {c["type"]: c for c in status.get("conditions", [])}
+    assert type_ in conds, f"no condition {type_}: {sorted(conds)}"
+    return conds[type_]
+
+
+def _run(bucket: str, endpoint: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetrain.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "demo", "namespace": "ml", "uid": "run-uid", "generation": 1},
+        "spec": {
+            "storage": {
+                "s3": {
+                    "bucket": bucket,
+                    "prefix": "runs",
+                    "endpoint": endpoint,
+                    "credentialsSecret": "s3-creds",
+                }
+            },
+            "stages": [
+                {"name": "pretrain", "type": "pretrain", "hyperparameters": {"maxSteps": 20}},
+                {"name": "sft", "type": "sft", "hyperparameters": {"maxSteps": 10}},
+            ],
+        },
+    }
+
+
+class _Switch:
+    """A store that sends every request to ``up`` or, while ``down[0]``, to ``down``
+    (the run's store as the operator's cached client reaches it, or not)."""
+
+    def __init__(self, up: ObjectStore, down: ObjectStore, is_down: list[bool]):
+        self._up, self._down, self._is_down = up, down, is_down
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._down if self._is_down[0] else self._up, name)
+
+
+def test_store_outage_while_a_stage_completes_reruns_nothing(s3_server: S3Server) -> None:
+    """S3 refuses connections while the stage's Job completes with FINAL written: the
+    Job is neither deleted nor re-run, StorageReachable says why; once S3 answers the
+    stage succeeds and the next one starts."""
+    bucket = s3_server.create_bucket("ckpt-outage")
+    secret = {
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+    }
+    cluster = FakeCluster(_run(bucket, s3_server.endpoint))
+    down = [False]
+    refused = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    def store(s3: Any, credentials: dict[str, str] | None) -> Any:
+        unreachable = open_run_store(s3.model_copy(update={"endpoint": refused}), credentials)
+        return _Switch(open_run_store(s3, credentials), unreachable, down)
+
+    clock = [0.0]
+    rec = reconciler(
+        cluster,
+        {"s3-creds": secret},
+        OperatorMetrics(),
+        store_factory=store,
+        monotonic=lambda: clock[0],
+    )
+    rec.reconcile("ml", "demo")
+    job_uid = cluster.jobs_by_name["demo-pretrain"]["metadata"]["uid"]
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="runs/ml/demo/pretrain/FINAL", Body=b"checkpoints/x")
+    cluster.job_finished("pretrain", ok=True, at="2025-01-01T00:20:00Z")
+    down[0] = True
+    for _ in range(2):
+        plan = rec.reconcile("ml", "demo").plan
+        assert plan is not None and plan.delete == [] and plan.create == []
+        clock[0] += OperatorConfig().poll_interval_seconds  # each reconcile reads again
+    assert cluster.jobs_by_name["demo-pretrain"]["metadata"]["uid"] == job_uid
+    assert cluster.writes("delete") == []  # nothing deleted
+    reachable = _condition(cluster.status, "StorageReachable")
+    assert reachable["status"] == "False" and refused in reachable["message"]
+    assert secret["AWS_SECRET_ACCESS_KEY"] not in json.dumps(cluster.stored)
+    assert cluster.status["stages"][0]["restarts"] == 0
+    assert [r for _, r, _ in cluster.events].count("StoreUnreachable") == 1
+
+    down[0] = False
+    rec.reconcile("ml", "demo")
+    assert cluster.status["stages"][0]["phase"] == "Succeeded"
+    assert _condition(cluster.status, "StorageReachable")["status"] == "True"
+    assert "demo-sft" in cluster.jobs_by_name
+
+
+def test_a_foreign_job_with_the_stages_name_is_reported_not_adopted() -> None:
+    """A Job named demo-pretrain that another run owns and labels (so the informers
+    file it under that run): the reconciler looks before creating, and the run reports
+    it instead of taking it for its own; it looks again each poll until the name is
+    free."""
+    theirs = {
+        "kind": "Job",
+        "metadata": {
+            "name": "demo-pretrain",
+            "namespace": "ml",
+            "uid": "their-job",
+            "labels": {LABEL_RUN: "demo-pre", "kubetrain.dev/stage": "train"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "kubetrain.dev/v1alpha1",
+                    "kind": "TrainingRun",
+                    "name": "demo-pre",
+                    "uid": "other-run",
+                    "controller": True,
+                }
+            ],
+        },
+        "status": {"active": 1},
+    }
+    cluster = FakeCluster(_run("ckpt", "http://127.0.0.1:9"))
+    cluster.jobs_by_name["demo-pretrain"] = copy.deepcopy(theirs)
+    rec = reconciler(cluster, {"s3-creds": {}}, OperatorMetrics(), store_factory=_no_store)
+    result = rec.reconcile("ml", "demo")
+    conflict = _condition(cluster.status, "ChildConflict")
+    assert conflict["status"] == "True" and conflict["reason"] == "NotOwned"
+    assert "Job ml/demo-pretrain" in conflict["message"] and "demo-pre" in conflict["message"]
+    assert ("Warning", "NotOwned") in [(t, r) for t, r, _ in cluster.events]
+    assert cluster.jobs_by_name["demo-pretrain"] == theirs  # untouched
+    assert cluster.writes("create") == []
+    assert result.wake_after is not None  # its going away is no event of this run's
+    rec.reconcile("ml", "demo")
+    assert [(t, r) for t, r, _ in cluster.events].count(("Warning", "NotOwned")) == 1
+    stage = cluster.status["stages"][0]
+    assert stage["message"].startswith("waiting: Job ml/demo-pretrain")
+
+    del cluster.jobs_by_name["demo-pretrain"]  # its owner is gone
+    rec.reconcile("ml", "demo")
+    assert cluster.jobs_by_name["demo-pretrain"]["metadata"]["ownerReferences"][0]["uid"] == (
+        "run-uid"
+    )
+    assert _condition(cluster.status, "ChildConflict")["status"] == "False"
+
+
+def _no_store(*_: Any) -> Any:
+    raise OSError("no store in this test")
 
 
 def test_deleted_run_forgotten() -> None:

@@ -253,7 +253,7 @@ def _assert_same_result(
     assert got.phase == "completed" and got.attempt == 2
 
 
-def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(
+def test_sigterm_checkpoints_exits_with_the_checkpoint_code_and_resume_is_exact(
     s3_server: S3Server, uninterrupted: tuple[dict[str, torch.Tensor], ProgressRecord]
 ) -> None:
     bucket = s3_server.create_bucket("sigterm")
@@ -269,7 +269,7 @@ def test_sigterm_checkpoints_exits_zero_and_resume_is_exact(
     st.proc.send_signal(signal.SIGTERM)
     rc, err = st.wait(timeout=30)
     elapsed = time.monotonic() - signalled
-    assert rc == 0, err[-3000:]
+    assert rc == contract.EXIT_CHECKPOINTED_ON_SIGTERM, err[-3000:]
     assert elapsed < 10, f"took {elapsed:.1f}s to stop after SIGTERM"
     progress = progress_of(st.store)
     assert progress.phase == "interrupted" and 0 < progress.step < 300
@@ -300,7 +300,7 @@ def _catches_sigterm(pid: int) -> bool:
 
 def test_sigterm_while_starting_still_ends_in_a_checkpoint(s3_server: S3Server) -> None:
     """Preemption can come while torch is still being imported: the stage must still stop
-    with a checkpoint and exit 0, not die from the default handler."""
+    with a checkpoint and the checkpoint exit code, not die from the default handler."""
     bucket = s3_server.create_bucket("early-sigterm")
     spec = spec_for(bucket, s3_server.endpoint, [RESUME_STAGE])
     st = start(spec, 0, s3_server)
@@ -316,7 +316,7 @@ def test_sigterm_while_starting_still_ends_in_a_checkpoint(s3_server: S3Server) 
     )
     st.proc.send_signal(signal.SIGTERM)
     rc, err = st.wait(timeout=120)
-    assert rc == 0, err[-3000:]
+    assert rc == contract.EXIT_CHECKPOINTED_ON_SIGTERM, err[-3000:]
     progress = progress_of(st.store)
     assert progress.phase == "interrupted", progress
     assert st.store.get_text(layout.LATEST) == f"checkpoints/step-{progress.step:06d}"
@@ -399,6 +399,42 @@ def test_two_process_torchrun_gloo(s3_server: S3Server) -> None:
     # Both ranks' batches count: 6 steps × 2 processes × 4 sequences × 32 tokens.
     assert progress.tokens == 6 * 2 * 4 * 32
     assert st.store.get_text(layout.FINAL) == "checkpoints/step-000006"
+
+
+def test_sigterm_under_torchrun_gives_the_checkpoint_code_and_a_complete_checkpoint(
+    s3_server: S3Server,
+) -> None:
+    """Two processes under torchrun: SIGTERM goes to the pod's main process (as the
+    kubelet sends it); torchrun alone would exit 1 or 143, the pod must exit with the
+    checkpoint code once both workers stopped after a complete checkpoint."""
+    from tests.support.services import free_port
+
+    bucket = s3_server.create_bucket("ddp-sigterm")
+    stage = {
+        "name": "ddp",
+        "type": "pretrain",
+        "checkpointEvery": 5,
+        "resources": {"processesPerNode": 2},
+        "hyperparameters": {"maxSteps": 2000, "batchSize": 4, "logEvery": 5},
+    }
+    spec = spec_for(bucket, s3_server.endpoint, [stage])
+    st = start(spec, 0, s3_server, PET_MASTER_PORT=str(free_port()))
+    wait_for(
+        lambda: st.store.exists(layout.LATEST) or st.proc.poll() is not None,
+        timeout=180,
+        what="a first checkpoint under torchrun",
+    )
+    assert st.proc.poll() is None, "the stage ended before it could be interrupted"
+    st.proc.send_signal(signal.SIGTERM)
+    rc, err = st.wait(timeout=120)
+    assert rc == contract.EXIT_CHECKPOINTED_ON_SIGTERM, err[-3000:]
+    assert "world 2" in err
+    progress = progress_of(st.store)
+    assert progress.phase == "interrupted" and 0 < progress.step < 2000, progress
+    latest = st.store.get_text(layout.LATEST)
+    assert latest == f"checkpoints/step-{progress.step:06d}"
+    assert st.store.exists(f"{latest}/{layout.MANIFEST}")
+    assert not st.store.exists(layout.FINAL)
 
 
 # --------------------------------------------------------------------------- hf model

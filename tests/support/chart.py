@@ -24,13 +24,14 @@ DASHBOARD = CHART / "files" / "dashboard.json"
 KUBE_VERSION = "1.36.0"
 
 # What the operator calls (kubetrain.operator.kube.KubeApi: its informers' lists and
-# watches, its writes, Secrets, events), per namespace: no more, no less.
+# watches, a look at a child's name before creating by it, its writes, Secrets,
+# events), per namespace: no more, no less.
 OPERATOR_NAMESPACED = {
     *(("kubetrain.dev", "trainingruns", v) for v in ("list", "watch", "patch")),
     ("kubetrain.dev", "trainingruns/status", "patch"),
-    *(("batch", "jobs", v) for v in ("list", "watch", "create", "delete")),
+    *(("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")),
     *(("", "pods", v) for v in ("list", "watch")),
-    *(("", "services", v) for v in ("list", "watch", "create", "delete")),
+    *(("", "services", v) for v in ("get", "list", "watch", "create", "delete")),
     ("", "secrets", "get"),
     ("", "events", "create"),
 }

@@ -1,5 +1,6 @@
 """An in-memory cluster for the reconciler: it serves the informers' view (objects
-trimmed as the informers trim them) and takes the reconciler's writes with the API
+labelled with the run, trimmed as the informers trim them), answers a GET by name
+whatever the labels, and takes the reconciler's writes with the API
 server's rules (resourceVersions, 409 on a stale write, 409 on a create of what exists,
 uid preconditions on deletes, merge patches). The Job controller's, kubelet's and
 user's parts are played by the test through the helpers."""
@@ -12,6 +13,7 @@ from typing import Any
 
 from kubetrain.operator.informer import trim_job, trim_pod, trim_run, trim_service
 from kubetrain.operator.kube import Conflict
+from kubetrain.operator.resources import LABEL_RUN
 
 _uids = itertools.count(1)
 
@@ -45,14 +47,19 @@ class FakeCluster:
         shown = self.stale if self.stale is not None else self.stored
         return trim_run(copy.deepcopy(shown)) if shown is not None else None
 
+    @staticmethod
+    def _of(run: str, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What the informers index under ``run``: objects with its label."""
+        return [o for o in objects if (o["metadata"].get("labels") or {}).get(LABEL_RUN) == run]
+
     def jobs(self, namespace: str, run: str) -> list[dict[str, Any]]:
-        return [trim_job(j) for j in self.jobs_by_name.values()]
+        return [trim_job(j) for j in self._of(run, list(self.jobs_by_name.values()))]
 
     def pods(self, namespace: str, run: str) -> list[dict[str, Any]]:
-        return [trim_pod(p) for p in self.pod_list]
+        return [trim_pod(p) for p in self._of(run, self.pod_list)]
 
     def services(self, namespace: str, run: str) -> list[dict[str, Any]]:
-        return [trim_service(s) for s in self.services_by_name.values()]
+        return [trim_service(s) for s in self._of(run, list(self.services_by_name.values()))]
 
     # ---- the API (Writer)
     def _check(self, resource_version: str) -> dict[str, Any]:
@@ -82,6 +89,11 @@ class FakeCluster:
         self.requests.append(("status", copy.deepcopy(status)))
         run["status"] = copy.deepcopy(status)
         return self._bump()
+
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.requests.append(("get", (kind, name)))
+        found = (self.jobs_by_name if kind == "Job" else self.services_by_name).get(name)
+        return copy.deepcopy(found) if found is not None else None
 
     def create(self, obj: dict[str, Any]) -> bool:
         self.requests.append(("create", obj["metadata"]["name"]))
@@ -145,6 +157,7 @@ class FakeCluster:
                         "name": f"{job['metadata']['name']}-{i}-x",
                         "namespace": job["metadata"]["namespace"],
                         "uid": f"pod-{next(_uids)}",
+                        "creationTimestamp": since,
                         "labels": dict(job["metadata"]["labels"]),
                         "ownerReferences": [{"uid": uid, "kind": "Job"}],
                     },

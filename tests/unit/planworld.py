@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from kubetrain.core.contract import EXIT_CHECKPOINTED_ON_SIGTERM
 from kubetrain.core.layout import StageLayout
 from kubetrain.core.records import ProgressRecord
 from kubetrain.operator import plan as planner
+from kubetrain.operator import resources
 from kubetrain.operator.config import OperatorConfig
-from kubetrain.operator.progress import StageRecords, format_time
+from kubetrain.operator.progress import StageRecords, StoreAnswer, format_time
 
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 _uids = itertools.count(1)
@@ -65,7 +67,7 @@ class World:
     run: dict[str, Any]
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # by name
     pods: list[dict[str, Any]] = field(default_factory=list)
-    services: set[str] = field(default_factory=set)
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)  # by name
     records: dict[str, StageRecords] = field(default_factory=dict)
     now: datetime = T0
     config: OperatorConfig = field(default_factory=OperatorConfig)
@@ -82,10 +84,15 @@ class World:
             self.records,
             self.now,
             self.config,
-            observed_services=sorted(self.services),
+            observed_services=list(self.services.values()),
         )
         meta = self.run["metadata"]
-        meta.setdefault("annotations", {}).update(p.annotations)
+        annotations = meta.setdefault("annotations", {})
+        for key, value in p.annotations.items():  # merge patch: None removes
+            if value is None:
+                annotations.pop(key, None)
+            else:
+                annotations[key] = value
         if p.status is not None:
             self.run["status"] = p.status
         for d in p.delete:
@@ -94,12 +101,12 @@ class World:
                 # Foreground deletion: the Job stays until the test lets its pods go.
                 self.jobs[d.name]["metadata"]["deletionTimestamp"] = format_time(self.now)
             elif d.kind == "Service":
-                self.services.discard(d.name)
+                self.services.pop(d.name, None)
         for obj in p.create:
             self.created.append(obj)
             name = obj["metadata"]["name"]
             if obj["kind"] == "Service":
-                self.services.add(name)
+                self.services.setdefault(name, copy.deepcopy(obj))
             elif name not in self.jobs:  # 409 AlreadyExists is success
                 job = copy.deepcopy(obj)
                 job["metadata"]["uid"] = f"job-{next(_uids)}"
@@ -114,21 +121,66 @@ class World:
             j for j in self.jobs.values() if j["metadata"]["labels"]["kubetrain.dev/stage"] == stage
         )
 
-    def pods_running(self, stage: str, since: datetime | None = None) -> None:
+    def pods_of(self, stage: str) -> list[dict[str, Any]]:
+        uid = self.job(stage)["metadata"]["uid"]
+        return [p for p in self.pods if p["metadata"]["ownerReferences"][0]["uid"] == uid]
+
+    def pods_running(
+        self, stage: str, since: datetime | None = None, *, keep_old: bool = False
+    ) -> None:
+        """The Job's pods (new ones, replacing any it had) run; ``keep_old``: the old
+        ones stay listed, terminated (as the Job controller keeps replaced pods)."""
         job = self.job(stage)
         uid = job["metadata"]["uid"]
-        self.pods = [p for p in self.pods if p["metadata"]["ownerReferences"][0]["uid"] != uid]
+        if not keep_old:
+            self.pods = [p for p in self.pods if p["metadata"]["ownerReferences"][0]["uid"] != uid]
         for i in range(job["spec"]["parallelism"]):
             self.pods.append(
                 {
                     "metadata": {
-                        "name": f"{job['metadata']['name']}-{i}",
+                        "name": f"{job['metadata']['name']}-{i}-{next(_uids)}",
+                        "uid": f"pod-{next(_uids)}",
+                        "creationTimestamp": format_time(self.now),
+                        "labels": resources.labels(self.run["metadata"]["name"], stage),
                         "ownerReferences": [{"uid": uid}],
                     },
                     "status": {"phase": "Running", "startTime": format_time(since or self.now)},
                 }
             )
         job["status"] = {"active": job["spec"]["parallelism"]}
+
+    def live_pods(self, stage: str) -> list[dict[str, Any]]:
+        """The stage's pods whose trainer has not exited (terminating ones too)."""
+        return [p for p in self.pods_of(stage) if p["status"]["phase"] == "Running"]
+
+    def pod_evicted(self, stage: str, index: int = 0) -> dict[str, Any]:
+        """The Eviction API's doing: condition DisruptionTarget, then deletion."""
+        pod = self.live_pods(stage)[index]
+        pod["metadata"]["deletionTimestamp"] = format_time(self.now)
+        pod["status"].setdefault("conditions", []).append(
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "message": "Eviction API: evicting",
+            }
+        )
+        return pod
+
+    def pod_exited(self, stage: str, index: int, code: int) -> dict[str, Any]:
+        """A pod's trainer exits with ``code`` (restartPolicy Never: the pod is done)."""
+        pod = self.live_pods(stage)[index]
+        pod["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
+        pod["status"]["containerStatuses"] = [
+            {
+                "name": resources.CONTAINER_NAME,
+                "state": {"terminated": {"exitCode": code, "finishedAt": format_time(self.now)}},
+            }
+        ]
+        return pod
+
+    def pod_checkpointed(self, stage: str, index: int = 0) -> dict[str, Any]:
+        return self.pod_exited(stage, index, EXIT_CHECKPOINTED_ON_SIGTERM)
 
     def job_finished(self, stage: str, *, ok: bool, message: str = "") -> None:
         job = self.job(stage)
@@ -184,7 +236,12 @@ class World:
             phase="completed" if final else "running",
             updated_at=format_time(self.now),
         ).updated(**extra)
-        self.records[stage] = StageRecords(progress=record, final=final)
+        self.records[stage] = StageRecords(
+            progress=record, final=StoreAnswer.PRESENT if final else StoreAnswer.ABSENT
+        )
+
+    def store_down(self, stage: str, error: str = "cannot reach the S3 endpoint") -> None:
+        self.records[stage] = StageRecords.unknown(error)
 
     def tick(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)

@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from kubetrain.core.api import S3Storage
-from kubetrain.core.store import FileStore, ObjectStore
+from kubetrain.core.store import FileStore, ObjectStore, StoreError
 from kubetrain.operator.caches import (
     ArchitectureReader,
     ProgressReader,
     SecretCache,
     StoreCache,
 )
+from kubetrain.operator.progress import StoreAnswer
 from tests.unit.planworld import manifest
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret-value"}
@@ -111,7 +113,7 @@ def reader(tmp_path: Path, store_log: list[tuple[str, str]]) -> tuple[ProgressRe
     return ProgressReader(secrets, stores, interval=15, clock=clock), clock
 
 
-def job(stage: str, uid: str, *, complete: bool = False) -> dict[str, Any]:
+def job(stage: str, uid: str, *, complete: bool = False, owner: str = "run-uid") -> dict[str, Any]:
     status: dict[str, Any] = {"active": 0 if complete else 1}
     if complete:
         status["conditions"] = [{"type": "Complete", "status": "True"}]
@@ -121,6 +123,7 @@ def job(stage: str, uid: str, *, complete: bool = False) -> dict[str, Any]:
             "namespace": "ml",
             "uid": uid,
             "labels": {"kubetrain.dev/stage": stage},
+            "ownerReferences": [{"kind": "TrainingRun", "uid": owner, "controller": True}],
         },
         "status": status,
     }
@@ -192,6 +195,55 @@ def test_a_run_without_a_store_or_finished_reads_nothing(
     }
     assert progress.read(done, [job("sft", "j2", complete=True)]) == {}
     assert store_log == []
+
+
+def test_a_job_that_is_not_the_runs_is_no_reason_to_read(
+    reader: tuple[ProgressReader, Clock], store_log: list[tuple[str, str]]
+) -> None:
+    progress, _ = reader
+    theirs = job("pretrain", "j9", complete=True, owner="another-run")
+    assert progress.read(manifest(), [theirs]) == {}
+    assert store_log == []
+
+
+class Unreachable(FileStore):
+    def get_bytes(self, key: str) -> bytes:
+        raise StoreError("cannot reach the S3 endpoint http://s3:9000 (check the network)")
+
+    def exists(self, key: str) -> bool:
+        raise StoreError("cannot reach the S3 endpoint http://s3:9000 (check the network)")
+
+    def child(self, sub: str) -> ObjectStore:
+        return self
+
+
+def test_a_store_or_secret_that_cannot_be_read_gives_unknown_never_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plan must not take an outage for "no FINAL": the answer is UNKNOWN, with
+    the reason, and reading never raises."""
+    clock = Clock()
+    secrets = SecretCache(lambda ns, name: dict(CREDENTIALS), ttl=60, clock=clock)
+    down = ProgressReader(
+        secrets, StoreCache(lambda s3, c: Unreachable(str(tmp_path))), interval=15, clock=clock
+    )
+    records = down.read(manifest(), [job("pretrain", "j1", complete=True)])
+    assert records["pretrain"].final == StoreAnswer.UNKNOWN
+    assert "cannot reach the S3 endpoint" in (records["pretrain"].error or "")
+
+    def forbidden(namespace: str, name: str) -> dict[str, str]:
+        raise ApiException(status=403, reason="Forbidden")
+
+    no_secret = ProgressReader(
+        SecretCache(forbidden, ttl=60, clock=clock),
+        StoreCache(lambda s3, c: FileStore(str(tmp_path))),
+        interval=15,
+        clock=clock,
+    )
+    records = no_secret.read(manifest(), [job("pretrain", "j1")])
+    assert records["pretrain"].final == StoreAnswer.UNKNOWN
+    assert records["pretrain"].error == "cannot read Secret s3-creds (HTTP 403 Forbidden)"
+    assert "s3-creds" in caplog.text
 
 
 QWEN = {

@@ -21,10 +21,13 @@ def test_condition_types_keep_their_wire_values() -> None:
     assert list(CONDITION_ORDER) == [
         "Created",
         "StorageConfigured",
+        "StorageReachable",
         "Running",
+        "Restarting",
         "Suspended",
         "BudgetExceeded",
         "SpecChangeRefused",
+        "ChildConflict",
         "Stalled",
         "Succeeded",
         "Failed",

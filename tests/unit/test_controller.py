@@ -49,6 +49,9 @@ class FakeApi(FakeLeases):
         self.writes.append(("status", name))
         return {"metadata": {"name": name, "namespace": ns, "resourceVersion": rv + "s"}}
 
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return None
+
     def create(self, obj: dict[str, Any]) -> bool:
         self.writes.append(("create", obj["metadata"]["name"]))
         return True

@@ -29,6 +29,7 @@ def pod(name: str, rv: str, phase: str = "Running", ip: str = "10.0.0.1") -> dic
             "resourceVersion": rv,
             "labels": {"kubetrain.dev/run": "demo"},
             "ownerReferences": [{"uid": "job-1", "kind": "Job", "name": "demo-pretrain"}],
+            "creationTimestamp": "2025-01-01T00:00:00Z",
             "managedFields": [{"manager": "kubelet"}],
         },
         "spec": {"nodeName": "gpu-0", "containers": [{"name": "trainer", "image": "x"}]},
@@ -213,6 +214,7 @@ def test_a_pod_is_kept_with_what_the_plan_reads_only() -> None:
             "uid": "uid-a",
             "labels": {"kubetrain.dev/run": "demo"},
             "ownerReferences": [{"uid": "job-1", "kind": "Job", "name": "demo-pretrain"}],
+            "creationTimestamp": "2025-01-01T00:00:00Z",
         },
         "spec": {"nodeName": "gpu-0"},
         "status": {
@@ -225,6 +227,7 @@ def test_a_pod_is_kept_with_what_the_plan_reads_only() -> None:
                     "status": "True",
                     "reason": "EvictionByEvictionAPI",
                     "message": "Eviction API: evicting",
+                    "lastTransitionTime": "2025-01-01T00:01:00Z",
                 },
             ],
             "containerStatuses": [

@@ -147,6 +147,20 @@ def test_list_runs(apiserver: FakeApiServer, kube: KubeApi) -> None:
     assert kube.list_runs("ml") == runs
 
 
+def test_get_child_reads_by_name_whoever_owns_it(
+    apiserver: FakeApiServer, kube: KubeApi, requests_sent: list[tuple[str, str]]
+) -> None:
+    theirs = job(spec_dict(), run="other")
+    apiserver.routes[("GET", f"{JOBS_PATH}/demo-pretrain")] = (200, theirs)
+    got = kube.get_child("Job", "ml", "demo-pretrain")
+    assert (
+        got is not None
+        and got["metadata"]["ownerReferences"] == theirs["metadata"]["ownerReferences"]
+    )
+    assert kube.get_child("Service", "ml", "demo-pretrain") is None  # 404
+    assert requests_sent == [("get", "jobs"), ("get", "services")]
+
+
 def test_secret_data_is_decoded(apiserver: FakeApiServer, kube: KubeApi) -> None:
     apiserver.routes[("GET", "/api/v1/namespaces/ml/secrets/s3-creds")] = (
         200,

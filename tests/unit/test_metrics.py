@@ -36,6 +36,7 @@ def status(
                 "name": "pretrain",
                 "phase": stage_phase,
                 "restarts": 2,
+                "preemptions": 3,
                 "energySource": "nvml",
                 "startTime": "2025-01-01T00:00:00Z",
                 "completionTime": "2025-01-01T01:00:00Z",
@@ -70,6 +71,8 @@ def test_run_series_named_and_labelled() -> None:
         'kubetrain_operator_co2_grams_total{namespace="ml",run="demo"} 960.0',
         'kubetrain_operator_budget_used_ratio{kind="cost",namespace="ml",run="demo"} 0.5',
         'kubetrain_operator_stage_restarts_total{namespace="ml",run="demo",stage="pretrain"} 2.0',
+        'kubetrain_operator_stage_preemptions_total{namespace="ml",run="demo",'
+        'stage="pretrain"} 3.0',
         'kubetrain_operator_stage_transitions_total{namespace="ml",phase="Running",'
         'run="demo",stage="pretrain"} 1.0',
         'kubetrain_operator_run_phase{namespace="ml",phase="Running",run="demo"} 1.0',

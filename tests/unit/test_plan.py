@@ -66,6 +66,7 @@ def recreated_after_failure() -> World:
     w = pod_failed_retrying()
     w.reconcile()
     w.job_gone("pretrain")
+    w.tick(w.config.restart_backoff_seconds)  # the first failure's backoff
     return w
 
 
@@ -75,6 +76,7 @@ def out_of_restarts() -> World:
         w.job_finished("pretrain", ok=False, message="OOMKilled")
         w.reconcile()
         w.job_gone("pretrain")
+        w.tick(w.config.restart_backoff_max_seconds)
         w.reconcile()
         w.pods_running("pretrain")
     w.job_finished("pretrain", ok=False, message="OOMKilled")
@@ -279,14 +281,14 @@ def _check_refused(w: World, p: planner.Plan) -> None:
     assert cond is not None and cond["observedGeneration"] == 2
     assert "spec.stages[0] ('pretrain')" in cond["message"]
     assert "hyperparameters" in cond["message"]
-    applied = json.loads(w.run["metadata"]["annotations"][planner.ANNOTATION_APPLIED_SPEC])
+    applied = json.loads(w.status["appliedSpec"])
     assert applied["stages"][0]["hyperparameters"]["maxSteps"] == 100
     assert _stage(w, "pretrain")["phase"] == "Succeeded"
 
 
 def _check_future_applied(w: World, p: planner.Plan) -> None:
     assert w.condition(ConditionType.SPEC_CHANGE_REFUSED) is None
-    applied = json.loads(w.run["metadata"]["annotations"][planner.ANNOTATION_APPLIED_SPEC])
+    applied = json.loads(w.status["appliedSpec"])
     assert applied["stages"][1]["hyperparameters"]["maxSteps"] == 80
 
 

@@ -16,6 +16,7 @@ from kubetrain.core.api import (
     BudgetAction,
     Condition,
     RunPhase,
+    StageLedger,
     StagePhase,
     StageStatus,
     TrainingRunSpec,
@@ -26,7 +27,7 @@ from kubetrain.core.conditions import ConditionType, Reason
 from kubetrain.core.records import ProgressRecord
 from kubetrain.operator import plan as planner
 from kubetrain.operator.config import OperatorConfig
-from kubetrain.operator.progress import StageRecords, format_time
+from kubetrain.operator.progress import StageRecords, StoreAnswer, format_time
 from tests.unit.planworld import T0, World, manifest
 
 NO_BUDGET = planner.BudgetCheck([], {})
@@ -200,10 +201,10 @@ def test_refusal_warns_once_per_message_and_clears() -> None:
     assert cond is not None and (cond.status, cond.reason) == ("False", Reason.SPEC_APPLIED)
 
 
-def test_applied_annotation_only_when_it_changes() -> None:
-    first = planner.applied_annotation(spec(), {})
-    assert json.loads(first[planner.ANNOTATION_APPLIED_SPEC])["stages"][0]["name"] == "pretrain"
-    assert planner.applied_annotation(spec(), first) == {}
+def test_applied_spec_is_compact_sorted_json_of_the_spec() -> None:
+    text = planner.applied_spec_json(spec())
+    assert json.loads(text)["stages"][0]["name"] == "pretrain"
+    assert text == planner.applied_spec_json(parse_spec(json.loads(text)))
 
 
 def test_created_once_with_the_estimate() -> None:
@@ -256,8 +257,12 @@ def test_operator_defaults_complete_the_pricing() -> None:
 def test_account_banks_gpu_seconds_of_a_finished_attempt() -> None:
     s = spec()
     costing = planner.price(s, OperatorConfig())
-    before = [StageStatus(name="pretrain", gpu_seconds=1000.0), StageStatus(name="sft")]
-    ledger = {"pretrain": {"job": "old-job", "banked": 0.0}}
+    before = [
+        StageStatus(
+            name="pretrain", gpu_seconds=1000.0, ledger=StageLedger(job="old-job", banked=0.0)
+        ),
+        StageStatus(name="sft"),
+    ]
     observed = planner.Observed(
         jobs={"pretrain": job(uid="new-job")},
         pods=[running_pod("new-job")],
@@ -265,12 +270,12 @@ def test_account_banks_gpu_seconds_of_a_finished_attempt() -> None:
         records={},
         now=T0 + timedelta(seconds=10),
     )
-    accounts = planner.account(s, before, ledger, observed, costing.pricing, {})
+    stages = planner.account(s, before, observed, costing.pricing, {})
     # 1000 s banked from the old Job + 1 pod × 8 GPUs × 10 s of the new one.
-    assert accounts.stages[0].gpu_seconds == pytest.approx(1000 + 80)
-    assert accounts.stages[0].cost_usd > 0
-    assert accounts.ledger["pretrain"] == {"job": "new-job", "banked": 1000.0}
-    assert accounts.stages[1] == before[1]  # no news of sft: untouched
+    assert stages[0].gpu_seconds == pytest.approx(1000 + 80)
+    assert stages[0].cost_usd > 0
+    assert stages[0].ledger == StageLedger(job="new-job", banked=1000.0)
+    assert stages[1] == before[1]  # no news of sft: untouched
 
 
 def test_totals_weight_progress_by_steps() -> None:
@@ -334,7 +339,7 @@ def test_deleting_job_waits_for_its_pods() -> None:
 
 def test_complete_job_with_final_succeeds_the_stage() -> None:
     ctx = context(jobs={"pretrain": job(complete=True, completion_time="2025-01-01T13:00:00Z")})
-    d = planner.decide_stage(at(ctx, record=StageRecords(progress=None, final=True)), ctx)
+    d = planner.decide_stage(at(ctx, record=StageRecords(None, StoreAnswer.PRESENT)), ctx)
     assert d.done and d.status.phase == StagePhase.Succeeded and d.status.step == 100
     assert d.status.completion_time == "2025-01-01T13:00:00Z"
     assert [e.message for e in d.events] == ["stage 'pretrain' (1/2) succeeded"]
@@ -342,17 +347,21 @@ def test_complete_job_with_final_succeeds_the_stage() -> None:
 
 def test_complete_job_without_final_is_recreated() -> None:
     ctx = context(jobs={"pretrain": job(complete=True)})
-    d = planner.decide_stage(at(ctx, record=StageRecords(progress=None, final=False)), ctx)
+    d = planner.decide_stage(at(ctx, record=StageRecords(None, StoreAnswer.ABSENT)), ctx)
     assert not d.done and [x.name for x in d.delete] == ["demo-pretrain"]
     assert [e.reason for e in d.events] == [Reason.STAGE_INTERRUPTED]
+    assert d.status.completed_without_final == 1
 
 
 def test_failed_job_restarts_within_max_restarts() -> None:
     ctx = context(jobs={"pretrain": job(failed_condition=True, failure_message="OOMKilled")})
     d = planner.decide_stage(at(ctx), ctx)
-    assert d.status.restarts == 1 and d.status.message == "restart 1/2: OOMKilled"
+    assert d.status.restarts == 1 and d.status.preemptions == 0
+    assert d.status.message == ("failure 1/2: OOMKilled; attempt 2 starts at 2025-01-01T12:00:10Z")
+    assert d.status.next_attempt_time == "2025-01-01T12:00:10Z" and d.requeue_after == 10
     assert [x.name for x in d.delete] == ["demo-pretrain"] and d.failed is None
     assert [e.reason for e in d.events] == [Reason.STAGE_RESTARTING]
+    assert d.restarting is not None and d.restarting.reason == Reason.FAILURE_BACKOFF
 
 
 def test_failed_job_beyond_max_restarts_fails_the_run() -> None:
@@ -381,7 +390,7 @@ def test_job_pending_until_a_pod_runs() -> None:
 
 def test_running_stage_without_progress_is_stalled() -> None:
     timeout = OperatorConfig().stall_timeout_seconds
-    record = StageRecords(progress=ProgressRecord(step=3, updated_at=format_time(T0)), final=False)
+    record = StageRecords(progress=ProgressRecord(step=3, updated_at=format_time(T0)), final=None)
     ctx = context(jobs={"pretrain": job()}, pods=[running_pod()], now_offset=timeout + 5)
     d = planner.decide_stage(at(ctx, record=record), ctx)
     assert d.stalled == f"stage 'pretrain': no progress for {timeout + 5:.0f}s"

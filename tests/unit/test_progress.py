@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.core.api import Pricing, StageStatus, parse_spec
+from kubetrain.core.api import Pricing, StageLedger, StageStatus, parse_spec
 from kubetrain.core.layout import StageLayout
 from kubetrain.core.records import ProgressRecord, write_progress
-from kubetrain.core.store import open_store
+from kubetrain.core.store import FileStore, StoreError, open_store
 from kubetrain.local.runner import record_cost
 from kubetrain.operator.progress import (
+    StoreAnswer,
     apply_costs,
     apply_record,
     banked_gpu_seconds,
@@ -111,11 +112,12 @@ def test_gpu_seconds_from_pods() -> None:
 
 def test_bank_moves_to_next_attempt_once() -> None:
     prev = StageStatus(name="pretrain", gpu_seconds=700.0)
-    banked, entry = banked_gpu_seconds({"job": "a", "banked": 100.0}, prev, "a")
-    assert banked == 100.0 and entry == {"job": "a", "banked": 100.0}
-    banked, entry = banked_gpu_seconds({"job": "a", "banked": 100.0}, prev, "b")
-    assert banked == 700.0 and entry["job"] == "b"
+    banked, entry = banked_gpu_seconds(StageLedger(job="a", banked=100.0), prev, "a")
+    assert banked == 100.0 and entry == StageLedger(job="a", banked=100.0)
+    banked, entry = banked_gpu_seconds(StageLedger(job="a", banked=100.0), prev, "b")
+    assert banked == 700.0 and entry.job == "b"
     assert banked_gpu_seconds(entry, prev, "b")[0] == 700.0
+    assert banked_gpu_seconds(None, prev, "a") == (0.0, StageLedger(job="a"))
 
 
 def test_costs_priced_by_gpu_type_and_table() -> None:
@@ -152,8 +154,16 @@ def test_read_records_from_store(tmp_path: Path) -> None:
     store.put_bytes(folder.final, b"checkpoints/step-000003")
     records = read_stage_records(store, "ml", "demo", ["pretrain", "sft"])
     written = ProgressRecord(step=3).updated(format=ProgressRecord.FORMAT)
-    assert records["pretrain"].progress == written and records["pretrain"].final
-    assert records["sft"].progress is None and not records["sft"].final
+    assert records["pretrain"].progress == written
+    assert records["pretrain"].final == StoreAnswer.PRESENT
+    assert records["sft"].progress is None and records["sft"].final == StoreAnswer.ABSENT
+
+
+def test_final_is_not_asked_for_stages_left_out(tmp_path: Path) -> None:
+    store = open_store(f"file://{tmp_path}")
+    store.put_bytes(StageLayout.of("ml", "demo", "pretrain").final, b"checkpoints/step-000003")
+    records = read_stage_records(store, "ml", "demo", ["pretrain"], final_for=())
+    assert records["pretrain"].final is None  # not asked: neither present nor absent
 
 
 def test_a_record_of_an_unknown_major_is_logged_but_final_still_counts(
@@ -165,5 +175,23 @@ def test_a_record_of_an_unknown_major_is_logged_but_final_still_counts(
     store.put_bytes(folder.final, b"checkpoints/step-000003")
     with caplog.at_level(logging.WARNING):
         records = read_stage_records(store, "ml", "demo", ["pretrain"])
-    assert records["pretrain"].progress is None and records["pretrain"].final
+    assert records["pretrain"].progress is None
+    assert records["pretrain"].final == StoreAnswer.PRESENT
     assert "progress.json format '2.0'" in caplog.text
+
+
+class _Unreachable(FileStore):
+    """A store whose every request fails the way S3Store reports an outage."""
+
+    def get_bytes(self, key: str) -> bytes:
+        raise StoreError("cannot reach the S3 endpoint http://s3:9000 (check the network)")
+
+    def exists(self, key: str) -> bool:
+        raise StoreError("cannot reach the S3 endpoint http://s3:9000 (check the network)")
+
+
+def test_unreachable_store_is_unknown_never_absent(tmp_path: Path) -> None:
+    records = read_stage_records(_Unreachable(str(tmp_path)), "ml", "demo", ["pretrain"])
+    rec = records["pretrain"]
+    assert rec.final == StoreAnswer.UNKNOWN and rec.progress is None
+    assert rec.error is not None and "cannot reach the S3 endpoint" in rec.error

@@ -230,3 +230,22 @@ def test_job_without_storage_is_refused() -> None:
     del raw["storage"]
     with pytest.raises(ValueError, match=r"storage\.s3"):
         job(raw)
+
+
+def test_disruptions_and_the_checkpoint_code_never_fail_the_job() -> None:
+    from kubetrain.core.contract import EXIT_CHECKPOINTED_ON_SIGTERM
+
+    spec = job(spec_dict())["spec"]
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    by_code = next(r for r in rules if "onExitCodes" in r)
+    assert by_code["action"] == "Ignore"
+    assert by_code["onExitCodes"] == {
+        "containerName": resources.CONTAINER_NAME,
+        "operator": "In",
+        "values": [EXIT_CHECKPOINTED_ON_SIGTERM],
+    }
+    # A pod failure policy requires restartPolicy Never, and replaces a pod only once it
+    # is fully terminated: never two ranks of one index at once.
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert spec["podReplacementPolicy"] == "Failed" and spec["backoffLimit"] == 0

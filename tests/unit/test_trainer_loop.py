@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kubetrain.core.api import Hyperparameters
-from kubetrain_trainer.launch import torchrun_command
+from kubetrain.core.contract import EXIT_CHECKPOINTED_ON_SIGTERM
+from kubetrain_trainer.launch import (
+    ENV_EXIT_DIR,
+    TORCHRUN_SHUTDOWN_SECONDS,
+    pod_exit_code,
+    read_reports,
+    report_exit,
+    torchrun_command,
+)
 from kubetrain_trainer.train import MIN_LR_RATIO, lr_factor
 
 
@@ -43,4 +53,46 @@ def test_torchrun_only_when_the_stage_needs_several_processes(
     command = torchrun_command(env)
     assert (command is not None) == launches
     if command:
-        assert command[-3:] == ["torch.distributed.run", "--module", "kubetrain_trainer"]
+        assert command[1:3] == ["-m", "torch.distributed.run"]
+        assert command[-2:] == ["--module", "kubetrain_trainer"]
+        # torchrun must not SIGKILL workers that are still uploading their checkpoint
+        # (its default: 30 s after SIGTERM); the pod's grace period is the limit.
+        at = command.index("--shutdown-timeout")
+        assert int(command[at + 1]) == TORCHRUN_SHUTDOWN_SECONDS >= 86400
+
+
+CKPT = EXIT_CHECKPOINTED_ON_SIGTERM
+
+
+@pytest.mark.parametrize(
+    "torchrun,reports,workers,pod",
+    [
+        (0, {0: 0, 1: 0}, 2, 0),
+        # torchrun exits 1 when a worker exits non-zero, and 1 or 143 after a SIGTERM:
+        # the workers' reports decide.
+        (1, {0: CKPT, 1: CKPT}, 2, CKPT),
+        (143, {0: CKPT, 1: CKPT}, 2, CKPT),
+        (1, {0: CKPT, 1: 0}, 2, CKPT),
+        # One worker failed, or did not report (killed): a failure, torchrun's code.
+        (1, {0: CKPT, 1: 1}, 2, 1),
+        (1, {0: CKPT}, 2, 1),
+        (143, {}, 2, 143),
+        (-9, {0: CKPT}, 2, 137),
+        # torchrun's own code is never mistaken for the checkpoint code.
+        (CKPT, {}, 2, 1),
+    ],
+)
+def test_pod_exit_code_comes_from_the_workers(
+    torchrun: int, reports: dict[int, int], workers: int, pod: int
+) -> None:
+    assert pod_exit_code(torchrun, reports, workers) == pod
+
+
+def test_workers_report_their_exit_code_by_local_rank(tmp_path: Path) -> None:
+    for rank, code in ((0, CKPT), (1, 1)):
+        env = {ENV_EXIT_DIR: str(tmp_path), "LOCAL_RANK": str(rank)}
+        assert report_exit(code, env) == code
+    (tmp_path / "local-rank-x").write_text("junk")
+    assert read_reports(tmp_path) == {0: CKPT, 1: 1}
+    # Outside the launcher a worker reports nothing.
+    assert report_exit(CKPT, {"LOCAL_RANK": "0"}) == CKPT

@@ -3,8 +3,9 @@
 A pod can be preempted or suspended at any moment, including the seconds in which the
 trainer is still importing torch and loading checkpoints. ``install_early`` runs first
 thing in ``python -m kubetrain_trainer`` and only records such signals; the loop's
-``StopRequest`` takes them over, so the stage still stops at its first step boundary
-with a checkpoint and exit code 0, instead of dying from the default handler.
+``StopRequest`` (or, under torchrun, the launcher's forwarder) takes them over, so the
+stage still stops at its first step boundary with a checkpoint and the exit code
+``EXIT_CHECKPOINTED_ON_SIGTERM``, instead of dying from the default handler.
 """
 
 from __future__ import annotations

@@ -21,11 +21,14 @@ Lifecycle:
   timeout is sized for uploads, :data:`UPLOAD_TIMEOUT`, not the collectives'
   :data:`COLLECTIVE_TIMEOUT`);
 - SIGTERM/SIGINT (preemption, suspend, node drain): the current step finishes, a
-  checkpoint is saved, progress says ``interrupted``, exit 0. That takes one step plus
+  checkpoint is saved, progress says ``interrupted``, exit
+  ``contract.EXIT_CHECKPOINTED_ON_SIGTERM`` (75), which the Job's podFailurePolicy
+  ignores: a disruption never counts as a failure. That takes one step plus
   one checkpoint upload, so the pod's terminationGracePeriodSeconds must cover both
   (seconds for small models; size it to checkpoint bytes / store bandwidth for big ones);
 - end: final evaluation, final checkpoint, for a Hugging Face model the same weights as
-  a Hugging Face folder (``hf/``), FINAL pointer, progress ``completed``, exit 0;
+  a Hugging Face folder (``hf/``), FINAL pointer, progress ``completed``, exit 0 (only
+  then);
 - error: progress ``failed`` (best effort), one line on stderr, exit 1.
 """
 
@@ -80,6 +83,7 @@ from kubetrain_trainer.hf import datasets as hf_datasets
 from kubetrain_trainer.hf import evaluation as hf_evaluation
 from kubetrain_trainer.hf import stage as hf_stage
 from kubetrain_trainer.hf.model import CausalLM
+from kubetrain_trainer.launch import report_exit
 from kubetrain_trainer.model import GPT, build_model
 from kubetrain_trainer.objectives import DPO_METRICS, dpo_step_loss, lm_loss_sum, loss_items
 from kubetrain_trainer.rewards import RewardSet
@@ -546,8 +550,8 @@ class Trainer:
             self._after_step()
         if self.step < self.total:
             self._interrupted()
-        else:
-            self._completed()
+            return contract.EXIT_CHECKPOINTED_ON_SIGTERM
+        self._completed()
         return 0
 
     def _open_telemetry(self) -> Telemetry:
@@ -919,7 +923,8 @@ EXPECTED_ERRORS = (StageError, ckpt.CheckpointError, StoreError, FileNotFoundErr
 
 
 def main(environ: Mapping[str, str] | None = None) -> int:
-    """Run the stage the environment describes; the process exit code."""
+    """Run the stage the environment describes; the process exit code (under torchrun
+    also left for the launcher, which makes it the pod's)."""
     env = os.environ if environ is None else environ
     logging.basicConfig(
         level=logging.INFO,
@@ -933,14 +938,14 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     try:
         d = init_distributed(env)
         trainer = Trainer(env, d)
-        return trainer.run(stop)
+        return report_exit(trainer.run(stop), env)
     except Exception as exc:
         if not isinstance(exc, EXPECTED_ERRORS):
             traceback.print_exc()
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         _report_failure(trainer, reason, env)
         print(f"kubetrain-trainer: error: {reason}", file=sys.stderr, flush=True)
-        return 1
+        return report_exit(1, env)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -86,6 +86,8 @@ ATTENTION = {
     ConditionType.BUDGET_EXCEEDED: "True",
     ConditionType.STALLED: "True",
     ConditionType.STORAGE_CONFIGURED: "False",
+    ConditionType.STORAGE_REACHABLE: "False",
+    ConditionType.CHILD_CONFLICT: "True",
 }
 
 

@@ -791,6 +791,35 @@ class Condition(_Model):
     observed_generation: int | None = Field(None, description="Generation this was based on.")
 
 
+class StageLedger(_Model):
+    """What the operator has counted for a stage, so that observing the same Job or pod
+    again never counts it twice."""
+
+    job: str | None = Field(
+        None, description="UID of the Job whose pods `gpuSeconds` includes beyond `banked`."
+    )
+    banked: float = Field(0.0, description="GPU-seconds of the stage's finished attempts.")
+    counted: list[str] = Field(
+        default_factory=list,
+        description="UIDs of the Jobs whose end was counted (newest last).",
+    )
+    disrupted_job: str | None = Field(
+        None,
+        description="UID of the Job in which a disruption was counted, until pods created "
+        "after `disruptedAt` run in place of all the others (until then, the end of the "
+        "Job is the disruption's aftermath).",
+    )
+    disrupted_at: str | None = Field(
+        None,
+        description="When the pods of the last counted disruption stopped (pods created "
+        "before then belong to it).",
+    )
+
+    model_config = ConfigDict(
+        alias_generator=wire_name, populate_by_name=True, extra="ignore", validate_default=True
+    )
+
+
 class StageStatus(_Model):
     name: str = Field(..., description="Stage name.")
     phase: StagePhase = Field(StagePhase.Pending, description="Where the stage is.")
@@ -815,7 +844,28 @@ class StageStatus(_Model):
         description="URI of the stage's final model as a Hugging Face folder (safetensors, "
         "config, tokenizer): what `AutoModelForCausalLM.from_pretrained` and vLLM load.",
     )
-    restarts: int = Field(0, description="Pod failures retried so far.")
+    restarts: int = Field(
+        0,
+        description="Failed attempts (a trainer error, an OOM kill, any exit code but 0 "
+        "and 75); the stage fails when they exceed `maxRestarts`. Disruptions are counted "
+        "in `preemptions` instead.",
+    )
+    preemptions: int = Field(
+        0,
+        description="Attempts ended by a disruption: a node drain, an eviction, a spot "
+        "reclaim, queue preemption (a pod with the condition DisruptionTarget, or the "
+        "trainer's exit code 75 after checkpointing on SIGTERM). They resume from the last "
+        "checkpoint and never count against `maxRestarts`.",
+    )
+    completed_without_final: int = Field(
+        0,
+        description="Attempts in a row whose pods all exited 0 without writing the stage's "
+        "FINAL pointer; the stage fails at the operator's `maxCompletedWithoutFinal`.",
+    )
+    next_attempt_time: str | None = Field(
+        None,
+        description="After a failure: when the next attempt starts (exponential backoff).",
+    )
     start_time: str | None = Field(None, description="When the stage's Job was created.")
     completion_time: str | None = Field(None, description="When the stage finished.")
     gpu_seconds: float = Field(0.0, description="Pods × GPUs × wall seconds.")
@@ -824,6 +874,16 @@ class StageStatus(_Model):
     cost_usd: float = Field(0.0, description="GPU-hours × price (+ energy × price × PUE).")
     co2_grams: float = Field(0.0, description="Energy × PUE × carbon intensity.")
     message: str | None = Field(None, description="Why the stage is in its phase.")
+    ledger: StageLedger | None = Field(
+        None,
+        description="The operator's bookkeeping: GPU-seconds of earlier attempts and what "
+        "was already counted.",
+    )
+
+    # Written by the operator: a newer operator's fields must not break an older one.
+    model_config = ConfigDict(
+        alias_generator=wire_name, populate_by_name=True, extra="ignore", validate_default=True
+    )
 
 
 class Totals(_Model):
@@ -855,6 +915,11 @@ class TrainingRunStatus(_Model):
     estimate: Estimate | None = Field(None, description="What the run should take, up front.")
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
     observed_generation: int | None = Field(None, description="Generation last reconciled.")
+    applied_spec: str | None = Field(
+        None,
+        description="The spec the operator acts on, as JSON: stages that started are "
+        "frozen to it (written by the operator only).",
+    )
 
     model_config = ConfigDict(
         alias_generator=wire_name, populate_by_name=True, extra="ignore", validate_default=True
@@ -1042,6 +1107,7 @@ __all__ = [
     "RunPhase",
     "S3Storage",
     "Stage",
+    "StageLedger",
     "StagePhase",
     "StageStatus",
     "StageType",

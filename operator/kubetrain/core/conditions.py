@@ -16,10 +16,13 @@ class ConditionType:
 
     CREATED: Final = "Created"
     STORAGE_CONFIGURED: Final = "StorageConfigured"
+    STORAGE_REACHABLE: Final = "StorageReachable"
     RUNNING: Final = "Running"
+    RESTARTING: Final = "Restarting"
     SUSPENDED: Final = "Suspended"
     BUDGET_EXCEEDED: Final = "BudgetExceeded"
     SPEC_CHANGE_REFUSED: Final = "SpecChangeRefused"
+    CHILD_CONFLICT: Final = "ChildConflict"
     STALLED: Final = "Stalled"
     SUCCEEDED: Final = "Succeeded"
     FAILED: Final = "Failed"
@@ -30,10 +33,13 @@ class ConditionType:
 CONDITION_ORDER: Final = (
     ConditionType.CREATED,
     ConditionType.STORAGE_CONFIGURED,
+    ConditionType.STORAGE_REACHABLE,
     ConditionType.RUNNING,
+    ConditionType.RESTARTING,
     ConditionType.SUSPENDED,
     ConditionType.BUDGET_EXCEEDED,
     ConditionType.SPEC_CHANGE_REFUSED,
+    ConditionType.CHILD_CONFLICT,
     ConditionType.STALLED,
     ConditionType.SUCCEEDED,
     ConditionType.FAILED,
@@ -62,11 +68,22 @@ class Reason:
     STAGE_SUCCEEDED: Final = "StageSucceeded"
     ALL_STAGES_SUCCEEDED: Final = "AllStagesSucceeded"
     REACHED_MAX_RESTARTS: Final = "ReachedMaxRestarts"
+    COMPLETED_WITHOUT_FINAL: Final = "CompletedWithoutFinal"
     FAILED: Final = "Failed"
+    STORE_UNREACHABLE: Final = "StoreUnreachable"
+    STORE_REACHABLE: Final = "StoreReachable"
+    FAILURE_BACKOFF: Final = "FailureBackoff"  # Restarting: waiting out the backoff
+    PREEMPTED: Final = "Preempted"  # Restarting: after a disruption, no backoff
+    RESTARTED: Final = "Restarted"  # Restarting False: the new attempt runs
+    NO_RESTART_PENDING: Final = "NoRestartPending"  # Restarting False: the run stopped
+    NOT_OWNED: Final = "NotOwned"  # ChildConflict: a Job or Service of ours is someone's
+    CHILDREN_OWNED: Final = "ChildrenOwned"
 
     # Events only
     STAGE_STARTED: Final = "StageStarted"
     STAGE_RESUMED: Final = "StageResumed"
     STAGE_RESTARTING: Final = "StageRestarting"
     STAGE_INTERRUPTED: Final = "StageInterrupted"
+    STAGE_PREEMPTED: Final = "StagePreempted"
+    WAITING_FOR_PODS: Final = "WaitingForOldPods"
     SUSPENDING: Final = "Suspending"

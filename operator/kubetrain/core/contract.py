@@ -43,6 +43,16 @@ ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 
 METRICS_PORT = 9400
+
+# The trainer's exit codes say what happened; the Job's podFailurePolicy and the operator
+# act on them (README, "Disruptions and failures"). 0: the stage completed and FINAL is
+# written. EXIT_CHECKPOINTED_ON_SIGTERM: it stopped on SIGTERM/SIGINT (node drain, spot
+# reclaim, queue preemption, suspend) after a complete checkpoint, so a new attempt loses
+# nothing; the Job ignores such a pod failure and it never counts against maxRestarts.
+# 75 is EX_TEMPFAIL of sysexits.h ("temporary failure, retry later"), clear of 1 (error),
+# 2 (usage) and 128 + N (killed by signal N). Any other code is a failure.
+EXIT_COMPLETED = 0
+EXIT_CHECKPOINTED_ON_SIGTERM = 75
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 

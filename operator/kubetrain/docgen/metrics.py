@@ -38,6 +38,7 @@ EXAMPLE_STATUS = TrainingRunStatus.model_validate(
                 "name": "pretrain",
                 "phase": "Succeeded",
                 "restarts": 1,
+                "preemptions": 1,
                 "energySource": "nvml",
                 "startTime": "2025-01-01T00:00:00Z",
                 "completionTime": "2025-01-01T01:00:00Z",

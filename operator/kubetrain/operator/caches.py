@@ -10,7 +10,9 @@ correctness allows:
   only for a stage that has a Job (or had one at the last read, to see the record its
   pods wrote when they stopped), and at once when that Job's state changes (complete,
   failed, deleted): that is when FINAL decides what happens next. FINAL is asked for
-  only when the Job completed, so a running stage costs one request per read.
+  only when the Job completed, so a running stage costs one request per read. When the
+  Secret or the store cannot be read, the records say UNKNOWN, with the reason, and the
+  plan decides nothing that depends on them.
 - ``ArchitectureReader``: the config.json of a run's Hugging Face ``model.from``, for
   the up-front estimate: read once per (namespace, ``model.from``), with the run's
   Secret and a shared client; a failed read is tried again only after ``retry_after``.
@@ -19,6 +21,7 @@ correctness allows:
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -30,9 +33,16 @@ from kubetrain.core import api
 from kubetrain.core.architecture import read_hf_config_from
 from kubetrain.core.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
 from kubetrain.core.hf_config import ModelConfig
-from kubetrain.core.store import ObjectStore, open_store
+from kubetrain.core.store import ObjectStore, StoreError, open_store
 from kubetrain.operator import plan as planner
-from kubetrain.operator.progress import StageRecords, read_stage_records
+from kubetrain.operator.progress import (
+    StageRecords,
+    StoreAnswer,
+    read_stage_records,
+    unknown_records,
+)
+
+log = logging.getLogger("kubetrain.operator")
 
 Key = tuple[str, str]  # (namespace, name)
 StoreFactory = Callable[[api.S3Storage, dict[str, str] | None], ObjectStore]
@@ -139,11 +149,15 @@ class StoreCache:
             return len(self._clients)
 
 
-def job_states(jobs: list[dict[str, Any]]) -> dict[str, tuple[str, bool, bool, bool]]:
-    """Per stage, what about its Job makes records worth reading again: which Job,
-    whether it completed, failed, is being deleted."""
+def job_states(
+    jobs: list[dict[str, Any]], run_uid: str = ""
+) -> dict[str, tuple[str, bool, bool, bool]]:
+    """Per stage, what about the run's own Job makes records worth reading again: which
+    Job, whether it completed, failed, is being deleted (Jobs that are not the run's,
+    ``plan.owned_by``, are not looked at)."""
     out = {}
-    for job in map(planner.ObservedJob.from_k8s, jobs):
+    owned = [j for j in jobs if planner.owned_by(j, run_uid)]
+    for job in map(planner.ObservedJob.from_k8s, owned):
         out[job.stage] = (job.uid, job.complete, job.failed_condition, job.deleting)
     return out
 
@@ -181,14 +195,16 @@ class ProgressReader:
             self._last.pop(key, None)
 
     def read(self, run: dict[str, Any], jobs: list[dict[str, Any]]) -> dict[str, StageRecords]:
-        """The records for ``run``; raises what reading the Secret or the store raises
-        (the caller decides how a run without records goes on)."""
+        """The records for ``run``. Never raises for the Secret or the store: a stage
+        whose records cannot be read is UNKNOWN, with the reason (the run still
+        reconciles; nothing that depends on the store is decided)."""
         meta = run["metadata"]
         key = (meta["namespace"], meta["name"])
         wanted = planner.records_to_read(run, jobs)
         with self._lock:
             last = self._last.get(key)
-        states = {s: v for s, v in job_states(jobs).items() if s in wanted.stages}
+        owned = job_states(jobs, str(meta.get("uid") or ""))
+        states = {s: v for s, v in owned.items() if s in wanted.stages}
         had = last.jobs if last is not None else {}
         stages = [s for s in wanted.stages if s in states or s in had]
         if wanted.s3 is None or not stages:
@@ -202,10 +218,8 @@ class ProgressReader:
             and now - last.at < self.interval * FRESH_SHARE
         ):
             return last.records
-        # Remembered before reading, so that a store that fails is not asked again
-        # before the next poll (unless a Job changes).
-        with self._lock:
-            self._last[key] = _Read(now, stages, states, {})
+        # A store that fails is not asked again before the next poll (unless a Job
+        # changes): its UNKNOWN answer is remembered like any other.
         records = self._read(wanted.s3, meta["namespace"], meta["name"], stages, states)
         with self._lock:
             self._last[key] = _Read(now, stages, states, records)
@@ -221,12 +235,39 @@ class ProgressReader:
     ) -> dict[str, StageRecords]:
         credentials = None
         if s3.credentials_secret:
-            credentials = self.secrets.get(namespace, s3.credentials_secret)
-        store = self.stores.get(s3, credentials)
+            try:
+                credentials = self.secrets.get(namespace, s3.credentials_secret)
+            except Exception as exc:  # missing, forbidden, unreachable
+                # Only the status or the type: an API error's text is not worth the risk
+                # near credentials.
+                status = getattr(exc, "status", None)
+                why = f"HTTP {status} {getattr(exc, 'reason', '') or ''}" if status else ""
+                why = why.strip() or type(exc).__name__
+                log.warning(
+                    "%s/%s: cannot read Secret %s: %s", namespace, name, s3.credentials_secret, why
+                )
+                return unknown_records(
+                    stages, f"cannot read Secret {s3.credentials_secret} ({why})"
+                )
+        try:
+            store = self.stores.get(s3, credentials)
+        except (StoreError, OSError, ValueError) as exc:
+            log.warning("%s/%s: cannot open the store: %s", namespace, name, exc)
+            return unknown_records(stages, str(exc) or type(exc).__name__)
         complete: Collection[str] = {s for s, state in states.items() if state[1]}
         if self._on_requests is not None:
             self._on_requests(len(stages) + len(set(stages) & set(complete)))
-        return read_stage_records(store, namespace, name, stages, final_for=complete)
+        records = read_stage_records(store, namespace, name, stages, final_for=complete)
+        for stage, rec in records.items():
+            if rec.final == StoreAnswer.UNKNOWN:
+                log.warning(
+                    "%s/%s: cannot read stage %s from the store: %s",
+                    namespace,
+                    name,
+                    stage,
+                    rec.error,
+                )
+        return records
 
 
 class ArchitectureReader:

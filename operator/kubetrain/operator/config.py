@@ -84,6 +84,26 @@ class OperatorConfig(BaseModel):
         description="Pod terminationGracePeriodSeconds: time the trainer has to write a "
         "checkpoint after SIGTERM (suspend, budget, node drain).",
     )
+    restart_backoff_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="Wait before the first restart after a failed attempt; it doubles with "
+        "every further failure of the stage (disruptions restart at once).",
+    )
+    restart_backoff_max_seconds: float = Field(
+        300.0,
+        ge=0,
+        le=86400,
+        description="The longest wait between a failed attempt and the next.",
+    )
+    max_completed_without_final: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Attempts in a row whose pods all exit 0 without writing FINAL after "
+        "which the stage fails (reason CompletedWithoutFinal) instead of starting again.",
+    )
     shm_size: str = Field("8Gi", description="Size limit of the /dev/shm emptyDir (NCCL).")
     service_account: str | None = Field(
         None,

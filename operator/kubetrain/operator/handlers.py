@@ -2,9 +2,10 @@
 API), ask ``kubetrain.operator.plan`` what to do, apply it, and say when to look again.
 
 No state lives in this process that is not also in the cluster or the store (status,
-annotations, children, progress records), except the accrued numbers between two
-status writes (below), so the operator can restart at any moment. Children are owned
-through ownerReferences, so deletion needs no finalizer.
+children, progress records), except the accrued numbers between two status writes
+(below), so the operator can restart at any moment. Children are owned through
+ownerReferences, so deletion needs no finalizer; an object that holds a child's name but
+is not the run's is reported, never adopted (``Reconciler.taken_names``).
 
 Status writes. A status is written when something a user reads in it changed. The
 fields that grow with time alone (``ACCRUAL``: GPU-seconds, cost, CO2, energy, ETA) are
@@ -37,7 +38,7 @@ from kubetrain.operator.caches import ArchitectureReader, ProgressReader
 from kubetrain.operator.config import OperatorConfig
 from kubetrain.operator.kube import Conflict
 from kubetrain.operator.metrics import OperatorMetrics
-from kubetrain.operator.progress import StageRecords, parse_time
+from kubetrain.operator.progress import parse_time
 
 log = logging.getLogger("kubetrain.operator")
 
@@ -78,7 +79,8 @@ class Cache(Protocol):
 
 
 class Writer(Protocol):
-    """The writes a reconcile makes (``kubetrain.operator.kube.KubeApi``)."""
+    """The requests a reconcile makes (``kubetrain.operator.kube.KubeApi``): its writes,
+    and a look at a name before creating a child by it."""
 
     def patch_run_metadata(
         self, namespace: str, name: str, metadata: dict[str, Any], resource_version: str
@@ -86,6 +88,7 @@ class Writer(Protocol):
     def patch_run_status(
         self, namespace: str, name: str, status: dict[str, Any], resource_version: str
     ) -> dict[str, Any]: ...
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
     def create(self, obj: dict[str, Any]) -> bool: ...
     def delete(
         self, kind: str, namespace: str, name: str, propagation: str, uid: str | None = None
@@ -165,6 +168,12 @@ def ttl_due(
     return left + 1.0 if left > 0 else None
 
 
+def name_taken(status: TrainingRunStatus | None) -> bool:
+    """Whether the run waits for a child's name that an object not its own holds."""
+    cond = planner.condition_of(status.conditions, ConditionType.CHILD_CONFLICT) if status else None
+    return cond is not None and cond.status == "True"
+
+
 def legacy_cleanup(meta: dict[str, Any]) -> dict[str, Any] | None:
     """The metadata patch that removes what the Kopf-based operator left (None: none)."""
     patch: dict[str, Any] = {}
@@ -235,21 +244,22 @@ class Reconciler:
         finally:
             self.metrics.reconcile_duration.observe(time.monotonic() - started)
 
-    def read_records(
-        self, run: dict[str, Any], jobs: list[dict[str, Any]]
-    ) -> dict[str, StageRecords]:
-        """The progress records the plan needs; none when the store or the Secret cannot
-        be read (the run still reconciles; progress waits)."""
-        meta = run["metadata"]
-        try:
-            return self.progress.read(run, jobs)
-        except (StoreError, OSError, ValueError) as exc:
-            reason = f"the store: {exc}"
-        except Exception as exc:  # the Secret: missing, forbidden, unreachable
-            # Only the type: an API error's text is not worth the risk near credentials.
-            reason = f"the credentials Secret: {type(exc).__name__}"
-        log.warning("%s/%s: cannot read progress from %s", meta["namespace"], meta["name"], reason)
-        return {}
+    def taken_names(
+        self, run: dict[str, Any], objects: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The objects (Jobs, Services) that already hold the names of ``objects`` (the
+        children a plan creates) but are not the run's. The informers hold only objects
+        labelled with the run, and a 409 on create says nothing about the owner; so look
+        before creating: one GET per child created, once per stage attempt."""
+        uid = str(run["metadata"].get("uid") or "")
+        jobs: list[dict[str, Any]] = []
+        services: list[dict[str, Any]] = []
+        for obj in objects:
+            meta = obj["metadata"]
+            existing = self.kube.get_child(obj["kind"], meta["namespace"], meta["name"])
+            if existing is not None and not planner.owned_by(existing, uid):
+                (jobs if obj["kind"] == "Job" else services).append(existing)
+        return jobs, services
 
     def model_architecture(
         self, run: dict[str, Any], jobs: list[dict[str, Any]]
@@ -295,13 +305,14 @@ class Reconciler:
         jobs = self.cache.jobs(namespace, name)
         pods = self.cache.pods(namespace, name)
         services = self.cache.services(namespace, name)
-        records = self.read_records(run, jobs)
+        records = self.progress.read(run, jobs)
         with self._lock:
             accrued = self._accrued.get(key)
         planned_from = run
         if accrued is not None:
             planned_from = {**run, "status": with_accrual(run.get("status") or {}, accrued)}
         now = self.clock()
+        architecture = self.model_architecture(run, jobs)
         p = planner.plan(
             planned_from,
             jobs,
@@ -309,9 +320,22 @@ class Reconciler:
             records,
             now,
             self.config,
-            observed_services=[s["metadata"]["name"] for s in services],
-            architecture=self.model_architecture(run, jobs),
+            observed_services=services,
+            architecture=architecture,
         )
+        taken_jobs, taken_services = self.taken_names(run, p.create)
+        if taken_jobs or taken_services:
+            # Plan again with what holds the names in view: it is reported, not adopted.
+            p = planner.plan(
+                planned_from,
+                jobs + taken_jobs,
+                pods,
+                records,
+                now,
+                self.config,
+                observed_services=services + taken_services,
+                architecture=architecture,
+            )
         self.apply(run, p, jobs, services)
         if p.previous_status is not None and p.run_status is not None:
             stage_types = {s.name: s.type.value for s in p.spec.stages} if p.spec else {}
@@ -406,14 +430,16 @@ class Reconciler:
         self, p: planner.Plan, jobs: list[dict[str, Any]], now: datetime
     ) -> float | None:
         """When to reconcile again without an event: what the plan asks for, the poll
-        interval (jittered) while the run is Pending or Running with a Job, the end of
-        its TTL once finished; None for a run that only waits for changes (suspended,
-        finished, no Job yet)."""
+        interval (jittered) while the run is Pending or Running with a Job, or waits for
+        a name that an object not the run's holds (the informers do not show it going
+        away), the end of its TTL once finished; None for a run that only waits for
+        changes (suspended, finished, no Job yet)."""
         wakes = []
         if p.requeue_after is not None:
             wakes.append(p.requeue_after)
         status = p.run_status
-        if status is not None and status.phase in (RunPhase.Pending, RunPhase.Running) and jobs:
+        active = status is not None and status.phase in (RunPhase.Pending, RunPhase.Running)
+        if active and (jobs or name_taken(status)):
             spread = 1.0 + POLL_JITTER * (2 * self.jitter() - 1)
             wakes.append(self.config.poll_interval_seconds * spread)
         ttl = ttl_due(p.spec, status, now)

@@ -282,15 +282,24 @@ def _conditions(status: Mapping[str, Any], keys: tuple[str, ...]) -> list[dict[s
     return [{k: c[k] for k in keys if c.get(k) is not None} for c in status.get("conditions") or []]
 
 
-POD_META = ("name", "namespace", "uid", "labels", "ownerReferences", "deletionTimestamp")
-POD_CONDITION = ("type", "status", "reason", "message")
+POD_META = (
+    "name",
+    "namespace",
+    "uid",
+    "labels",
+    "ownerReferences",
+    "creationTimestamp",
+    "deletionTimestamp",
+)
+POD_CONDITION = ("type", "status", "reason", "message", "lastTransitionTime")
 TERMINATED = ("exitCode", "signal", "reason", "message", "startedAt", "finishedAt")
 
 
 def trim_pod(pod: Mapping[str, Any]) -> Object:
-    """The parts of a pod the plan reads (phase, start, termination, exit codes,
-    conditions such as DisruptionTarget, node, owner); a pod's other changes (IPs,
-    readiness, probes) are not kept and wake nobody."""
+    """The parts of a pod the plan reads (phase, creation and start, the start of its
+    deletion, termination, exit codes, conditions such as DisruptionTarget with their
+    transition times, node, owner); a pod's other changes (IPs, readiness, probes) are
+    not kept and wake nobody."""
     status = pod.get("status") or {}
     out_status: dict[str, Any] = {
         k: status[k] for k in ("phase", "reason", "message", "startTime") if status.get(k)
@@ -341,9 +350,13 @@ def trim_job(job: Mapping[str, Any]) -> Object:
     return {"metadata": _meta(job, JOB_META), "spec": spec, "status": job.get("status") or {}}
 
 
+SERVICE_META = ("name", "namespace", "uid", "labels", "ownerReferences", "deletionTimestamp")
+
+
 def trim_service(svc: Mapping[str, Any]) -> Object:
-    """A Service's name and labels: the plan needs to know only that it exists."""
-    return {"metadata": _meta(svc, ("name", "namespace", "uid", "labels", "deletionTimestamp"))}
+    """A Service's identity and owner: the plan needs to know only that it exists and
+    whether it is the run's."""
+    return {"metadata": _meta(svc, SERVICE_META)}
 
 
 def trim_run(run: Mapping[str, Any]) -> Object:

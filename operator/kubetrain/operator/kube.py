@@ -265,6 +265,27 @@ class KubeApi:
         )
         return [self._plain(j) for j in jobs.items]
 
+    def get_child(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Job or Service by name, whoever owns it; None when there is none."""
+        try:
+            if kind == "Job":
+                self._count("get", "jobs")
+                obj: object = self.batch.read_namespaced_job(
+                    name, namespace, _request_timeout=self.timeout
+                )
+            elif kind == "Service":
+                self._count("get", "services")
+                obj = self.core.read_namespaced_service(
+                    name, namespace, _request_timeout=self.timeout
+                )
+            else:
+                raise ValueError(f"cannot read a {kind}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._plain(obj)
+
     def create(self, obj: dict[str, Any]) -> bool:
         """Create a Job or Service (a manifest in wire form); False when it already existed."""
         ns = obj["metadata"]["namespace"]

@@ -48,6 +48,7 @@ class RunSnapshot:
     cost_usd: float
     co2_grams: float
     restarts: dict[str, int] = field(default_factory=dict)  # stage -> restarts
+    preemptions: dict[str, int] = field(default_factory=dict)  # stage -> preemptions
     budget_used: dict[str, float] = field(default_factory=dict)  # kind -> used / limit
     stage_phases: dict[str, str] = field(default_factory=dict)  # stage -> phase
     stalled_stage: str | None = None  # the stage the condition Stalled is about
@@ -69,6 +70,7 @@ def snapshot(status: TrainingRunStatus, budget_used: dict[str, float]) -> RunSna
         cost_usd=totals.cost_usd,
         co2_grams=totals.co2_grams,
         restarts={s.name: s.restarts for s in status.stages},
+        preemptions={s.name: s.preemptions for s in status.stages},
         budget_used=dict(budget_used),
         stage_phases={s.name: s.phase.value for s in status.stages},
         stalled_stage=stalled_stage(status),
@@ -138,7 +140,14 @@ class _RunCollector(Collector):
             labels=[*nr, "kind"],
         )
         restarts = CounterMetricFamily(
-            f"{PREFIX}_stage_restarts", "Pod failures retried, per stage.", labels=[*nr, "stage"]
+            f"{PREFIX}_stage_restarts",
+            "Failed attempts retried, per stage (counted against maxRestarts).",
+            labels=[*nr, "stage"],
+        )
+        preemptions = CounterMetricFamily(
+            f"{PREFIX}_stage_preemptions",
+            "Attempts ended by a disruption (drain, eviction, preemption), per stage.",
+            labels=[*nr, "stage"],
         )
         for (ns, run), s in sorted(runs.items()):
             for run_state in RunPhase:
@@ -158,6 +167,8 @@ class _RunCollector(Collector):
                 budget.add_metric([ns, run, kind], ratio)
             for stage, n in sorted(s.restarts.items()):
                 restarts.add_metric([ns, run, stage], n)
+            for stage, n in sorted(s.preemptions.items()):
+                preemptions.add_metric([ns, run, stage], n)
         yield from (
             run_phase,
             stage_phase,
@@ -169,6 +180,7 @@ class _RunCollector(Collector):
             co2,
             budget,
             restarts,
+            preemptions,
         )
 
 

@@ -7,25 +7,32 @@ turned into status numbers, plus GPU time, cost and CO2.
 GPU-seconds count what the cluster allocated, not what the trainer used: for every pod
 of the stage, GPUs per pod × seconds since the pod started (until its container
 finished). A stage's earlier attempts (restarts, suspensions) are banked in a small
-ledger kept in the run's annotations (``kubetrain.dev/ledger``), because their pods are
+ledger kept in the stage's status (``status.stages[].ledger``), because their pods are
 gone by the time the next attempt runs. (A local run has no pods and counts its
 GPU-seconds from the trainer's wall time; both are priced by
 ``kubetrain.core.accounting.stage_cost``.)
+
+The store has three answers: a FINAL pointer is present, absent, or unknown (the store
+could not be read). Only "absent" may be acted on as "the stage did not finish".
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from kubetrain.core import accounting
-from kubetrain.core.api import ModelSpec, Pricing, Stage, StageStatus
+from kubetrain.core.api import ModelSpec, Pricing, Stage, StageLedger, StageStatus
 from kubetrain.core.layout import StageLayout
 from kubetrain.core.records import ProgressRecord, RecordFormatError, read_progress
-from kubetrain.core.store import ObjectStore
+from kubetrain.core.store import ObjectStore, StoreError
+
+# A store error goes into a condition message: enough to act on, never a whole response.
+MAX_ERROR_CHARS = 300
 
 log = logging.getLogger("kubetrain.operator.progress")
 
@@ -46,13 +53,34 @@ def format_time(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class StoreAnswer(StrEnum):
+    """Whether an object exists, as the store answered: unknown when it could not."""
+
+    PRESENT = "present"
+    ABSENT = "absent"
+    UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True)
 class StageRecords:
     """What the store says about one stage: its progress record and whether FINAL
-    exists (written only when the stage completed)."""
+    exists (written only when the stage completed; None: not asked, as while the
+    stage's Job has not completed); ``error`` says why the store could not answer
+    (``final`` UNKNOWN)."""
 
     progress: ProgressRecord | None
-    final: bool
+    final: StoreAnswer | None
+    error: str | None = None
+
+    @classmethod
+    def unknown(cls, error: str) -> StageRecords:
+        """The store could not be read: nothing is known about the stage."""
+        return cls(progress=None, final=StoreAnswer.UNKNOWN, error=error[:MAX_ERROR_CHARS])
+
+
+def unknown_records(stages: Iterable[str], error: str) -> dict[str, StageRecords]:
+    """The answer for ``stages`` when the store cannot be opened at all."""
+    return {stage: StageRecords.unknown(error) for stage in stages}
 
 
 def read_stage_records(
@@ -63,25 +91,35 @@ def read_stage_records(
     final_for: Collection[str] | None = None,
 ) -> dict[str, StageRecords]:
     """Read progress.json of each named stage, and test for FINAL for those in
-    ``final_for`` (None: all; the others report ``final`` False without a request);
-    ``store`` is rooted at the run's store root (``spec.storage.s3.uri()``).
+    ``final_for`` (None: all; the others report ``final`` None, not asked, without a
+    request); ``store`` is rooted at the run's store root (``spec.storage.s3.uri()``).
 
-    A progress record this operator cannot read (a newer trainer's format) is logged and
+    A stage whose objects cannot be read (unreachable endpoint, refused request,
+    timeout) is UNKNOWN, never "absent"; this never raises for the store's errors. A
+    progress record this operator cannot read (a newer trainer's format) is logged and
     left out, but FINAL is still looked at: the stage's lifecycle must not depend on
     its numbers."""
     out: dict[str, StageRecords] = {}
     for stage in stages:
         folder = StageLayout.of(namespace, run, stage)
         try:
-            record = read_progress(store, folder.progress)
-        except RecordFormatError as exc:
-            log.warning("%s/%s: stage %s: %s", namespace, run, stage, exc)
-            record = None
-        out[stage] = StageRecords(
-            progress=record,
-            final=(final_for is None or stage in final_for) and store.exists(folder.final),
-        )
+            record = _progress(store, folder.progress, f"{namespace}/{run}: stage {stage}")
+            final = None
+            if final_for is None or stage in final_for:
+                final = StoreAnswer.PRESENT if store.exists(folder.final) else StoreAnswer.ABSENT
+        except (StoreError, OSError, ValueError) as exc:
+            out[stage] = StageRecords.unknown(str(exc) or type(exc).__name__)
+            continue
+        out[stage] = StageRecords(progress=record, final=final)
     return out
+
+
+def _progress(store: ObjectStore, key: str, what: str) -> ProgressRecord | None:
+    try:
+        return read_progress(store, key)
+    except RecordFormatError as exc:
+        log.warning("%s: %s", what, exc)
+        return None
 
 
 def pod_gpu_seconds(pods: list[dict[str, Any]], gpus_per_pod: int, now: datetime) -> float:
@@ -109,22 +147,22 @@ def pod_gpu_seconds(pods: list[dict[str, Any]], gpus_per_pod: int, now: datetime
 
 
 def banked_gpu_seconds(
-    ledger: dict[str, Any],
+    ledger: StageLedger | None,
     previous: StageStatus,
     job_uid: str | None,
-) -> tuple[float, dict[str, Any]]:
-    """GPU-seconds of the stage's finished attempts, and the updated ledger entry.
+) -> tuple[float, StageLedger]:
+    """GPU-seconds of the stage's finished attempts, and the updated ledger.
 
     The ledger remembers which Job's pods the status' last ``gpuSeconds`` included on
     top of the bank. When a different Job (or none) is observed, that attempt is over:
     the last status value becomes the new bank. Observing the same Job twice changes
     nothing, so this is safe to repeat.
     """
-    banked = float(ledger.get("banked", 0.0))
-    counted = ledger.get("job")
-    if counted is not None and counted != job_uid:
+    ledger = ledger or StageLedger()
+    banked = ledger.banked
+    if ledger.job is not None and ledger.job != job_uid:
         banked = max(banked, previous.gpu_seconds)
-    return banked, {"job": job_uid, "banked": round(banked, 3)}
+    return banked, ledger.model_copy(update={"job": job_uid, "banked": round(banked, 3)})
 
 
 def apply_record(

@@ -21,8 +21,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_RUN = "kubetrain.dev/run"
 LABEL_STAGE = "kubetrain.dev/stage"
 LABEL_GPU_TYPE = "kubetrain.dev/gpu-type"
-# The stage's restart count when this Job was created: a failed Job whose attempt is N
-# means N + 1 restarts, however often the operator observes it (see kubetrain.operator.plan).
+# The stage's failure count (status restarts) when this Job was created: a failed Job
+# whose attempt is N means N + 1 failures, however often the operator observes it (see
+# kubetrain.operator.plan).
 ANNOTATION_ATTEMPT = "kubetrain.dev/attempt"
 ANNOTATION_STAGE_INDEX = "kubetrain.dev/stage-index"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -123,6 +124,29 @@ def _container_resources(res: api.Resources) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
+def pod_failure_policy() -> dict[str, Any]:
+    """Pod failures that are not the trainer's fault do not fail the Job: a pod with the
+    condition DisruptionTarget (eviction through the API, a node drain, preemption by
+    the scheduler, taint-based eviction) or whose trainer exited with
+    ``EXIT_CHECKPOINTED_ON_SIGTERM`` (it checkpointed on SIGTERM) is ignored, and the
+    Job controller replaces it; the replacement resumes from LATEST. With a pod failure
+    policy the Job controller replaces a pod only once it is fully terminated
+    (podReplacementPolicy Failed), so two pods of one index never run at once."""
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": CONTAINER_NAME,
+                    "operator": "In",
+                    "values": [contract.EXIT_CHECKPOINTED_ON_SIGTERM],
+                },
+            },
+        ]
+    }
+
+
 def build_job(
     spec: TrainingRunSpec,
     index: int,
@@ -138,8 +162,9 @@ def build_job(
 
     ``backoffLimit`` is 0 on purpose: with several ranks, one failed pod leaves the
     others hanging in collectives, so the whole gang must restart. The Job fails at the
-    first pod failure, and the operator deletes and recreates it (up to the stage's
-    ``maxRestarts``), the trainer resuming from LATEST. ``attempt`` is that count.
+    first pod failure that ``pod_failure_policy`` does not ignore, and the operator
+    deletes and recreates it (up to the stage's ``maxRestarts``, with backoff), the
+    trainer resuming from LATEST. ``attempt`` is the failure count before this Job.
     """
     if spec.storage.s3 is None:
         raise ValueError("spec.storage.s3 is required to build a Job (the pods need a store)")
@@ -213,6 +238,8 @@ def build_job(
             "completions": res.nodes,
             "parallelism": res.nodes,
             "backoffLimit": 0,
+            "podFailurePolicy": pod_failure_policy(),
+            "podReplacementPolicy": "Failed",
             "suspend": suspend,
             "template": {
                 "metadata": {
