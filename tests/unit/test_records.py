@@ -86,8 +86,24 @@ def test_metrics_round_trip(store: ObjectStore) -> None:
 
 def test_manifest_round_trip(store: ObjectStore) -> None:
     write_manifest(store, "MANIFEST.json", MANIFEST)
-    assert read_manifest(store, "MANIFEST.json") == MANIFEST
+    assert read_manifest(store, "MANIFEST.json") == MANIFEST.updated(
+        format=CheckpointManifest.FORMAT
+    )
     assert MANIFEST.total_bytes == 12
+
+
+def test_a_sharded_manifest_names_its_layout_and_a_1_0_one_reads_as_torch(
+    store: ObjectStore,
+) -> None:
+    sharded = MANIFEST.updated(
+        files={"model/.metadata": FileEntry(size=1, sha256=SHA)}, layout="dcp", world_size=4
+    )
+    write_manifest(store, "MANIFEST.json", sharded)
+    read = read_manifest(store, "MANIFEST.json")
+    assert read is not None and (read.layout, read.world_size, read.format) == ("dcp", 4, "1.1")
+    old = {k: v for k, v in json.loads(MANIFEST.to_json()).items() if k != "layout"}
+    legacy = CheckpointManifest.from_json(json.dumps({**old, "format": "1.0"}), "MANIFEST.json")
+    assert legacy is not None and legacy.layout == "torch" and legacy.world_size is None
 
 
 def test_the_wire_keeps_the_keys_the_trainer_always_wrote() -> None:
@@ -95,7 +111,7 @@ def test_the_wire_keeps_the_keys_the_trainer_always_wrote() -> None:
     assert wire == {**UNVERSIONED_PROGRESS, "format": ProgressRecord.FORMAT}
     manifest = json.loads(MANIFEST.to_json())
     assert manifest["files"]["model.pt"] == {"bytes": 10, "sha256": SHA}
-    assert {"format", "files", "step", "run", "stage", "createdAt"} == set(manifest)
+    assert {"format", "files", "step", "run", "stage", "createdAt", "layout"} == set(manifest)
 
 
 def test_a_metrics_line_is_the_progress_record_at_its_step() -> None:

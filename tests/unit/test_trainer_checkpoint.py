@@ -116,8 +116,9 @@ def test_checkpoints_written_before_versioned_records_still_load(ckpt: Checkpoin
     ckpt.save(10, _payload(10))
     key = "checkpoints/step-000010/MANIFEST.json"
     legacy = json.loads(ckpt.store.get_text(key))
-    assert legacy["format"] == "1.0"
+    assert legacy["format"] == "1.1" and legacy["layout"] == "torch"
     legacy["format"] = 1  # what manifests said before "MAJOR.MINOR"
+    del legacy["layout"]  # and before sharded checkpoints
     ckpt.store.put_bytes(key, json.dumps(legacy).encode())
     loaded = ckpt.load_latest()
     assert loaded is not None and loaded.step == 10

@@ -202,7 +202,7 @@ def test_tensors_for_collectives_are_made_on_the_trainers_device() -> None:
             bad.append(f"line {node.lineno}: torch.{node.func.attr}(...) without device=")
     assert not bad, bad
     assert train.process_group_backend(torch.device("cpu")) == "cpu:gloo"
-    assert train.process_group_backend(torch.device("cuda", 0)) == "cuda:nccl"
+    assert train.process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
 
 
 def test_every_rank_evaluates_its_share_and_the_sums_make_the_whole() -> None:

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 
 from kubetrain.core import contract, layout
 from kubetrain.core.hf_config import ModelConfig
@@ -53,7 +56,8 @@ class CorruptCheckpoint(CheckpointError):
     """A checkpoint's files do not match its manifest."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(8 * 2**20):
@@ -150,7 +154,7 @@ def export_hf(
     with tempfile.TemporaryDirectory(prefix="kubetrain-hf-") as tmp:
         folder = weights.save_pretrained(cfg, state, Path(tmp) / "hf", source=source)
         files = sorted(p for p in folder.iterdir() if p.is_file())
-        entries = {p.name: FileEntry(size=p.stat().st_size, sha256=_sha256(p)) for p in files}
+        entries = {p.name: FileEntry(size=p.stat().st_size, sha256=sha256_of(p)) for p in files}
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
             for upload in [pool.submit(store.put_file, f"{key}/{p.name}", p) for p in files]:
                 upload.result()
@@ -196,7 +200,7 @@ def load_files(
             except FileNotFoundError:
                 raise CorruptCheckpoint(f"{store.uri(prefix + fname)} is missing") from None
             size = path.stat().st_size
-            if size != entry.size or _sha256(path) != entry.sha256:
+            if size != entry.size or sha256_of(path) != entry.sha256:
                 raise CorruptCheckpoint(
                     f"{store.uri(prefix + fname)} does not match "
                     f"{layout.MANIFEST} (size {size}, "
@@ -291,6 +295,70 @@ class Checkpointer:
         return None
 
 
+class StoreReader(dcp.FileSystemReader):
+    """DCP's file reader over a local folder that fetches, on first need, the files of
+    one part (``model`` or ``optim``) of a checkpoint in the store, each verified
+    against the manifest: a rank downloads only what its shards need."""
+
+    def __init__(
+        self, store: ObjectStore, key: str, part: str, manifest: CheckpointManifest, local: Path
+    ):
+        local.mkdir(parents=True, exist_ok=True)
+        super().__init__(local)
+        self.store, self.key, self.part, self.manifest = store, key, part, manifest
+        self.local = local
+
+    def _fetch(self, name: str) -> None:
+        target = self.local / name
+        if target.exists():
+            return
+        rel = f"{self.part}/{name}"
+        where = f"{self.key}/{rel}" if self.key else rel
+        entry = self.manifest.files.get(rel)
+        uri = self.store.uri(where)
+        if entry is None:
+            raise CorruptCheckpoint(f"{uri} is not in {layout.MANIFEST}")
+        partial = target.with_suffix(target.suffix + ".part")
+        try:
+            self.store.get_file(where, partial)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{uri} is missing") from None
+        if partial.stat().st_size != entry.size or sha256_of(partial) != entry.sha256:
+            raise CorruptCheckpoint(f"{uri} does not match {layout.MANIFEST} (size or sha256)")
+        partial.rename(target)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        self._fetch(".metadata")
+        return super().read_metadata(*args, **kwargs)
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        needed = sorted(
+            {self.storage_data[item.storage_index].relative_path for item in plan.items}
+        )
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(needed)))) as pool:
+            list(pool.map(self._fetch, needed))
+        return super().read_data(plan, planner)
+
+
+def load_model_state(
+    store: ObjectStore, key: str, manifest: CheckpointManifest
+) -> dict[str, torch.Tensor]:
+    """The whole model of a sharded checkpoint, in this process alone (to initialise the
+    next stage or a reference model): tensors allocated from DCP's metadata and filled
+    from the ``model`` part, whatever world size wrote it."""
+    with tempfile.TemporaryDirectory(prefix="kubetrain-dcp-init-") as tmp:
+        reader = StoreReader(store, key, "model", manifest, Path(tmp))
+        metadata = reader.read_metadata()
+        prefix = "model."
+        model: dict[str, torch.Tensor] = {
+            fqn[len(prefix) :]: torch.empty(md.size, dtype=md.properties.dtype)
+            for fqn, md in metadata.state_dict_metadata.items()
+            if fqn.startswith(prefix) and isinstance(md, TensorStorageMetadata)
+        }
+        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return model
+
+
 def load_model_weights(
     uri: str,
     map_location: str | torch.device = "cpu",
@@ -309,5 +377,9 @@ def load_model_weights(
             f"{layout.FINAL} or {layout.LATEST}); expected a stage "
             "folder that finished or a checkpoint folder"
         )
+    manifest = read_manifest(store, f"{key}/{layout.MANIFEST}" if key else layout.MANIFEST)
+    if manifest is not None and manifest.layout == "dcp":
+        weights = load_model_state(store, key, manifest)
+        return {k: v.to(map_location) for k, v in weights.items()}, store.uri(key)
     state = load_files(store, key, names=("model",), map_location=map_location)
     return state["model"], store.uri(key)

@@ -59,7 +59,7 @@ from kubetrain.core.hf_config import ModelConfig
 from kubetrain.core.records import ProgressRecord, read_progress, write_progress
 from kubetrain.core.store import StoreError, open_store
 from kubetrain_trainer import checkpoint as ckpt
-from kubetrain_trainer import evaluation
+from kubetrain_trainer import evaluation, parallel
 from kubetrain_trainer import signals as early_signals
 from kubetrain_trainer.data import (
     Dataset,
@@ -86,7 +86,9 @@ from kubetrain_trainer.hf.model import CausalLM
 from kubetrain_trainer.launch import report_exit
 from kubetrain_trainer.model import GPT, build_model
 from kubetrain_trainer.objectives import DPO_METRICS, dpo_step_loss, lm_loss_sum, loss_items
+from kubetrain_trainer.parallel import StepModel
 from kubetrain_trainer.rewards import RewardSet
+from kubetrain_trainer.sharded import ShardedCheckpointer
 from kubetrain_trainer.telemetry import FOLDER, Telemetry, utc_now
 
 log = logging.getLogger("kubetrain_trainer")
@@ -172,28 +174,11 @@ def init_distributed(environ: Mapping[str, str]) -> Dist:
 
 
 def process_group_backend(device: torch.device) -> str:
-    """The process group's backend, bound to the trainer's device type only: NCCL
-    serves only CUDA tensors, and gloo, which would serve both, is told to serve only
-    CPU ones, so a collective on a tensor left on the wrong device fails in a CPU test
-    exactly as it would on GPUs."""
-    return "cuda:nccl" if device.type == "cuda" else "cpu:gloo"
-
-
-@dataclass
-class StepModel:
-    """The model as a training step runs it: ``module`` (DDP and/or compiled) and the
-    DDP wrapper inside it, whose ``no_sync`` skips the gradient all-reduce of every
-    micro-batch but the last. (torch.compile wraps the DDP module, so ``module`` is not
-    itself the DDP instance.)"""
-
-    module: nn.Module
-    ddp: DistributedDataParallel | None
-    autocast: contextlib.AbstractContextManager[Any]
-
-    def sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        if self.ddp is not None and not last:
-            return self.ddp.no_sync()
-        return contextlib.nullcontext()
+    """The process group's backend, one per device type: on CPU gloo, told to serve
+    only CPU tensors; on GPUs NCCL for CUDA tensors and gloo for the CPU tensors that
+    FSDP's CPU offload and sharded checkpoints reduce (an asynchronous DCP save
+    refuses a group without a CPU backend)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
 
 
 @dataclass
@@ -259,7 +244,7 @@ def build_optimizer(
         ],
         lr=hp.learning_rate,
         betas=(0.9, 0.95),
-        fused=device.type == "cuda",
+        fused=device.type == "cuda" and all(p.device.type == "cuda" for p in model.parameters()),
     )
 
 
@@ -328,6 +313,12 @@ class Trainer:
         self.rollouts: list[Rollout] = []
         self.rollout_metrics: dict[str, float] = {}
         self.rollout_tokens = 0.0
+        self.parallel = self._parallelize()
+        self.sharded = ShardedCheckpointer(
+            self.checkpointer,
+            self.d.wait_group,
+            background=self.stage.parallelism.async_checkpoint,
+        )
         self.optimizer = build_optimizer(self.model, self.hp, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(self.hp, self.total)
@@ -456,15 +447,42 @@ class Trainer:
             codec=hf_codec(self.hf.tokenizer) if self.hf is not None else BYTE_CODEC,
         )
 
+    def _parallelize(self) -> accounting.ParallelismChoice:
+        """Resolve the stage's parallelism; recompute activations and shard (FSDP2) as
+        it says, before the optimizer is built over the model's parameters."""
+        par = self.stage.parallelism
+        choice = accounting.choose_parallelism(self.stage, self.model.num_parameters())
+        parallel.checkpoint_activations(self.model, par.activation_checkpointing)
+        if choice.strategy == "fsdp":
+            parallel.ensure_process_group(process_group_backend(self.d.device))
+            parallel.shard(self.model, par, self.precision, self.d.device)
+        return choice
+
+    @property
+    def fsdp(self) -> bool:
+        return self.parallel.strategy == "fsdp"
+
+    def _gathered(self) -> contextlib.AbstractContextManager[Any]:
+        """Whole weights on every rank while it evaluates or samples on its own."""
+        return parallel.gathered(self.model) if self.fsdp else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ state
+    def _load_checkpoint(self) -> ckpt.Loaded | None:
+        """The newest complete checkpoint; a sharded one (or any, into a sharded model)
+        is loaded into the model and optimizer here and only the rest returned."""
+        if self.fsdp or self.sharded.newest_layout() == "dcp":
+            return self.sharded.load_latest(self.model, self.optimizer)
+        return self.checkpointer.load_latest(map_location=self.d.device)
+
     def resume(self) -> None:
-        loaded = self.checkpointer.load_latest(map_location=self.d.device)
+        loaded = self._load_checkpoint()
         if self.d.is_main:
             self.previous = read_progress(self.store, FOLDER.progress)
         if loaded is not None:
             s = loaded.state
-            self.model.load_state_dict(s["model"])
-            self.optimizer.load_state_dict(s["optimizer"])
+            if "model" in s:
+                self.model.load_state_dict(s["model"])
+                self.optimizer.load_state_dict(s["optimizer"])
             self.scheduler.load_state_dict(s["scheduler"])
             t = s["trainer"]
             self.step, self.cursor, self.tokens = t["step"], t["cursor"], t["tokens"]
@@ -484,47 +502,64 @@ class Trainer:
             self.energy_base = max(self.energy_base, self.previous.energy_joules)
             self.wall_base = max(self.wall_base, self.previous.wall_seconds)
 
-    def save(self) -> None:
-        """Rank 0 writes a complete checkpoint of the current step."""
+    def save(self, background: bool = False) -> None:
+        """A complete checkpoint of the current step: DDP's written by rank 0, FSDP's by
+        every rank (``background``: uploaded while training goes on, when the stage's
+        parallelism.asyncCheckpoint allows)."""
         if self.step == self.saved_step:
+            if self.fsdp and not background:
+                # This step's checkpoint may still be uploading: it must be complete.
+                self.checkpoint_uri = self.sharded.wait()
             return
         energy = self.energy_base + self._energy_total()
+        if self.fsdp:
+            self.checkpoint_uri = self.sharded.save(
+                self.step,
+                self.model,
+                self.optimizer,
+                self._small_state(energy) if self.d.is_main else None,
+                background=background and self.sharded.background,
+                run=self.cfg.run,
+                stage=self.stage.name,
+            )
+            self.saved_step = self.step
+            return
         if self.d.is_main:
-            raw = self.model
-            rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-            if self.d.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
-            trainer = {
-                "step": self.step,
-                "cursor": self.cursor,
-                "tokens": self.tokens,
-                "energyJoules": energy,
-                "wallSeconds": self.wall(),
-                "rng": rng,
-                "eval": self.eval,
-                "totalSteps": self.total,
-                "stageType": self.kind,
-            }
-            if self.learner is not None and self.step % self.learner.settings.iterations:
-                # Between two rollouts: the next steps train on these completions.
-                trainer["grpo"] = {
-                    "rollouts": [r.state() for r in self.rollouts],
-                    "tokensPerProcess": self.rollout_tokens,
-                    "metrics": self.rollout_metrics,
-                }
             self.checkpoint_uri = self.checkpointer.save(
                 self.step,
-                {
-                    "model": raw.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "trainer": trainer,
-                },
+                {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+                | self._small_state(energy),
                 run=self.cfg.run,
                 stage=self.stage.name,
             )
         self.d.wait_for_uploads()
         self.saved_step = self.step
+
+    def _small_state(self, energy: float) -> dict[str, Any]:
+        """What rank 0 saves besides the weights and optimizer: the schedule, and the
+        data cursor, RNG and counters that make a resumed stage continue exactly."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.d.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
+        trainer = {
+            "step": self.step,
+            "cursor": self.cursor,
+            "tokens": self.tokens,
+            "energyJoules": energy,
+            "wallSeconds": self.wall(),
+            "rng": rng,
+            "eval": self.eval,
+            "totalSteps": self.total,
+            "stageType": self.kind,
+        }
+        if self.learner is not None and self.step % self.learner.settings.iterations:
+            # Between two rollouts: the next steps train on these completions.
+            trainer["grpo"] = {
+                "rollouts": [r.state() for r in self.rollouts],
+                "tokensPerProcess": self.rollout_tokens,
+                "metrics": self.rollout_metrics,
+            }
+        return {"scheduler": self.scheduler.state_dict(), "trainer": trainer}
 
     # ------------------------------------------------------------------ steps
     def flops(self, seq: int, tokens: float) -> float:
@@ -581,7 +616,7 @@ class Trainer:
         d = self.d
         module: nn.Module = self.model
         ddp = None
-        if d.world > 1:
+        if d.world > 1 and not self.fsdp:
             ddp = DistributedDataParallel(
                 module, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
@@ -634,7 +669,7 @@ class Trainer:
     def _log_start(self) -> None:
         if self.d.is_main:
             log.info(
-                "stage %s (%s): %d parameters, steps %d/%d, %s on %s, world %d",
+                "stage %s (%s): %d parameters, steps %d/%d, %s on %s, world %d, %s",
                 self.stage.name,
                 self.kind,
                 self.model.num_parameters(),
@@ -643,6 +678,7 @@ class Trainer:
                 self.precision,
                 self.d.device,
                 self.d.world,
+                self.parallel,
             )
 
     def _objective(
@@ -718,7 +754,7 @@ class Trainer:
                 )
             return
         self.loss_value = loss_sum / items
-        norm = nn.utils.clip_grad_norm_(
+        norm = parallel.clip_grad_norm(
             self.model.parameters(), hp.grad_clip if hp.grad_clip > 0 else math.inf
         )
         if not math.isfinite(self.loss_value) or not math.isfinite(float(norm)):
@@ -795,7 +831,8 @@ class Trainer:
             batch = self.data.batch(self.cursor + d.rank * bsz, bsz)
             assert isinstance(batch, PromptBatch)
             self.cursor += bsz * d.world
-            rollout, s = self.learner.roll_out(self.model, batch, generator, autocast)
+            with self._gathered():
+                rollout, s = self.learner.roll_out(self.model, batch, generator, autocast)
             self.rollouts.append(rollout)
             stats.add(s)
         (tokens,) = d.all_reduce([float(sum(r.completion_tokens for r in self.rollouts))])
@@ -827,7 +864,7 @@ class Trainer:
             self._evaluate()
             evaluated = True
         if self.step % self.stage.checkpoint_every == 0 and not last:
-            self.save()
+            self.save(background=True)
             saved = True
         if self.step % hp.log_every == 0 or evaluated or saved:
             self.publish("running")
@@ -873,12 +910,14 @@ class Trainer:
         before FINAL: a completed stage always has it."""
         if self.hf is None:
             return
+        # Sharded: every rank sends its shards, rank 0 gets the whole model in host memory.
+        state = parallel.full_state_dict(self.model) if self.fsdp else self.model.state_dict()
         if self.d.is_main:
             self.hf_model_uri = ckpt.export_hf(
                 self.store,
                 FOLDER.hf_export,
                 self.hf.config,
-                self.model.state_dict(),
+                state,
                 source=self.hf.folder,
                 step=self.step,
                 run=self.cfg.run,
@@ -898,10 +937,16 @@ class Trainer:
 
     def _evaluate(self) -> None:
         """Every rank evaluates its share of the held-out set; the sums are reduced."""
+        with self._gathered():
+            sums = self._evaluation_sums()
+        totals = self.d.all_reduce([sums[k] for k in evaluation.SUMS])
+        self.eval = evaluation.metrics(dict(zip(evaluation.SUMS, totals, strict=True)))
+
+    def _evaluation_sums(self) -> dict[str, float]:
         d = self.d
         if self.hf is not None:
             assert isinstance(self.model, CausalLM) and not isinstance(self.data.eval_set, EvalSet)
-            sums = hf_evaluation.evaluate_sums(
+            return hf_evaluation.evaluate_sums(
                 self.model,
                 self.data.eval_set,
                 self.hf.tokenizer,
@@ -910,13 +955,10 @@ class Trainer:
                 d.rank,
                 d.world,
             )
-        else:
-            assert isinstance(self.model, GPT) and isinstance(self.data.eval_set, EvalSet)
-            sums = evaluation.evaluate_sums(
-                self.model, self.data.eval_set, self.seq_len, d.device, d.rank, d.world
-            )
-        totals = d.all_reduce([sums[k] for k in evaluation.SUMS])
-        self.eval = evaluation.metrics(dict(zip(evaluation.SUMS, totals, strict=True)))
+        assert isinstance(self.model, GPT) and isinstance(self.data.eval_set, EvalSet)
+        return evaluation.evaluate_sums(
+            self.model, self.data.eval_set, self.seq_len, d.device, d.rank, d.world
+        )
 
 
 EXPECTED_ERRORS = (StageError, ckpt.CheckpointError, StoreError, FileNotFoundError, ValueError)

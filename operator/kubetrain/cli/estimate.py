@@ -109,6 +109,7 @@ def render(est: RunEstimate, title: str, flops_rule: str) -> str:
         )
     notes = [
         *_mfu_notes(est),
+        *(f"parallelism of {s.name}: {s.parallelism}" for s in est.stages if s.parallelism),
         f"FLOPs = {flops_rule}; GPU-hours at that MFU of peak dense bf16 FLOP/s; "
         "energy includes PUE.",
     ]

@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from kubetrain.core import hf_config
 from kubetrain.core.api import (
     FROM_MODEL_SEQ_LEN,
     ModelSpec,
+    ParallelStrategy,
     Pricing,
     Resources,
     Stage,
@@ -67,6 +68,7 @@ class Accelerator:
     usd_per_hour: float  # on-demand list price, order of magnitude
     mfu: float  # model FLOPs utilisation a long run reaches, by 6·N·D (see mfu_source)
     mfu_source: str  # where ``mfu`` comes from, printed beside every estimate that uses it
+    memory_gb: float = 0.0  # memory per device (GB, 1e9 bytes); 0: host memory, no limit
 
 
 # MFU by 6·N·D from published GPU-hours (GPU-hours × peak = the FLOPs the hardware could
@@ -92,6 +94,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             6.00,
             0.28,
             "no published pretraining run yet; the H100 calibration (" + _LLAMA3_H100 + ")",
+            memory_gb=180,
         ),
         Accelerator(
             "h200",
@@ -101,9 +104,10 @@ ACCELERATORS: dict[str, Accelerator] = {
             0.28,
             "no published pretraining run; same dense peak as the H100, whose calibration "
             "applies (" + _LLAMA3_H100 + ")",
+            memory_gb=141,
         ),
-        Accelerator("h100", 989e12, 700.0, 2.50, 0.28, _LLAMA3_H100),
-        Accelerator("a100", 312e12, 400.0, 1.80, 0.40, _LLAMA2_A100),
+        Accelerator("h100", 989e12, 700.0, 2.50, 0.28, _LLAMA3_H100, memory_gb=80),
+        Accelerator("a100", 312e12, 400.0, 1.80, 0.40, _LLAMA2_A100, memory_gb=80),
         Accelerator(
             "l40s",
             362e12,
@@ -111,6 +115,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             1.00,
             0.25,
             "no published pretraining run; assumed below the SXM parts (PCIe, no NVLink)",
+            memory_gb=48,
         ),
         Accelerator(
             "l4",
@@ -119,6 +124,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             0.60,
             0.25,
             "no published pretraining run; assumed below the SXM parts (PCIe, no NVLink)",
+            memory_gb=24,
         ),
         # A CPU "device" for stages with gpusPerNode 0 (local runs, tiny demos); its peak
         # is a nominal figure, so its MFU is too.
@@ -144,6 +150,55 @@ def accelerator(name: str | None, gpus: int = 1) -> Accelerator:
     if key not in ACCELERATORS:
         raise ValueError(f"unknown gpu type {name!r} (accepted: {', '.join(sorted(ACCELERATORS))})")
     return ACCELERATORS[key]
+
+
+# Training state per parameter with AdamW: fp32 weights (4 bytes), gradients (4) and
+# the two moments (8). bf16 autocast keeps fp32 master weights, so it is the same.
+TRAINING_BYTES_PER_PARAM = 16
+# The share of a GPU's memory that state may take under DDP: the rest is for
+# activations, the CUDA context, NCCL buffers and the allocator's fragmentation.
+DDP_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class ParallelismChoice:
+    """What ``parallelism.strategy`` resolves to for a stage, and why (in status, in
+    ``kubetrain estimate`` and in the trainer's log)."""
+
+    strategy: str  # "ddp" or "fsdp"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.strategy}: {self.reason}"
+
+
+def choose_parallelism(stage: Stage, parameters: int) -> ParallelismChoice:
+    """Resolve ``stage.parallelism.strategy`` for a model of ``parameters``: ``auto``
+    shards (FSDP) when weights, gradients and AdamW state (~16 bytes per parameter) take
+    more than half of one GPU's memory, and replicates (DDP) otherwise."""
+    par, res = stage.parallelism, stage.resources
+    state_gb = TRAINING_BYTES_PER_PARAM * parameters / 1e9
+    processes = res.processes * res.nodes
+    if par.strategy != ParallelStrategy.auto:
+        return ParallelismChoice(par.strategy.value, "set in the stage's parallelism.strategy")
+    if par.cpu_offload:
+        return ParallelismChoice("fsdp", "parallelism.cpuOffload needs sharded (FSDP) state")
+    acc = accelerator(res.gpu_type, res.gpus_per_node * res.nodes)
+    if not acc.memory_gb:
+        return ParallelismChoice(
+            "ddp", f"on CPU: {state_gb:.3g} GB of training state in host memory, no GPU to fit"
+        )
+    budget = acc.memory_gb * DDP_MEMORY_SHARE
+    need = f"{state_gb:.3g} GB of weights, gradients and AdamW state (16 B/param)"
+    if state_gb <= budget:
+        return ParallelismChoice(
+            "ddp", f"{need} fit in half of one {acc.name}'s {acc.memory_gb:g} GB: replicated"
+        )
+    return ParallelismChoice(
+        "fsdp",
+        f"{need} exceed half of one {acc.name}'s {acc.memory_gb:g} GB: sharded over "
+        f"{processes} processes, {state_gb / processes:.3g} GB each",
+    )
 
 
 def _arch(model: ModelSpec | Architecture) -> Architecture:
@@ -293,6 +348,7 @@ class StageEstimate:
     co2_grams: float
     mfu: float
     mfu_source: str
+    parallelism: ParallelismChoice | None = None
 
 
 @dataclass(frozen=True)
@@ -411,6 +467,7 @@ def estimate_run(
     there are some, else the calibrated default (:data:`ACCELERATORS`)."""
     _check_mfu(mfu)
     arch = architecture or builtin(spec.model)
+    parameters = parameter_count(arch)
     out = []
     for stage in spec.stages:
         res = stage.resources
@@ -425,21 +482,20 @@ def estimate_run(
             stage.grpo_settings.iterations,
         )
         stage_mfu, source = chosen_mfu(acc, mfu, measured)
-        out.append(
-            estimate_compute(
-                name=stage.name,
-                flops=per_token * tokens,
-                tokens=tokens,
-                steps=steps,
-                acc=acc,
-                gpus=gpus,
-                pricing=spec.pricing,
-                mfu=stage_mfu,
-                mfu_source=source,
-                price_table=price_table,
-            )
+        compute = estimate_compute(
+            name=stage.name,
+            flops=per_token * tokens,
+            tokens=tokens,
+            steps=steps,
+            acc=acc,
+            gpus=gpus,
+            pricing=spec.pricing,
+            mfu=stage_mfu,
+            mfu_source=source,
+            price_table=price_table,
         )
-    return RunEstimate(parameter_count(arch), out)
+        out.append(replace(compute, parallelism=choose_parallelism(stage, parameters)))
+    return RunEstimate(parameters, out)
 
 
 def estimate_params_tokens(

@@ -541,6 +541,73 @@ class GRPO(_Model):
     )
 
 
+class ParallelStrategy(StrEnum):
+    """How a stage's processes share the model."""
+
+    auto = "auto"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class ActivationCheckpointing(StrEnum):
+    """Which activations the backward pass recomputes instead of keeping."""
+
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
+class Parallelism(_Model):
+    """How the model, its gradients and optimizer state are spread over the processes."""
+
+    strategy: ParallelStrategy = Field(
+        ParallelStrategy.auto,
+        json_schema_extra={"maxLength": 8},
+        description="`ddp`: every process holds the whole model, gradients and AdamW "
+        "state (fastest while they fit); `fsdp`: FSDP2, parameters, gradients and "
+        "optimizer state sharded over the processes, each transformer block gathered "
+        "only while it runs; `auto`: `fsdp` when ~16 bytes per parameter (weights, "
+        "gradients, AdamW moments) take more than half of one GPU's memory, else `ddp`.",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="fsdp: keep the sharded parameters, gradients and optimizer state in "
+        "host memory and run AdamW on the CPU (fits a bigger model, trains slower).",
+    )
+    activation_checkpointing: ActivationCheckpointing = Field(
+        ActivationCheckpointing.none,
+        json_schema_extra={"maxLength": 16},
+        description="`none`: keep every activation; `selective`: keep the matmul and "
+        "attention outputs of each transformer block, recompute the cheap element-wise "
+        "ops in the backward pass; `full`: keep only each block's input and recompute the "
+        "block (least memory, ~1/3 more compute).",
+    )
+    async_checkpoint: bool = Field(
+        True,
+        description="fsdp: upload checkpoints in the background while training goes on "
+        "(the step waits only for a copy of the state in host memory); false: training "
+        "waits for every upload.",
+    )
+
+    CEL_RULES: ClassVar[list[dict[str, str]]] = [
+        {
+            "rule": "!self.cpuOffload || self.strategy != 'ddp'",
+            "message": "parallelism.cpuOffload needs strategy fsdp or auto (accepted: "
+            "cpuOffload false with ddp)",
+            "fieldPath": ".cpuOffload",
+        },
+    ]
+
+    @model_validator(mode="after")
+    def _offload_needs_sharding(self) -> Parallelism:
+        if self.cpu_offload and self.strategy == ParallelStrategy.ddp:
+            raise ValueError(
+                "parallelism.cpuOffload=true needs strategy fsdp or auto (got strategy ddp; "
+                "accepted: cpuOffload false with ddp)"
+            )
+        return self
+
+
 class Stage(_Model):
     """One step of the curriculum, run as an Indexed Job."""
 
@@ -576,6 +643,11 @@ class Stage(_Model):
         le=100,
         description="Pod failures retried (resuming from the last checkpoint) before the "
         "run fails.",
+    )
+    parallelism: Parallelism = Field(
+        default_factory=Parallelism,
+        description="How the processes share the model: DDP or FSDP2, CPU offload, "
+        "activation checkpointing, asynchronous checkpoints.",
     )
     grpo: GRPO | None = Field(
         None,
@@ -902,6 +974,10 @@ class Estimate(_Model):
     cost_usd: float = Field(0.0, description="Cost before running.")
     energy_kwh: float = Field(0.0, description="Facility energy (× PUE).")
     co2_grams: float = Field(0.0, description="Grams CO2.")
+    parallelism: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per stage: the strategy `parallelism` resolves to (ddp or fsdp) and why.",
+    )
 
 
 class TrainingRunStatus(_Model):

@@ -29,7 +29,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -289,12 +289,26 @@ class CheckpointManifest(_Record):
 
     FILE: ClassVar[str] = layout.MANIFEST
     INDENT: ClassVar[int | None] = 1
+    # 1.1: ``layout`` and ``worldSize`` (sharded checkpoints); 1.0 manifests read as
+    # layout "torch".
+    FORMAT: ClassVar[str] = "1.1"
 
-    files: dict[str, FileEntry] = Field(..., description="File name -> size and sha256.")
+    files: dict[str, FileEntry] = Field(
+        ..., description="File name (relative to the checkpoint folder) -> size and sha256."
+    )
     step: int | None = Field(None, ge=0)
     run: str | None = None
     stage: str | None = None
     created_at: str | None = Field(None, description="ISO-8601 UTC.")
+    layout: Literal["torch", "dcp"] = Field(
+        "torch",
+        description="`torch`: one torch.save file per part (model.pt, optimizer.pt, ...), "
+        "written by rank 0; `dcp`: torch.distributed.checkpoint shards of every rank in "
+        "model/ and optim/, plus scheduler.pt and trainer.pt.",
+    )
+    world_size: int | None = Field(
+        None, ge=1, description="Processes that wrote a `dcp` checkpoint (any may read it)."
+    )
 
     @property
     def total_bytes(self) -> int:

@@ -60,6 +60,7 @@ def estimate_summary(est: accounting.RunEstimate) -> Estimate:
         cost_usd=round(est.cost_usd, 6),
         energy_kwh=round(est.energy_kwh, 6),
         co2_grams=round(est.co2_grams, 3),
+        parallelism={s.name: str(s.parallelism) for s in est.stages if s.parallelism},
     )
 
 
