@@ -122,6 +122,20 @@ def test_kueue_preemption_is_a_preemption_not_a_failure_and_the_job_is_left_to_k
     assert w.stage_status("pretrain")["preemptions"] == 2
 
 
+def test_an_eviction_seen_before_the_jobs_suspension_shows_the_stage_requeued() -> None:
+    w = queued_world()
+    w.reconcile()
+    w.kueue_admits("pretrain")
+    w.reconcile()
+    w.tick(30)
+    w.kueue_preempts("pretrain")
+    w.job("pretrain")["spec"]["suspend"] = False  # the Job's watch event is late
+    w.reconcile()
+    assert w.stage_status("pretrain")["preemptions"] == 1
+    assert w.condition("Restarting")["reason"] == Reason.PREEMPTED
+    assert w.condition("Queued")["status"] == "True"
+
+
 def test_an_eviction_whose_pods_were_counted_first_is_counted_once() -> None:
     """The pods' exit code (75) can reach the operator before the Workload's eviction."""
     w = queued_world()
@@ -262,3 +276,59 @@ def test_trainer_pods_get_no_token_unless_the_run_asks() -> None:
     assert _pod_spec(spec, OperatorConfig())["automountServiceAccountToken"] is False
     spec["automountServiceAccountToken"] = True
     assert _pod_spec(spec, OperatorConfig())["automountServiceAccountToken"] is True
+
+
+def test_workloads_wake_the_run_whose_job_they_admit() -> None:
+    from kubetrain.operator.controller import ClusterCache
+    from kubetrain.operator.informer import trim_workload
+    from kubetrain.operator.plan.observed import ObservedWorkload
+
+    cache = ClusterCache()
+    job = {
+        "metadata": {
+            "name": "demo-pretrain",
+            "namespace": "ml",
+            "uid": "job-1",
+            "labels": {resources.LABEL_RUN: "demo"},
+        }
+    }
+    workload = {
+        "metadata": {
+            "name": "job-demo-pretrain-1",
+            "namespace": "ml",
+            "uid": "wl-1",
+            "ownerReferences": [{"kind": "Job", "uid": "job-1", "name": "demo-pretrain"}],
+            "managedFields": [{"manager": "kueue"}],
+        },
+        "spec": {"podSets": [{"name": "main", "count": 2}]},
+        "status": {
+            "conditions": [
+                {
+                    "type": "QuotaReserved",
+                    "status": "False",
+                    "reason": "Pending",
+                    "message": "insufficient unused quota for nvidia.com/gpu",
+                    "lastTransitionTime": "2025-01-01T12:00:00Z",
+                }
+            ],
+            "schedulingStats": {
+                "evictions": [
+                    {"reason": "Preempted", "underlyingCause": "", "count": 2},
+                    {"reason": "PodsReadyTimeout", "underlyingCause": "", "count": 1},
+                ]
+            },
+        },
+    }
+    trimmed = trim_workload(workload)
+    assert "spec" not in trimmed and "managedFields" not in trimmed["metadata"]
+    # Before its Job is seen, a Workload wakes nobody (the Job's own event will).
+    assert cache.on_workload(None, trimmed) == set()
+    assert cache.on_child("jobs", None, job) == {("ml", "demo")}
+    assert cache.workloads("ml", "demo") == [trimmed]
+    assert cache.on_workload(trimmed, trimmed) == {("ml", "demo")}
+    seen = ObservedWorkload.from_k8s(trimmed)
+    assert seen is not None
+    assert (seen.job_uid, seen.evictions, seen.admitted) == ("job-1", 3, False)
+    assert seen.waiting == "Pending: insufficient unused quota for nvidia.com/gpu"
+    cache.on_child("jobs", job, None)
+    assert cache.workloads("ml", "demo") == []

@@ -105,7 +105,8 @@ def stage_running(at: StageAt, ctx: WalkContext) -> StageDecision:
     assert job is not None
     now, timeout = ctx.observed.now, ctx.config.stall_timeout_seconds
     st, evicted = kueue_evictions(at, ctx, job, at.status)
-    if job.suspended:
+    # A new eviction seen before the Job's suspension: Kueue is about to suspend it.
+    if job.suspended or evicted is not None:
         if ctx.observed.workload_of(job) is None:
             # Kueue's Workloads are not watched: the stopped pods tell the preemption.
             st, preempted = disrupted_in_place(at, ctx, job, st)
