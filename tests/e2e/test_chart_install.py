@@ -20,6 +20,7 @@ from tests.support.chart import (
     ADMIN_POLICY,
     OPERATOR_LEASES,
     OPERATOR_NAMESPACED,
+    OPERATOR_SECRETS,
     POLICY_IMAGE,
     REPO,
     helm_install,
@@ -111,8 +112,10 @@ def test_operator_service_account_may_do_what_the_operator_does(
     for group, resource, verb in sorted(OPERATOR_LEASES):
         assert _allowed(admin, SA_USER, group, resource, verb, "kubetrain"), verb
         assert not _allowed(admin, SA_USER, group, resource, verb, "default"), verb
-    # Least privilege: no Secret listing, no pod deletion, nothing cluster-scoped.
+    # Least privilege: no Secret read until a namespace grants it (rbac.secretNamespaces
+    # or a team's RoleBinding), no pod deletion, nothing cluster-scoped.
     for group, resource, verb, namespace in [
+        ("", "secrets", "get", "default"),
         ("", "secrets", "list", "default"),
         ("", "pods", "delete", "default"),
         ("kubetrain.dev", "trainingruns", "delete", "default"),
@@ -176,7 +179,7 @@ def test_namespaced_install_grants_only_the_watched_namespaces(control_plane: An
     try:
         admin = control_plane.api_client()
         user = "system:serviceaccount:kt-ns:kt-ns-kubetrain"
-        for group, resource, verb in sorted(OPERATOR_NAMESPACED):
+        for group, resource, verb in sorted(OPERATOR_NAMESPACED | OPERATOR_SECRETS):
             assert _allowed(admin, user, group, resource, verb, "team-a"), (resource, verb)
             assert not _allowed(admin, user, group, resource, verb, "default"), (resource, verb)
         assert not _allowed(admin, user, "kubetrain.dev", "trainingruns", "list", None)

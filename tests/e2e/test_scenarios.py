@@ -720,20 +720,30 @@ def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) 
     release = f"kt-{scenario.namespace[-6:]}"
     op_ns = f"{release}-system"
     e2e.control_plane.create_namespace(op_ns)
-    objects = render(release=release, namespace=op_ns)
+    # The run's namespace grants the operator its Secrets (rbac.secretNamespaces), as a
+    # team's RoleBinding to the chart's secret reader would.
+    objects = render(
+        {"rbac": {"secretNamespaces": [scenario.namespace]}}, release=release, namespace=op_ns
+    )
     sa = next(o for o in objects if o["kind"] == "ServiceAccount")
-    role = next(o for o in objects if o["kind"] == "ClusterRole")
-    binding = next(o for o in objects if o["kind"] == "ClusterRoleBinding")
+    roles = [o for o in objects if o["kind"] == "ClusterRole"]
+    (binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
     assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
     # The Lease rights, in the operator's own namespace only.
     (lease_role,) = [o for o in objects if o["kind"] == "Role"]
-    (lease_binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    (lease_binding, secret_binding) = sorted(
+        (o for o in objects if o["kind"] == "RoleBinding"),
+        key=lambda o: o["roleRef"]["kind"] == "ClusterRole",
+    )
     assert lease_role["metadata"]["namespace"] == op_ns
+    assert secret_binding["metadata"]["namespace"] == scenario.namespace
     core.create_namespaced_service_account(op_ns, sa)
-    rbac.create_cluster_role(role)
+    for role in roles:
+        rbac.create_cluster_role(role)
     rbac.create_cluster_role_binding(binding)
     rbac.create_namespaced_role(op_ns, lease_role)
     rbac.create_namespaced_role_binding(op_ns, lease_binding)
+    rbac.create_namespaced_role_binding(scenario.namespace, secret_binding)
     try:
         token = core.create_namespaced_service_account_token(
             sa["metadata"]["name"],
@@ -755,6 +765,10 @@ def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) 
         with pytest.raises(ApiException) as no_list:
             as_operator.list_namespaced_secret(scenario.namespace)
         assert no_list.value.status == 403
+        # Secrets of a namespace that granted nothing stay unreadable.
+        with pytest.raises(ApiException) as no_get:
+            as_operator.read_namespaced_secret("kubetrain-s3", op_ns)
+        assert no_get.value.status == 403
 
         # As the chart's Deployment sets it: the Lease goes in the operator's namespace.
         op = scenario.start_operator(
@@ -774,5 +788,6 @@ def test_operator_works_with_only_the_charts_rbac(e2e: E2E, scenario: Scenario) 
         for op in scenario.operators:
             op.stop()
         rbac.delete_cluster_role_binding(binding["metadata"]["name"])
-        rbac.delete_cluster_role(role["metadata"]["name"])
+        for role in roles:
+            rbac.delete_cluster_role(role["metadata"]["name"])
         core.delete_namespace(op_ns)

@@ -32,9 +32,13 @@ OPERATOR_NAMESPACED = {
     *(("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")),
     *(("", "pods", v) for v in ("list", "watch")),
     *(("", "services", v) for v in ("get", "list", "watch", "create", "delete")),
-    ("", "secrets", "get"),
     ("", "events", "create"),
 }
+# The runs' credentials Secrets: in namespaced mode in each watched namespace; else
+# through the <release>-secret-reader ClusterRole, bound per namespace.
+OPERATOR_SECRETS = {("", "secrets", "get")}
+# Kueue's Workloads, with kueue.watchWorkloads (auto: when Kueue's API is served).
+OPERATOR_WORKLOADS = {("kueue.x-k8s.io", "workloads", v) for v in ("list", "watch")}
 # Leader election, in the release's namespace only.
 OPERATOR_LEASES = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
 

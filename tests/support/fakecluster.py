@@ -11,7 +11,13 @@ import copy
 import itertools
 from typing import Any
 
-from kubetrain.operator.informer import trim_job, trim_pod, trim_run, trim_service
+from kubetrain.operator.informer import (
+    trim_job,
+    trim_pod,
+    trim_run,
+    trim_service,
+    trim_workload,
+)
 from kubetrain.operator.kube import Conflict
 from kubetrain.operator.resources import LABEL_RUN
 
@@ -36,6 +42,7 @@ class FakeCluster:
         self.jobs_by_name: dict[str, dict[str, Any]] = {}
         self.pod_list: list[dict[str, Any]] = []
         self.services_by_name: dict[str, dict[str, Any]] = {}
+        self.workload_list: list[dict[str, Any]] = []  # Kueue's, when a test plays it
         self.requests: list[tuple[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
         self.stale: dict[str, Any] | None = None  # what the informer shows, if behind
@@ -60,6 +67,14 @@ class FakeCluster:
 
     def services(self, namespace: str, run: str) -> list[dict[str, Any]]:
         return [trim_service(s) for s in self._of(run, list(self.services_by_name.values()))]
+
+    def workloads(self, namespace: str, run: str) -> list[dict[str, Any]]:
+        uids = {j["metadata"].get("uid") for j in self.jobs(namespace, run)}
+        return [
+            trim_workload(w)
+            for w in self.workload_list
+            if any(o.get("uid") in uids for o in w["metadata"].get("ownerReferences") or [])
+        ]
 
     # ---- the API (Writer)
     def _check(self, resource_version: str) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class World:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # by name
     pods: list[dict[str, Any]] = field(default_factory=list)
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # by name
+    workloads: list[dict[str, Any]] = field(default_factory=list)  # Kueue's
     records: dict[str, StageRecords] = field(default_factory=dict)
     now: datetime = T0
     config: OperatorConfig = field(default_factory=OperatorConfig)
@@ -85,6 +86,7 @@ class World:
             self.now,
             self.config,
             observed_services=list(self.services.values()),
+            observed_workloads=self.workloads,
         )
         meta = self.run["metadata"]
         annotations = meta.setdefault("annotations", {})
@@ -110,6 +112,7 @@ class World:
             elif name not in self.jobs:  # 409 AlreadyExists is success
                 job = copy.deepcopy(obj)
                 job["metadata"]["uid"] = f"job-{next(_uids)}"
+                job["metadata"]["creationTimestamp"] = format_time(self.now)
                 job["status"] = {}
                 self.jobs[name] = job
         self.events += p.events
@@ -239,6 +242,67 @@ class World:
         self.records[stage] = StageRecords(
             progress=record, final=StoreAnswer.PRESENT if final else StoreAnswer.ABSENT
         )
+
+    # ---- Kueue's part
+    def workload(self, stage: str) -> dict[str, Any]:
+        """The stage Job's Workload (created on first use), as Kueue makes it."""
+        uid = self.job(stage)["metadata"]["uid"]
+        for w in self.workloads:
+            if w["metadata"]["ownerReferences"][0]["uid"] == uid:
+                return w
+        w = {
+            "metadata": {
+                "name": f"job-{stage}-{uid}",
+                "uid": f"wl-{next(_uids)}",
+                "ownerReferences": [{"kind": "Job", "uid": uid}],
+            },
+            "status": {"conditions": []},
+        }
+        self.workloads.append(w)
+        return w
+
+    def _set(self, w: dict[str, Any], type_: str, status: str, reason: str, msg: str) -> None:
+        conds = [c for c in w["status"]["conditions"] if c["type"] != type_]
+        conds.append(
+            {
+                "type": type_,
+                "status": status,
+                "reason": reason,
+                "message": msg,
+                "lastTransitionTime": format_time(self.now),
+            }
+        )
+        w["status"]["conditions"] = conds
+
+    def kueue_waits(self, stage: str, message: str) -> None:
+        """No quota: the Job stays suspended."""
+        self._set(self.workload(stage), "QuotaReserved", "False", "Pending", message)
+
+    def kueue_admits(self, stage: str) -> None:
+        """Quota reserved and admitted: Kueue unsuspends the Job, whose pods run."""
+        w = self.workload(stage)
+        self._set(w, "QuotaReserved", "True", "QuotaReserved", "reserved")
+        self._set(w, "Admitted", "True", "Admitted", "admitted by ClusterQueue gpus")
+        self._set(w, "Evicted", "False", "Admitted", "")
+        self.job(stage)["spec"]["suspend"] = False
+        self.pods_running(stage, keep_old=True)
+
+    def kueue_preempts(self, stage: str) -> None:
+        """Eviction: the Workload's Evicted condition and count, the Job suspended; its
+        pods get SIGTERM, and their trainers checkpoint and exit 75."""
+        w = self.workload(stage)
+        self._set(w, "Evicted", "True", "Preempted", "Preempted to accommodate a workload")
+        self._set(w, "Admitted", "False", "NoReservation", "")
+        self._set(w, "QuotaReserved", "False", "Pending", "insufficient unused quota")
+        stats = w["status"].setdefault("schedulingStats", {"evictions": []})["evictions"]
+        if not stats:
+            stats.append({"reason": "Preempted", "underlyingCause": "", "count": 0})
+        stats[0]["count"] += 1
+        job = self.job(stage)
+        job["spec"]["suspend"] = True
+        job["status"] = {"active": 0}
+        while self.live_pods(stage):
+            self.pod_checkpointed(stage, 0)
 
     def store_down(self, stage: str, error: str = "cannot reach the S3 endpoint") -> None:
         self.records[stage] = StageRecords.unknown(error)

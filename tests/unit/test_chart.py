@@ -20,6 +20,8 @@ from tests.support.chart import (
     KUBE_VERSION,
     OPERATOR_LEASES,
     OPERATOR_NAMESPACED,
+    OPERATOR_SECRETS,
+    OPERATOR_WORKLOADS,
     REPO,
     alert_rules,
     by_kind,
@@ -228,6 +230,7 @@ def test_default_install_objects(rendered: dict[str, list[dict[str, Any]]]) -> N
             "ConfigMap",
             "ConfigMap",
             "ClusterRole",
+            "ClusterRole",  # the secret reader, bound in no namespace by default
             "ClusterRoleBinding",
             "Role",
             "RoleBinding",
@@ -321,14 +324,38 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
     objects = rendered["default"]
-    role = one(objects, "ClusterRole")
+    role = one(objects, "ClusterRole", "kubetrain")
     assert _rules(role) == OPERATOR_NAMESPACED
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "kubetrain", "namespace": "kubetrain"}
     ]
+    # No Secret of the cluster is readable until a namespace grants it.
+    reader = one(objects, "ClusterRole", "kubetrain-secret-reader")
+    assert _rules(reader) == OPERATOR_SECRETS
+    assert not [b for b in by_kind(objects, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"]
     _assert_lease_role(objects)
+
+
+def test_secrets_are_granted_per_namespace_or_cluster_wide_only_when_asked() -> None:
+    per_namespace = render({"rbac": {"secretNamespaces": ["team-a", "team-b"]}})
+    bindings = [
+        b for b in by_kind(per_namespace, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"
+    ]
+    assert {b["metadata"]["namespace"] for b in bindings} == {"team-a", "team-b"}
+    assert {b["roleRef"]["name"] for b in bindings} == {"kubetrain-secret-reader"}
+    assert len(by_kind(per_namespace, "ClusterRoleBinding")) == 1
+    everywhere = render({"rbac": {"clusterWideSecretRead": True}})
+    binding = one(everywhere, "ClusterRoleBinding", "kubetrain-secret-reader")
+    assert binding["subjects"][0]["name"] == "kubetrain"
+
+
+def test_kueue_workloads_are_read_only_and_only_when_wanted() -> None:
+    role = one(render({"kueue": {"watchWorkloads": True}}), "ClusterRole", "kubetrain")
+    assert _rules(role) == OPERATOR_NAMESPACED | OPERATOR_WORKLOADS
+    # auto: helm template has no cluster to ask, so Kueue's API is not there.
+    assert _rules(one(render(), "ClusterRole", "kubetrain")) == OPERATOR_NAMESPACED
 
 
 def _assert_lease_role(objects: list[dict[str, Any]]) -> None:
@@ -359,7 +386,7 @@ def test_namespaced_mode_grants_only_the_watched_namespaces(
     }
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     for ns, role in roles.items():
-        assert _rules(role) == OPERATOR_NAMESPACED, ns
+        assert _rules(role) == OPERATOR_NAMESPACED | OPERATOR_SECRETS, ns
         assert bindings[ns]["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",

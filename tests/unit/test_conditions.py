@@ -24,6 +24,7 @@ def test_condition_types_keep_their_wire_values() -> None:
         "StorageReachable",
         "Running",
         "Restarting",
+        "Queued",
         "Suspended",
         "BudgetExceeded",
         "SpecChangeRefused",

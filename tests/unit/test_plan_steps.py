@@ -265,14 +265,14 @@ def test_account_banks_gpu_seconds_of_a_finished_attempt() -> None:
     ]
     observed = planner.Observed(
         jobs={"pretrain": job(uid="new-job")},
-        pods=[running_pod("new-job")],
+        pods=[running_pod("new-job"), running_pod("new-job")],
         services=[],
         records={},
         now=T0 + timedelta(seconds=10),
     )
     stages = planner.account(s, before, observed, costing.pricing, {})
-    # 1000 s banked from the old Job + 1 pod × 8 GPUs × 10 s of the new one.
-    assert stages[0].gpu_seconds == pytest.approx(1000 + 80)
+    # 1000 s banked from the old Job + 2 pods × 8 GPUs × 10 s of the new one.
+    assert stages[0].gpu_seconds == pytest.approx(1000 + 160)
     assert stages[0].cost_usd > 0
     assert stages[0].ledger == StageLedger(job="new-job", banked=1000.0)
     assert stages[1] == before[1]  # no news of sft: untouched

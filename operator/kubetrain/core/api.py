@@ -742,6 +742,20 @@ class TrainingRunSpec(_Model):
         ge=0,
         description="Delete the run's Jobs and Services this long after it finished.",
     )
+    queue_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Kueue LocalQueue (in the run's namespace) that admits each stage's Job "
+        "as one gang; the run's `kueue.x-k8s.io/queue-name` label when unset. Without "
+        "either, Jobs start at once (no queueing).",
+    )
+    automount_service_account_token: bool = Field(
+        False,
+        description="Mount the pods' ServiceAccount token; off by default, since the trainer "
+        "does not call the Kubernetes API.",
+    )
 
     CEL_RULES: ClassVar[list[dict[str, str]]] = [
         {
@@ -885,6 +899,17 @@ class StageLedger(_Model):
         None,
         description="When the pods of the last counted disruption stopped (pods created "
         "before then belong to it).",
+    )
+    workload: str | None = Field(
+        None, description="UID of the Kueue Workload whose evictions `evictions` counts."
+    )
+    evictions: int = Field(
+        0, description="Evictions of that Workload already counted as preemptions."
+    )
+    gang_releases: int = Field(
+        0,
+        description="Jobs released in a row because their gang was not scheduled within "
+        "gangScheduleTimeoutSeconds (the backoff before the next grows with it).",
     )
 
     model_config = ConfigDict(

@@ -19,6 +19,7 @@ class ConditionType:
     STORAGE_REACHABLE: Final = "StorageReachable"
     RUNNING: Final = "Running"
     RESTARTING: Final = "Restarting"
+    QUEUED: Final = "Queued"
     SUSPENDED: Final = "Suspended"
     BUDGET_EXCEEDED: Final = "BudgetExceeded"
     SPEC_CHANGE_REFUSED: Final = "SpecChangeRefused"
@@ -36,6 +37,7 @@ CONDITION_ORDER: Final = (
     ConditionType.STORAGE_REACHABLE,
     ConditionType.RUNNING,
     ConditionType.RESTARTING,
+    ConditionType.QUEUED,
     ConditionType.SUSPENDED,
     ConditionType.BUDGET_EXCEEDED,
     ConditionType.SPEC_CHANGE_REFUSED,
@@ -78,6 +80,11 @@ class Reason:
     NO_RESTART_PENDING: Final = "NoRestartPending"  # Restarting False: the run stopped
     NOT_OWNED: Final = "NotOwned"  # ChildConflict: a Job or Service of ours is someone's
     CHILDREN_OWNED: Final = "ChildrenOwned"
+    QUEUED: Final = "Queued"  # Queued True (no Workload reason yet), Running False
+    ADMITTED: Final = "Admitted"  # Queued False: Kueue admitted the stage's Job
+    NOT_QUEUED: Final = "NotQueued"  # Queued False: the run has no Job waiting in a queue
+    GANG_TIMEOUT: Final = "GangScheduleTimeout"  # Restarting: the gang was released
+    ENDPOINT_NOT_ALLOWED: Final = "EndpointNotAllowed"  # StorageConfigured False
 
     # Events only
     STAGE_STARTED: Final = "StageStarted"
@@ -87,3 +94,5 @@ class Reason:
     STAGE_PREEMPTED: Final = "StagePreempted"
     WAITING_FOR_PODS: Final = "WaitingForOldPods"
     SUSPENDING: Final = "Suspending"
+    STAGE_QUEUED: Final = "StageQueued"
+    GANG_RELEASED: Final = "GangReleased"

@@ -181,10 +181,14 @@ class ProgressReader:
         interval: float,
         clock: Callable[[], float] = time.monotonic,
         on_requests: Callable[[int], None] | None = None,
+        endpoint_allowed: Callable[[str | None], bool] = lambda _: True,
     ):
         self.secrets = secrets
         self.stores = stores
         self.interval = interval
+        # The operator connects only to endpoints its configuration allows: a run
+        # naming another is refused by the plan, and never read from.
+        self.endpoint_allowed = endpoint_allowed
         self._clock = clock
         self._on_requests = on_requests
         self._lock = threading.Lock()
@@ -207,7 +211,7 @@ class ProgressReader:
         states = {s: v for s, v in owned.items() if s in wanted.stages}
         had = last.jobs if last is not None else {}
         stages = [s for s in wanted.stages if s in states or s in had]
-        if wanted.s3 is None or not stages:
+        if wanted.s3 is None or not stages or not self.endpoint_allowed(wanted.s3.endpoint):
             self.forget(key)
             return {}
         now = self._clock()
@@ -289,9 +293,11 @@ class ArchitectureReader:
         retry_after: float,
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = MAX_ARCHITECTURES,
+        endpoint_allowed: Callable[[str | None], bool] = lambda _: True,
     ):
         self.secrets = secrets
         self.stores = stores
+        self.endpoint_allowed = endpoint_allowed
         self.retry_after = retry_after
         self._clock = clock
         self._max = max_entries
@@ -307,6 +313,8 @@ class ArchitectureReader:
         stages = {planner.ObservedJob.from_k8s(j).stage for j in jobs}
         spec = planner.choose_spec(run, stages).spec
         if spec is None or spec.model.from_ is None or spec.storage.s3 is None:
+            return None
+        if not self.endpoint_allowed(spec.storage.s3.endpoint):
             return None
         uri = spec.model.from_
         if not uri.startswith("s3://"):

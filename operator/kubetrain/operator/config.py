@@ -9,11 +9,26 @@ tests). Manifest fields win over these defaults: ``spec.image`` over ``image``,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
-from kubetrain.core.api import Pricing, format_errors, wire_name
+from kubetrain.core.api import (
+    LabelKey,
+    LabelValue,
+    Pricing,
+    Toleration,
+    format_errors,
+    wire_name,
+)
 
 
 class ConfigError(ValueError):
@@ -107,7 +122,33 @@ class OperatorConfig(BaseModel):
     shm_size: str = Field("8Gi", description="Size limit of the /dev/shm emptyDir (NCCL).")
     service_account: str | None = Field(
         None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="ServiceAccount of trainer pods (the namespace default when unset).",
+    )
+    default_node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        description="Node labels every trainer pod requires (e.g. a GPU node pool), merged "
+        "under the stage's own nodeSelector (the stage wins on the same key).",
+    )
+    default_tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Tolerations every trainer pod gets (e.g. of the GPU nodes' taint), "
+        "before the stage's own.",
+    )
+    allowed_s3_endpoints: list[Annotated[str, StringConstraints(pattern=r"^https?://.+$")]] = Field(
+        default_factory=list,
+        description="The spec.storage.s3.endpoint values runs may use (exact URLs; AWS, "
+        "no endpoint, is always allowed); a run naming another is refused with condition "
+        "StorageConfigured False. Empty: any endpoint.",
+    )
+    gang_schedule_timeout_seconds: float = Field(
+        600.0,
+        ge=0,
+        le=86400,
+        description="A multi-node stage outside a Kueue queue whose pods are not all "
+        "running this long after its Job was created is released (Job deleted, GPUs "
+        "freed) and tried again after a backoff, not counted as a failure (0: never).",
     )
     server_timeout_seconds: int = Field(
         60,
@@ -215,6 +256,14 @@ def load_config(path: str | None) -> OperatorConfig:
         return OperatorConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: " + "; ".join(format_errors(exc))) from None
+
+
+def endpoint_allowed(endpoint: str | None, config: OperatorConfig) -> bool:
+    """Whether a run may use the S3 ``endpoint`` (None: AWS, always allowed); a trailing
+    slash makes no difference."""
+    if endpoint is None or not config.allowed_s3_endpoints:
+        return True
+    return endpoint.rstrip("/") in {e.rstrip("/") for e in config.allowed_s3_endpoints}
 
 
 def effective_pricing(pricing: Pricing, config: OperatorConfig) -> Pricing:

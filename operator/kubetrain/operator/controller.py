@@ -29,7 +29,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetrain.core import api
 from kubetrain.operator import resources
 from kubetrain.operator.caches import ArchitectureReader, ProgressReader, SecretCache, StoreCache
-from kubetrain.operator.config import OperatorConfig
+from kubetrain.operator.config import OperatorConfig, endpoint_allowed
 from kubetrain.operator.handlers import Reconciler
 from kubetrain.operator.informer import (
     Informer,
@@ -40,6 +40,7 @@ from kubetrain.operator.informer import (
     trim_pod,
     trim_run,
     trim_service,
+    trim_workload,
     wait_synced,
 )
 from kubetrain.operator.kube import Conflict, KubeApi
@@ -56,6 +57,24 @@ JOBS = Resource("jobs", "/apis/batch/v1", "jobs")
 PODS = Resource("pods", "/api/v1", "pods")
 SERVICES = Resource("services", "/api/v1", "services")
 CHILDREN = {JOBS.name: trim_job, PODS.name: trim_pod, SERVICES.name: trim_service}
+KUEUE_GROUP = "kueue.x-k8s.io"
+# The Workload versions whose fields the plan reads (conditions, admission,
+# schedulingStats), newest first.
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")
+
+
+def workloads_resource(version: str) -> Resource:
+    return Resource("workloads", f"/apis/{KUEUE_GROUP}/{version}", "workloads")
+
+
+def workload_job_uid(obj: Object) -> str | None:
+    """The uid of the Job a Kueue Workload admits (its owner), or None."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("uid"):
+            return str(ref["uid"])
+    return None
+
+
 # The run changed since the copy a write was planned from: its watch event is on the
 # way and re-queues it; this is the fallback should that event be missed.
 CONFLICT_RETRY_SECONDS = 1.0
@@ -76,6 +95,9 @@ class ClusterCache:
         self._lock = threading.Lock()
         self._runs: dict[Key, Object] = {}
         self._children: dict[str, dict[Key, dict[str, Object]]] = {k: {} for k in CHILDREN}
+        # Kueue's Workloads by the uid of the Job they admit, and that Job's run.
+        self._workloads: dict[str, Object] = {}
+        self._job_runs: dict[str, Key] = {}
 
     def on_run(self, old: Object | None, new: Object | None) -> Key:
         key = object_key(new or old or {})
@@ -96,10 +118,36 @@ class ClusterCache:
                 if not index.get(key, True):
                     del index[key]
                 runs.add(key)
+                if kind == JOBS.name:
+                    self._job_runs.pop(str(old["metadata"].get("uid")), None)
             if new is not None and (key := run_of(new)) is not None:
                 index.setdefault(key, {})[object_key(new)[1]] = new
                 runs.add(key)
+                if kind == JOBS.name:
+                    self._job_runs[str(new["metadata"].get("uid"))] = key
         return runs
+
+    def on_workload(self, old: Object | None, new: Object | None) -> set[Key]:
+        """Index a Workload's change; the run whose Job it admits (none while that Job
+        is not in the cache: its own event queues the run)."""
+        runs: set[Key] = set()
+        with self._lock:
+            if old is not None and (uid := workload_job_uid(old)) is not None:
+                self._workloads.pop(uid, None)
+                if uid in self._job_runs:
+                    runs.add(self._job_runs[uid])
+            if new is not None and (uid := workload_job_uid(new)) is not None:
+                self._workloads[uid] = new
+                if uid in self._job_runs:
+                    runs.add(self._job_runs[uid])
+        return runs
+
+    def workloads(self, namespace: str, run: str) -> list[dict[str, Any]]:
+        """The Workloads of the run's Jobs (none without Kueue)."""
+        with self._lock:
+            jobs = self._children[JOBS.name].get((namespace, run), {}).values()
+            uids = [str(j["metadata"].get("uid")) for j in jobs]
+            return [self._workloads[u] for u in uids if u in self._workloads]
 
     def run(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -127,12 +175,15 @@ class ClusterCache:
             out = {"runs": len(self._runs)}
             for kind, index in self._children.items():
                 out[kind] = sum(len(v) for v in index.values())
+            if self._workloads:
+                out["workloads"] = len(self._workloads)
             return out
 
 
 class Controller:
     """Informers, work queue, workers and leader election for ``namespaces`` (empty:
-    all namespaces)."""
+    all namespaces). ``kueue_version``: the served version of Kueue's API, whose
+    Workloads are then watched too (None: Kueue is not installed)."""
 
     def __init__(
         self,
@@ -145,6 +196,7 @@ class Controller:
         lease_namespace: str,
         progress: ProgressReader | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        kueue_version: str | None = None,
     ):
         self.kube = kube
         self.config = config
@@ -157,6 +209,7 @@ class Controller:
             StoreCache(),
             config.poll_interval_seconds,
             on_requests=metrics.store_requests.inc,
+            endpoint_allowed=lambda endpoint: endpoint_allowed(endpoint, config),
         )
         self.reconciler = Reconciler(
             self.cache,
@@ -165,9 +218,13 @@ class Controller:
             metrics,
             self.progress,
             architectures=ArchitectureReader(
-                self.progress.secrets, self.progress.stores, config.poll_interval_seconds
+                self.progress.secrets,
+                self.progress.stores,
+                config.poll_interval_seconds,
+                endpoint_allowed=self.progress.endpoint_allowed,
             ),
         )
+        self.kueue_version = kueue_version
         self.informers = self._informers(list(namespaces) or [None])
         self.elector: LeaderElector | None = None
         if config.leader_election:
@@ -212,12 +269,29 @@ class Controller:
                         server_timeout=timeout,
                     )
                 )
+            if self.kueue_version is not None:
+                # Workloads carry no label of the run: all of the namespace's, kept
+                # trimmed (conditions and eviction counts only).
+                out.append(
+                    Informer(
+                        self.kube,
+                        workloads_resource(self.kueue_version),
+                        ns,
+                        self._on_workload,
+                        transform=trim_workload,
+                        server_timeout=timeout,
+                    )
+                )
         return out
 
     # ---- events
     def _on_run(self, old: Object | None, new: Object | None) -> None:
         # Deletions too: the reconcile of a run that is gone forgets it.
         self.queue.add(self.cache.on_run(old, new))
+
+    def _on_workload(self, old: Object | None, new: Object | None) -> None:
+        for key in self.cache.on_workload(old, new):
+            self.queue.add(key)
 
     def _child_handler(self, kind: str) -> Callable[[Object | None, Object | None], None]:
         def handler(old: Object | None, new: Object | None) -> None:

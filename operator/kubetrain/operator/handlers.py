@@ -76,6 +76,7 @@ class Cache(Protocol):
     def jobs(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
     def pods(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
     def services(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
+    def workloads(self, namespace: str, run: str) -> list[dict[str, Any]]: ...
 
 
 class Writer(Protocol):
@@ -305,6 +306,7 @@ class Reconciler:
         jobs = self.cache.jobs(namespace, name)
         pods = self.cache.pods(namespace, name)
         services = self.cache.services(namespace, name)
+        workloads = self.cache.workloads(namespace, name)
         records = self.progress.read(run, jobs)
         with self._lock:
             accrued = self._accrued.get(key)
@@ -322,6 +324,7 @@ class Reconciler:
             self.config,
             observed_services=services,
             architecture=architecture,
+            observed_workloads=workloads,
         )
         taken_jobs, taken_services = self.taken_names(run, p.create)
         if taken_jobs or taken_services:
@@ -335,6 +338,7 @@ class Reconciler:
                 self.config,
                 observed_services=services + taken_services,
                 architecture=architecture,
+                observed_workloads=workloads,
             )
         self.apply(run, p, jobs, services)
         if p.previous_status is not None and p.run_status is not None:

@@ -338,6 +338,7 @@ JOB_META = (
     "labels",
     "annotations",
     "ownerReferences",
+    "creationTimestamp",
     "deletionTimestamp",
     "generation",
 )
@@ -366,3 +367,24 @@ def trim_run(run: Mapping[str, Any]) -> Object:
     meta.pop("managedFields", None)
     out["metadata"] = meta
     return out
+
+
+WORKLOAD_META = ("name", "namespace", "uid", "ownerReferences")
+
+
+def trim_workload(workload: Mapping[str, Any]) -> Object:
+    """A Kueue Workload's owner (the Job it admits), its conditions (QuotaReserved,
+    Admitted, Evicted with their reasons and messages), the ClusterQueue that admitted it
+    and its eviction counts; the rest (pod sets, resource usage) is not kept."""
+    status = workload.get("status") or {}
+    out_status: dict[str, Any] = {}
+    conditions = _conditions(status, POD_CONDITION)
+    if conditions:
+        out_status["conditions"] = conditions
+    cluster_queue = (status.get("admission") or {}).get("clusterQueue")
+    if cluster_queue:
+        out_status["admission"] = {"clusterQueue": cluster_queue}
+    evictions = (status.get("schedulingStats") or {}).get("evictions")
+    if evictions:
+        out_status["schedulingStats"] = {"evictions": evictions}
+    return {"metadata": _meta(workload, WORKLOAD_META), "status": out_status}

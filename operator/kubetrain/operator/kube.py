@@ -180,6 +180,28 @@ class KubeApi:
             raw.close()
             raw.release_conn()
 
+    def served_version(self, group: str, versions: tuple[str, ...]) -> str | None:
+        """The first of ``versions`` the API server serves for ``group`` (discovery,
+        open to every authenticated client); None when it serves none of them."""
+        try:
+            found = self._request("GET", f"/apis/{group}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        served = {str(v.get("version")) for v in found.get("versions") or []}
+        return next((v for v in versions if v in served), None)
+
+    def may_list(self, path: str) -> bool:
+        """Whether a list of ``path`` is allowed (one object asked for); False on 403."""
+        try:
+            self._request("GET", path, query={"limit": "1"})
+        except ApiException as exc:
+            if exc.status == 403:
+                return False
+            raise
+        return True
+
     # ---- runs
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

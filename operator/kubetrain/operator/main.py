@@ -89,6 +89,37 @@ def _version() -> str:
         return "dev"
 
 
+def kueue_version(kube_api: Any, namespaces: Sequence[str]) -> str | None:
+    """The Kueue API version whose Workloads the operator watches: the one served, when
+    the operator may list Workloads in every namespace it watches; None otherwise (the
+    queue of a run still works, the condition Queued then lacks Kueue's reason). Kueue
+    installed later is seen after a restart of the operator."""
+    from kubetrain.operator.controller import KUEUE_GROUP, KUEUE_VERSIONS, workloads_resource
+
+    version = kube_api.served_version(KUEUE_GROUP, KUEUE_VERSIONS)
+    if version is None:
+        log.info("Kueue is not installed (no %s API): runs cannot name a queue", KUEUE_GROUP)
+        return None
+    resource = workloads_resource(version)
+    denied = [
+        ns or "all namespaces"
+        for ns in (namespaces or [None])
+        if not kube_api.may_list(resource.path(ns))
+    ]
+    if denied:
+        log.warning(
+            "Kueue %s is installed but the operator may not list its Workloads in %s: "
+            "queued stages show no reason from Kueue (grant list and watch on "
+            "workloads.%s, chart value kueue.rbac)",
+            version,
+            ", ".join(denied),
+            KUEUE_GROUP,
+        )
+        return None
+    log.info("Kueue %s is installed: watching its Workloads", version)
+    return version
+
+
 def cli_operator(args: argparse.Namespace) -> int:
     """Run the operator until SIGTERM/SIGINT."""
     from kubetrain.operator import handlers, kube
@@ -125,6 +156,7 @@ def cli_operator(args: argparse.Namespace) -> int:
         namespaces=namespaces,
         identity=me,
         lease_namespace=lease_namespace(config, namespaces),
+        kueue_version=kueue_version(kube_api, namespaces),
     )
     if args.metrics_port:
         metrics.serve(args.metrics_port)

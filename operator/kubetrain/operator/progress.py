@@ -122,10 +122,27 @@ def _progress(store: ObjectStore, key: str, what: str) -> ProgressRecord | None:
         return None
 
 
-def pod_gpu_seconds(pods: list[dict[str, Any]], gpus_per_pod: int, now: datetime) -> float:
+def gang_start(pods: list[dict[str, Any]], gang: int) -> datetime | None:
+    """When the Job's gang of ``gang`` pods first had all its pods started (the
+    ``gang``-th ``status.startTime``); None while it never had."""
+    starts = sorted(
+        t for t in (parse_time((p.get("status") or {}).get("startTime")) for p in pods) if t
+    )
+    return starts[gang - 1] if len(starts) >= gang else None
+
+
+def pod_gpu_seconds(
+    pods: list[dict[str, Any]], gpus_per_pod: int, now: datetime, gang: int = 1
+) -> float:
     """GPUs × seconds each pod has held them: from ``status.startTime`` until its
-    container terminated (or now, while it runs)."""
+    container terminated (or now, while it runs). For a gang of several pods, only from
+    when all of them had started (``gang_start``): pods waiting for the rest of their
+    gang train nothing, and a gang released because it was never scheduled whole
+    (``gangScheduleTimeoutSeconds``) costs nothing."""
     if gpus_per_pod <= 0:
+        return 0.0
+    floor = gang_start(pods, gang) if gang > 1 else None
+    if gang > 1 and floor is None:
         return 0.0
     total = 0.0
     for pod in pods:
@@ -133,6 +150,8 @@ def pod_gpu_seconds(pods: list[dict[str, Any]], gpus_per_pod: int, now: datetime
         start = parse_time(status.get("startTime"))
         if start is None:
             continue  # not yet bound to a node: no GPU allocated
+        if floor is not None:
+            start = max(start, floor)
         end = None
         for cs in status.get("containerStatuses") or []:
             finished = parse_time(

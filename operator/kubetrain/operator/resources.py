@@ -26,6 +26,9 @@ LABEL_GPU_TYPE = "kubetrain.dev/gpu-type"
 # kubetrain.operator.plan).
 ANNOTATION_ATTEMPT = "kubetrain.dev/attempt"
 ANNOTATION_STAGE_INDEX = "kubetrain.dev/stage-index"
+# Kueue's labels: the LocalQueue that admits a Job, and its WorkloadPriorityClass.
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"
 GPU_RESOURCE = "nvidia.com/gpu"
 CONTAINER_NAME = "trainer"
 TRAINER_COMMAND = ["python", "-m", "kubetrain_trainer"]
@@ -147,6 +150,22 @@ def pod_failure_policy() -> dict[str, Any]:
     }
 
 
+def _placement(res: api.Resources, config: OperatorConfig) -> dict[str, Any]:
+    """nodeSelector and tolerations of a stage's pods: the operator's defaults (an
+    administrator's GPU pool), then the stage's own (which win on the same label key)."""
+    out: dict[str, Any] = {}
+    node_selector = {**config.default_node_selector, **res.node_selector}
+    if res.gpu_type:
+        node_selector[LABEL_GPU_TYPE] = res.gpu_type
+    if node_selector:
+        out["nodeSelector"] = node_selector
+    tolerations = [api.dump(t) for t in config.default_tolerations]
+    tolerations += [t for t in map(api.dump, res.tolerations) if t not in tolerations]
+    if tolerations:
+        out["tolerations"] = tolerations
+    return out
+
+
 def build_job(
     spec: TrainingRunSpec,
     index: int,
@@ -157,8 +176,14 @@ def build_job(
     config: OperatorConfig,
     attempt: int = 0,
     suspend: bool = False,
+    queue: str | None = None,
+    priority_class: str | None = None,
 ) -> dict[str, Any]:
     """The Indexed Job of stage ``index``: ``nodes`` pods started together.
+
+    With a Kueue ``queue`` (and ``priority_class``) the Job is created suspended and
+    labelled for that LocalQueue: Kueue admits it (all its pods or none) by unsuspending
+    it, and suspends it again to preempt it. The operator never unsuspends it itself.
 
     ``backoffLimit`` is 0 on purpose: with several ranks, one failed pod leaves the
     others hanging in collectives, so the whole gang must restart. The Job fails at the
@@ -179,9 +204,6 @@ def build_job(
         store_root=spec.storage.s3.uri(),
         master_addr=contract.master_address(name, name),
     )
-    node_selector = dict(res.node_selector)
-    if res.gpu_type:
-        node_selector[LABEL_GPU_TYPE] = res.gpu_type
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image or config.image,
@@ -221,14 +243,18 @@ def build_job(
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size}}
         ],
     }
-    if node_selector:
-        pod_spec["nodeSelector"] = node_selector
-    if res.tolerations:
-        pod_spec["tolerations"] = [api.dump(t) for t in res.tolerations]
+    pod_spec.update(_placement(res, config))
     if config.service_account:
         pod_spec["serviceAccountName"] = config.service_account
+    # The trainer never calls the Kubernetes API: no token in its pods unless asked.
+    pod_spec["automountServiceAccountToken"] = spec.automount_service_account_token
     meta = _metadata(name, namespace, run, stage.name, uid)
     meta["annotations"] = {ANNOTATION_ATTEMPT: str(attempt), ANNOTATION_STAGE_INDEX: str(index)}
+    if queue:
+        meta["labels"][LABEL_QUEUE] = queue
+        if priority_class:
+            meta["labels"][LABEL_PRIORITY_CLASS] = priority_class
+        suspend = True
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

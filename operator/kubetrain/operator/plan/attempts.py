@@ -123,7 +123,7 @@ def attempt_failed(at: StageAt, ctx: WalkContext) -> StageDecision:
     counted = {
         "restarts": restarts,
         "completed_without_final": 0,
-        "ledger": with_counted(ledger_of(st), job.uid),
+        "ledger": with_counted(ledger_of(st), job.uid).model_copy(update={"gang_releases": 0}),
     }
     if restarts > stage.max_restarts:
         return StageDecision(

@@ -23,6 +23,8 @@ class WalkContext:
     course: Course
     observed: Observed
     config: OperatorConfig
+    queue: str | None = None  # the Kueue LocalQueue of the run's Jobs (None: none)
+    priority_class: str | None = None  # its WorkloadPriorityClass
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,14 @@ class Restart:
     message: str
 
 
+@dataclass(frozen=True)
+class Queued:
+    """A stage waits for admission: condition Queued True with this reason and message."""
+
+    reason: str
+    message: str
+
+
 @dataclass
 class StageDecision:
     """What a stage's situation calls for."""
@@ -69,6 +79,7 @@ class StageDecision:
     restarting: Restart | None = None
     requeue_after: float | None = None  # seconds until something is due (a backoff)
     conflict: str | None = None  # a child's name is taken by an object not the run's
+    queued: Queued | None = None  # the stage's Job waits for admission by Kueue
 
 
 def running_if_should_run(ctx: WalkContext) -> RunPhase | None:

@@ -94,7 +94,12 @@ def account(
         st = apply_record(stage, spec.model, stages[i], rec.progress if rec else None)
         banked, ledger = banked_gpu_seconds(ledger, st, job.uid if job else None)
         current = (
-            pod_gpu_seconds(observed.pods_of(job), stage.resources.gpus_per_node, observed.now)
+            pod_gpu_seconds(
+                observed.pods_of(job),
+                stage.resources.gpus_per_node,
+                observed.now,
+                gang=stage.resources.nodes,
+            )
             if job
             else 0.0
         )

@@ -60,6 +60,9 @@ class ObservedJob:
     deleting: bool
     completion_time: str | None
     nodes: int = 1  # pods of the gang (parallelism)
+    suspended: bool = False  # spec.suspend: waiting for (or preempted by) Kueue
+    queue: str = ""  # the Kueue LocalQueue it was submitted to ("" : none)
+    created: str = ""  # creationTimestamp (the API server's clock)
 
     @classmethod
     def from_k8s(cls, obj: dict[str, Any]) -> ObservedJob:
@@ -88,6 +91,64 @@ class ObservedJob:
             deleting=bool(meta.get("deletionTimestamp")),
             completion_time=status.get("completionTime"),
             nodes=int((obj.get("spec") or {}).get("parallelism") or 1),
+            suspended=bool((obj.get("spec") or {}).get("suspend")),
+            queue=str((meta.get("labels") or {}).get(resources.LABEL_QUEUE) or ""),
+            created=str(meta.get("creationTimestamp") or ""),
+        )
+
+
+def _true(conditions: Mapping[str, Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
+    cond = conditions.get(type_)
+    return cond if cond is not None and cond.get("status") == "True" else None
+
+
+@dataclass(frozen=True)
+class ObservedWorkload:
+    """What Kueue says of a stage's Job: its Workload (owned by the Job)."""
+
+    uid: str
+    job_uid: str
+    admitted: bool  # condition Admitted True: the Job may run
+    waiting: str  # why it waits (QuotaReserved False: reason and message), "" when not
+    evicted: str  # why it was evicted last (Evicted True), "" when it was not
+    evictions: int  # how often it was evicted (schedulingStats), ever
+    evicted_at: str = ""  # when condition Evicted last became True ("" : never)
+    cluster_queue: str = ""  # the ClusterQueue that admitted it
+
+    @classmethod
+    def from_k8s(cls, obj: Mapping[str, Any]) -> ObservedWorkload | None:
+        """The Workload, or None when it is not a Job's."""
+        meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+        job_uid = next(
+            (
+                str(ref.get("uid") or "")
+                for ref in meta.get("ownerReferences") or []
+                if ref.get("kind") == "Job"
+            ),
+            "",
+        )
+        if not job_uid:
+            return None
+        conds = {c.get("type"): c for c in status.get("conditions") or []}
+        reserved = conds.get("QuotaReserved") or {}
+        waiting = ""
+        if reserved.get("status") == "False":
+            waiting = f"{reserved.get('reason') or 'Pending'}: {reserved.get('message') or ''}"
+        evicted = _true(conds, "Evicted") or {}
+        counts = (status.get("schedulingStats") or {}).get("evictions") or []
+        return cls(
+            uid=str(meta.get("uid") or ""),
+            job_uid=job_uid,
+            admitted=_true(conds, "Admitted") is not None,
+            waiting=waiting.rstrip(": "),
+            evicted=(
+                f"{evicted.get('reason') or 'Evicted'}: {evicted.get('message') or ''}".rstrip(": ")
+                if evicted
+                else ""
+            ),
+            evictions=sum(int(e.get("count") or 0) for e in counts),
+            evicted_at=str(evicted.get("lastTransitionTime") or ""),
+            cluster_queue=str((status.get("admission") or {}).get("clusterQueue") or ""),
         )
 
 
@@ -199,6 +260,7 @@ class Observed:
     records: Mapping[str, StageRecords]  # by stage: only the stages that were read
     now: datetime
     foreign: list[Foreign] = field(default_factory=list)
+    workloads: dict[str, ObservedWorkload] = field(default_factory=dict)  # by Job uid
 
     @classmethod
     def of(
@@ -209,8 +271,10 @@ class Observed:
         services: list[dict[str, Any]] | None,
         now: datetime,
         run_uid: str = "",
+        workloads: list[dict[str, Any]] | None = None,
     ) -> Observed:
         services = services or []
+        observed_workloads = [w for w in map(ObservedWorkload.from_k8s, workloads or []) if w]
         return cls(
             jobs={
                 j.stage: j
@@ -222,7 +286,12 @@ class Observed:
             now=now,
             foreign=[_foreign("Job", j) for j in jobs if not owned_by(j, run_uid)]
             + [_foreign("Service", s) for s in services if not owned_by(s, run_uid)],
+            workloads={w.job_uid: w for w in observed_workloads},
         )
+
+    def workload_of(self, job: ObservedJob) -> ObservedWorkload | None:
+        """Kueue's Workload of ``job``, None while there is none (or no Kueue)."""
+        return self.workloads.get(job.uid)
 
     def pods_of(self, job: ObservedJob) -> list[dict[str, Any]]:
         """The pods ``job`` owns."""

@@ -8,7 +8,8 @@ from kubetrain.core.api import RunPhase, StagePhase, StageStatus, TrainingRunSta
 from kubetrain.core.conditions import ConditionType, Reason
 from kubetrain.operator.plan.budget import Course
 from kubetrain.operator.plan.conditions import Conditions, condition_of
-from kubetrain.operator.plan.context import Restart
+from kubetrain.operator.plan.context import Queued, Restart
+from kubetrain.operator.plan.queueing import queued_condition
 from kubetrain.operator.plan.result import NORMAL, WARNING, Event
 from kubetrain.operator.plan.stages import Walk
 
@@ -72,6 +73,7 @@ def running_condition(
     course: Course,
     conds: Conditions,
     restarting: Restart | None = None,
+    queued: Queued | None = None,
 ) -> None:
     """Condition Running: True while a stage trains, else False with the reason why
     not (after condition Failed is set, whose reason it repeats)."""
@@ -80,6 +82,8 @@ def running_condition(
         conds.set(type_, True, Reason.RUNNING, f"stage {current!r} is training")
     elif phase == RunPhase.Pending and restarting is not None:
         conds.set(type_, False, restarting.reason, restarting.message)
+    elif phase == RunPhase.Pending and queued is not None:
+        conds.set(type_, False, Reason.QUEUED, queued.message)
     elif phase == RunPhase.Pending:
         conds.set(type_, False, Reason.PENDING, f"stage {current!r} is waiting for its pods")
     elif phase == RunPhase.Succeeded:
@@ -167,9 +171,12 @@ def outcome_conditions(
     """Step 6, the conditions that follow from the run's phase, and their events."""
     events = failed_condition(outcome, course, conds)
     events += succeeded_condition(outcome.phase, walk.stages, old, conds)
-    running_condition(outcome.phase, walk.current, course, conds, walk.restarting)
+    running_condition(
+        outcome.phase, walk.current, course, conds, walk.restarting, queued=walk.queued
+    )
     restarting_condition(outcome.phase, walk, conds)
     events += suspended_condition(outcome.phase, course, old, conds)
+    events += queued_condition(walk.queued, outcome.phase, old, conds)
     events += conflict_condition(walk.conflict, old, conds)
     events += stalled_condition(walk.stalled, old, conds)
     return events

@@ -17,6 +17,7 @@ from kubetrain.operator.plan.context import WalkContext
 from kubetrain.operator.plan.costs import account, estimate_summary, price, stage_statuses, totals
 from kubetrain.operator.plan.observed import Observed, RunRef
 from kubetrain.operator.plan.outcome import FINISHED, outcome_conditions, run_outcome
+from kubetrain.operator.plan.queueing import Queueing
 from kubetrain.operator.plan.result import Plan
 from kubetrain.operator.plan.spec import (
     applied_spec_json,
@@ -66,6 +67,7 @@ def plan(
     config: OperatorConfig,
     observed_services: list[dict[str, Any]] | None = None,
     architecture: Architecture | None = None,
+    observed_workloads: list[dict[str, Any]] | None = None,
 ) -> Plan:
     """Decide what to do for ``run`` given what exists (``architecture``: the config.json
     of a Hugging Face ``model.from`` once it could be read); see the package docstring
@@ -74,7 +76,13 @@ def plan(
     if meta.get("deletionTimestamp"):
         return Plan()  # ownerReferences: the garbage collector removes the children
     observed = Observed.of(
-        observed_jobs, observed_pods, records, observed_services, now, meta.get("uid", "")
+        observed_jobs,
+        observed_pods,
+        records,
+        observed_services,
+        now,
+        meta.get("uid", ""),
+        observed_workloads,
     )
     old = previous_status(run)
     draft = _Draft(old, now, meta.get("generation"))
@@ -97,7 +105,7 @@ def plan(
         status.estimate = estimate_summary(costing.estimate)
     out.events += created_condition(spec, status.estimate, conds)
     stages = stage_statuses(spec, old.stages)
-    if not storage_condition(spec, conds):
+    if not storage_condition(spec, conds, config):
         status.stages, status.phase = stages, RunPhase.Pending
         return draft.finish(spec)
     out.events += storage_reachable_condition(observed.records, old, conds)
@@ -107,7 +115,17 @@ def plan(
     out.events += budget_condition(budget, spec, old, conds)
     course = Course(old.phase in FINISHED, spec.suspend, budget, spec.budget.action)
 
-    walk = walk_stages(WalkContext(RunRef.of(meta), spec, course, observed, config), stages, old)
+    queueing = Queueing.of(meta, spec)
+    ctx = WalkContext(
+        RunRef.of(meta),
+        spec,
+        course,
+        observed,
+        config,
+        queue=queueing.queue,
+        priority_class=queueing.priority_class,
+    )
+    walk = walk_stages(ctx, stages, old)
     out.create, out.delete, out.events = walk.create, walk.delete, out.events + walk.events
     outcome = run_outcome(walk, course)
     out.events += outcome_conditions(outcome, walk, course, old, conds)

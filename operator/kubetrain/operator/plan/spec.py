@@ -23,6 +23,7 @@ from kubetrain.core.api import (
     TrainingRunStatus,
 )
 from kubetrain.core.conditions import ConditionType, Reason
+from kubetrain.operator.config import OperatorConfig, endpoint_allowed
 from kubetrain.operator.plan.conditions import Conditions, condition_of
 from kubetrain.operator.plan.observed import ObservedJob, owned_by
 from kubetrain.operator.plan.result import NORMAL, WARNING, Event
@@ -243,9 +244,24 @@ def created_condition(spec: TrainingRunSpec, estimate: Estimate, conds: Conditio
     return [Event(NORMAL, Reason.CREATED, f"TrainingRun accepted: {stages}")]
 
 
-def storage_condition(spec: TrainingRunSpec, conds: Conditions) -> bool:
-    """Whether the run has a store; condition StorageConfigured False when it has none
+def storage_condition(
+    spec: TrainingRunSpec, conds: Conditions, config: OperatorConfig | None = None
+) -> bool:
+    """Whether the run has a store it may use; condition StorageConfigured False when it
+    has none, or names an endpoint the operator's ``allowedS3Endpoints`` does not list
     (set True again only once it had been False)."""
+    s3 = spec.storage.s3
+    if s3 is not None and config is not None and not endpoint_allowed(s3.endpoint, config):
+        allowed = ", ".join(config.allowed_s3_endpoints)
+        conds.set(
+            ConditionType.STORAGE_CONFIGURED,
+            False,
+            Reason.ENDPOINT_NOT_ALLOWED,
+            f"spec.storage.s3.endpoint={s3.endpoint!r} is not allowed on this cluster "
+            f"(accepted: no endpoint, for AWS S3, or one of: {allowed}); nothing is "
+            "started until it is changed",
+        )
+        return False
     if spec.storage.s3 is None:
         conds.set(
             ConditionType.STORAGE_CONFIGURED,

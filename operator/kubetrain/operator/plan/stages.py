@@ -13,17 +13,21 @@ from kubetrain.core.conditions import Reason
 from kubetrain.operator import resources
 from kubetrain.operator.plan.attempts import (
     disrupted_in_place,
+    ledger_of,
     stage_completed_without_final,
     stage_failed,
 )
 from kubetrain.operator.plan.context import (
+    Queued,
     Restart,
     StageAt,
     StageDecision,
     WalkContext,
     running_if_should_run,
 )
+from kubetrain.operator.plan.gang import gang_timed_out
 from kubetrain.operator.plan.observed import pod_name, pod_running
+from kubetrain.operator.plan.queueing import kueue_evictions, stage_queued
 from kubetrain.operator.plan.result import NORMAL, Delete, Event
 from kubetrain.operator.progress import (
     StoreAnswer,
@@ -91,15 +95,32 @@ def stage_stopping(at: StageAt, ctx: WalkContext) -> StageDecision:
 
 
 def stage_running(at: StageAt, ctx: WalkContext) -> StageDecision:
-    """Its Job runs: Running once every pod of the gang runs (and none is on its way
-    out), else Pending; stalled when its progress record has not changed for
-    stallTimeoutSeconds while it runs. Pods disrupted meanwhile count a preemption
-    (``disrupted_in_place``)."""
+    """Its Job exists and the run may train: queued while the Job is suspended (waiting
+    for Kueue, ``stage_queued``); else Running once every pod of the gang runs (and none
+    is on its way out), Pending before, released when its gang is not scheduled in time
+    (``gang_timed_out``); stalled when its progress record has not changed for
+    stallTimeoutSeconds while it runs. Pods disrupted meanwhile, and Kueue's evictions,
+    count a preemption (``disrupted_in_place``, ``kueue_evictions``)."""
     job = at.job
     assert job is not None
     now, timeout = ctx.observed.now, ctx.config.stall_timeout_seconds
-    st, preempted = disrupted_in_place(at, ctx, job, at.status)
+    st, evicted = kueue_evictions(at, ctx, job, at.status)
+    # A new eviction seen before the Job's suspension: Kueue is about to suspend it.
+    if job.suspended or evicted is not None:
+        if ctx.observed.workload_of(job) is None:
+            # Kueue's Workloads are not watched: the stopped pods tell the preemption.
+            st, preempted = disrupted_in_place(at, ctx, job, st)
+            if preempted is not None:
+                evicted = "its pods were stopped while the Job was suspended"
+        return stage_queued(at, ctx, job, st, evicted)
+    st, preempted = disrupted_in_place(at, ctx, job, st)
     running = sum(1 for p in ctx.observed.pods_of(job) if pod_running(p)) >= job.nodes
+    if not running:
+        released = gang_timed_out(at, ctx, job, st)
+        if released is not None:
+            return released
+    elif ledger_of(st).gang_releases:
+        st = st.model_copy(update={"ledger": ledger_of(st).model_copy(update={"gang_releases": 0})})
     updated = record_updated_at(at.record.progress if at.record else None)
     stalled = None
     if running and updated is not None and timeout > 0:
@@ -165,15 +186,24 @@ def _backoff(at: StageAt, ctx: WalkContext) -> StageDecision | None:
         return None
     left = (due - ctx.observed.now).total_seconds()
     st = at.status
+    releases = ledger_of(st).gang_releases
+    restart = Restart(
+        Reason.FAILURE_BACKOFF,
+        f"stage {at.stage.name!r}: attempt {st.restarts + 1} starts at "
+        f"{st.next_attempt_time} (in {left:.0f}s), after failure "
+        f"{st.restarts}/{at.stage.max_restarts}",
+    )
+    if releases:
+        restart = Restart(
+            Reason.GANG_TIMEOUT,
+            f"stage {at.stage.name!r}: its pods were not all scheduled in time ({releases} "
+            f"in a row); the Job is created again at {st.next_attempt_time} "
+            f"(in {left:.0f}s)",
+        )
     return StageDecision(
         st.model_copy(update={"phase": StagePhase.Pending}),
         phase=RunPhase.Pending,
-        restarting=Restart(
-            Reason.FAILURE_BACKOFF,
-            f"stage {at.stage.name!r}: attempt {st.restarts + 1} starts at "
-            f"{st.next_attempt_time} (in {left:.0f}s), after failure "
-            f"{st.restarts}/{at.stage.max_restarts}",
-        ),
+        restarting=restart,
         requeue_after=left,
     )
 
@@ -235,6 +265,8 @@ def stage_without_job(at: StageAt, ctx: WalkContext) -> StageDecision:
                 uid=run.uid,
                 config=ctx.config,
                 attempt=st.restarts,
+                queue=ctx.queue,
+                priority_class=ctx.priority_class,
             ),
         ],
         events=[
@@ -285,6 +317,7 @@ class Walk:
     restarting: Restart | None = None
     requeue_after: float | None = None
     conflict: str | None = None
+    queued: Queued | None = None
 
     def take(self, index: int, decision: StageDecision) -> None:
         self.stages[index] = decision.status
@@ -298,6 +331,7 @@ class Walk:
         self.trains = decision.trains
         self.restarting = decision.restarting or self.restarting
         self.conflict = decision.conflict or self.conflict
+        self.queued = decision.queued or self.queued
         if decision.requeue_after is not None:
             self.requeue_after = min(decision.requeue_after, self.requeue_after or float("inf"))
 
