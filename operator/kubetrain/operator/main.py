@@ -96,21 +96,18 @@ def kueue_version(kube_api: Any, namespaces: Sequence[str]) -> str | None:
     installed later is seen after a restart of the operator."""
     from kubetrain.operator.controller import KUEUE_GROUP, KUEUE_VERSIONS, workloads_resource
 
-    version = kube_api.served_version(KUEUE_GROUP, KUEUE_VERSIONS)
+    version: str | None = kube_api.served_version(KUEUE_GROUP, KUEUE_VERSIONS)
     if version is None:
         log.info("Kueue is not installed (no %s API): runs cannot name a queue", KUEUE_GROUP)
         return None
     resource = workloads_resource(version)
-    denied = [
-        ns or "all namespaces"
-        for ns in (namespaces or [None])
-        if not kube_api.may_list(resource.path(ns))
-    ]
+    scopes: Sequence[str | None] = namespaces or [None]  # None: every namespace
+    denied = [ns or "all namespaces" for ns in scopes if not kube_api.may_list(resource.path(ns))]
     if denied:
         log.warning(
             "Kueue %s is installed but the operator may not list its Workloads in %s: "
             "queued stages show no reason from Kueue (grant list and watch on "
-            "workloads.%s, chart value kueue.rbac)",
+            "workloads.%s, chart value kueue.watchWorkloads)",
             version,
             ", ".join(denied),
             KUEUE_GROUP,
