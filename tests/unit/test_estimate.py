@@ -264,3 +264,19 @@ def test_grpo_estimate_counts_sampling_and_the_reference_by_hand() -> None:
     rollout = (forward + forward) / 2
     assert stage.tokens == tokens
     assert stage.flops == pytest.approx(tokens * (train + reference + rollout))
+
+
+def test_params_and_tokens_say_how_the_model_is_split_and_how_many_gpus_it_needs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A 70B model's 1.1 TB of training state: sharded, and on one H100 it cannot fit,
+    so the estimate says how many it takes; an 8B one fits replicated on one H200."""
+    assert main(["estimate", "--params", "70e9", "--tokens", "15e12"]) == 0
+    out = capsys.readouterr().out
+    assert "parallelism of pretrain: fsdp" in out
+    assert "does not fit: needs at least 28 h100 GPUs, or cpuOffload" in out
+    assert main(["estimate", "--params", "70e9", "--tokens", "15e12", "--gpus", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "sharded over 64 processes, 17.5 GB each" in out and "does not fit" not in out
+    assert main(["estimate", "--params", "3e9", "--tokens", "1e11", "--gpu", "h200"]) == 0
+    assert "parallelism of pretrain: ddp" in capsys.readouterr().out

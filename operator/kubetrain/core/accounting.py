@@ -177,13 +177,18 @@ def choose_parallelism(stage: Stage, parameters: int) -> ParallelismChoice:
     shards (FSDP) when weights, gradients and AdamW state (~16 bytes per parameter) take
     more than half of one GPU's memory, and replicates (DDP) otherwise."""
     par, res = stage.parallelism, stage.resources
-    state_gb = TRAINING_BYTES_PER_PARAM * parameters / 1e9
-    processes = res.processes * res.nodes
     if par.strategy != ParallelStrategy.auto:
         return ParallelismChoice(par.strategy.value, "set in the stage's parallelism.strategy")
     if par.cpu_offload:
         return ParallelismChoice("fsdp", "parallelism.cpuOffload needs sharded (FSDP) state")
     acc = accelerator(res.gpu_type, res.gpus_per_node * res.nodes)
+    return auto_parallelism(parameters, acc, res.processes * res.nodes)
+
+
+def auto_parallelism(parameters: float, acc: Accelerator, processes: int) -> ParallelismChoice:
+    """What ``auto`` picks for ``parameters`` on ``processes`` accelerators ``acc``, and,
+    when even sharded state does not fit, how many it would take."""
+    state_gb = TRAINING_BYTES_PER_PARAM * parameters / 1e9
     if not acc.memory_gb:
         return ParallelismChoice(
             "ddp", f"on CPU: {state_gb:.3g} GB of training state in host memory, no GPU to fit"
@@ -194,11 +199,15 @@ def choose_parallelism(stage: Stage, parameters: int) -> ParallelismChoice:
         return ParallelismChoice(
             "ddp", f"{need} fit in half of one {acc.name}'s {acc.memory_gb:g} GB: replicated"
         )
-    return ParallelismChoice(
-        "fsdp",
+    reason = (
         f"{need} exceed half of one {acc.name}'s {acc.memory_gb:g} GB: sharded over "
-        f"{processes} processes, {state_gb / processes:.3g} GB each",
+        f"{processes} processes, {state_gb / processes:.3g} GB each"
     )
+    if state_gb / processes > budget:
+        # The same share as DDP's: the rest of each GPU is for activations and buffers.
+        fewest = math.ceil(state_gb / budget)
+        reason += f"; does not fit: needs at least {fewest:,} {acc.name} GPUs, or cpuOffload"
+    return ParallelismChoice("fsdp", reason)
 
 
 def _arch(model: ModelSpec | Architecture) -> Architecture:
@@ -526,7 +535,7 @@ def estimate_params_tokens(
         mfu=stage_mfu,
         mfu_source=source,
     )
-    return RunEstimate(int(params), [est])
+    return RunEstimate(int(params), [replace(est, parallelism=auto_parallelism(params, acc, gpus))])
 
 
 def human(x: float, unit: str = "") -> str:
