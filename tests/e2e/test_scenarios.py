@@ -33,15 +33,15 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kubetrain.core import api
-from kubetrain.core.crd import render_crd
 from tests.cluster.podrunner import PodRunner
 from tests.e2e.scenario_harness import (
-    RUNNER_KEY,
     RUNNER_NODES,
     JobWatcher,
     Scenario,
     StatusSampler,
+    add_runner_nodes,
     condition,
+    install_crd,
     new_scenario,
     stage_status,
     tiny_curriculum,
@@ -64,55 +64,13 @@ class E2E:
     s3: S3Server
 
 
-def _install_crd(admin: client.ApiClient) -> None:
-    """The CRD generated from kubetrain.core.api (what `kubetrain crd` and the chart ship);
-    replaced when another test installed an older copy."""
-    ext = client.ApiextensionsV1Api(admin)
-    crd = yaml.safe_load(render_crd())
-    name = crd["metadata"]["name"]
-    try:
-        ext.create_custom_resource_definition(crd)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        crd["metadata"]["resourceVersion"] = ext.read_custom_resource_definition(
-            name
-        ).metadata.resource_version
-        ext.replace_custom_resource_definition(name, crd)
-    wait_for(
-        lambda: any(
-            c.type == "Established" and c.status == "True"
-            for c in ext.read_custom_resource_definition(name).status.conditions or []
-        ),
-        timeout=60,
-        what="the TrainingRun CRD becoming Established",
-    )
-
-
-def _add_runner_nodes(control_plane: Any, admin: client.ApiClient) -> None:
-    core = client.CoreV1Api(admin)
-    for node in RUNNER_NODES:
-        try:
-            core.read_node(node)
-            continue  # a previous module of this session added it
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-        control_plane.add_gpu_node(
-            node,
-            gpus=4,
-            labels={RUNNER_KEY: "true"},
-            taints=[client.V1Taint(key=RUNNER_KEY, value="true", effect="NoSchedule")],
-        )
-
-
 @pytest.fixture(scope="module")
 def e2e(control_plane: Any, s3_server: S3Server) -> Iterator[E2E]:
     """The shared control plane with the CRD, two fake GPU nodes and a PodRunner on them.
     One trainer thread per process: two busy cores are shared with everything else."""
     admin = control_plane.api_client()
-    _install_crd(admin)
-    _add_runner_nodes(control_plane, admin)
+    install_crd(admin)
+    add_runner_nodes(control_plane, admin)
     runner = PodRunner(admin, set(RUNNER_NODES), extra_env={"OMP_NUM_THREADS": "1"}).start()
     try:
         yield E2E(control_plane, admin, runner, s3_server)
