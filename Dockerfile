@@ -87,8 +87,8 @@ RUN /opt/tools/bin/pip wheel --disable-pip-version-check --quiet --no-deps \
 
 # ---------------------------------------------------------------- operator image
 FROM runtime AS operator
-RUN groupadd --system --gid 10001 kubetrain \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+RUN groupadd --gid 10001 kubetrain \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin kubetrain
 COPY --from=operator-build /opt/venv /opt/venv
 # Numeric, so that the kubelet can check runAsNonRoot without reading /etc/passwd.
