@@ -48,16 +48,27 @@ RUN --mount=type=secret,id=pip-ca \
     && /opt/tools/bin/pip install --disable-pip-version-check --quiet \
         -r requirements/image-build.txt \
     && python3 -m venv --without-pip /opt/venv
-COPY pyproject.toml README.md ./
-COPY images/requirements.py images/pip-install.sh images/
+COPY images/pip-install.sh images/
 # Bytecode checked against a hash of the source, not its mtime, so that it stays valid
 # whatever time the image's files carry and a container (read-only in the chart) never
 # compiles at start-up: pip writes such bytecode when SOURCE_DATE_EPOCH is set (its
 # value, ZIP's epoch, is for wheel builds only; the images' timestamps are the build's).
 ENV SOURCE_DATE_EPOCH=315532800
 
+# ---------------------------------------------------------------- requirements of each image
+# The extras' requirements, from pyproject.toml, in a stage of their own: the installs
+# below depend on these lists only, so that editing anything else in pyproject.toml (or
+# the README it names) does not reinstall ~4 GB of packages.
+FROM runtime AS requirements
+COPY pyproject.toml images/requirements.py /src/
+RUN mkdir /extras \
+    && for extra in operator trainer; do \
+        python3 /src/requirements.py /src/pyproject.toml "$extra" > "/extras/$extra.txt"; \
+    done
+
 # ---------------------------------------------------------------- trainer: build stages
 FROM builder AS trainer-build
+COPY --from=requirements /extras/trainer.txt extras/
 # The trainer's code is not in /opt/venv but in /opt/kubetrain, on the venv's path by a
 # .pth file: a layer of its own, so that a code change rebuilds and ships kilobytes, not
 # the ~4 GB of packages.
@@ -75,8 +86,10 @@ RUN python3 -m compileall -q --invalidation-mode checked-hash /opt/kubetrain
 
 # ---------------------------------------------------------------- operator: build stage
 FROM builder AS operator-build
+COPY --from=requirements /extras/operator.txt extras/
 RUN --mount=type=secret,id=pip-ca --mount=type=cache,target=/var/cache/kubetrain-wheels \
     images/pip-install.sh operator
+COPY pyproject.toml README.md ./
 COPY operator/kubetrain/ operator/kubetrain/
 COPY trainer_image/kubetrain_trainer/ trainer_image/kubetrain_trainer/
 # The distribution itself (the `kubetrain` command), built with the pinned setuptools.

@@ -1,7 +1,8 @@
 #!/bin/sh
 # images/pip-install.sh EXTRA: the Dockerfile's install of the third-party packages that
-# kubetrain's EXTRA needs (images/requirements.py) into /opt/venv, at the versions of
-# requirements/constraints.txt, from wheels only. Runs in the build stage (/src).
+# kubetrain's EXTRA needs (extras/EXTRA.txt, written by images/requirements.py) into
+# /opt/venv, at the versions of requirements/constraints.txt, from wheels only. Runs in
+# the build stage (/src).
 #
 # Wheels are downloaded into $WHEELS, the build's cache mount, and installed from there
 # alone: a wheel already there is not fetched again. (pip's own HTTP cache cannot be
@@ -12,9 +13,7 @@ WHEELS=${WHEELS:-/var/cache/kubetrain-wheels}
 if [ -s /run/secrets/pip-ca ]; then
     export PIP_CERT=/run/secrets/pip-ca  # a TLS-intercepting network's CA, never stored
 fi
-python3 images/requirements.py pyproject.toml "$extra" >"/tmp/requirements-$extra.txt"
 set -- --disable-pip-version-check --only-binary=:all: \
-    -c requirements/constraints.txt -c requirements/image-build.txt \
-    -r "/tmp/requirements-$extra.txt"
+    -c requirements/constraints.txt -c requirements/image-build.txt -r "extras/$extra.txt"
 /opt/tools/bin/pip download --quiet --progress-bar off --dest "$WHEELS" "$@"
 /opt/tools/bin/pip --python /opt/venv/bin/python install --no-index --find-links "$WHEELS" "$@"

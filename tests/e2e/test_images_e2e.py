@@ -44,7 +44,7 @@ def built() -> images.Images:
 
 
 @pytest.fixture(scope="module")
-def image_runner(control_plane: Any, built: images.Images) -> Iterator[PodRunner]:
+def image_runner(built: images.Images, control_plane: Any) -> Iterator[PodRunner]:
     """PodRunner in image mode on this module's fake GPU node. One thread per trainer:
     two busy cores are shared with everything else."""
     admin = control_plane.api_client()

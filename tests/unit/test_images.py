@@ -71,6 +71,25 @@ def test_installs_are_pinned_and_from_cached_wheels(stage: str, extra: str) -> N
     assert "install --no-index --find-links" in script
 
 
+@pytest.mark.parametrize("stage", ["trainer-build", "operator-build"])
+def test_the_package_installs_depend_only_on_their_requirements(stage: str) -> None:
+    """What is copied before the ~4 GB install is its cache key: the extra's requirement
+    list, the pins and the install script, never the README or the code."""
+    before: list[str] = []
+    for st in ("builder", stage):
+        for keyword, args in stages()[st]:
+            if keyword == "RUN" and "pip-install.sh" in args:
+                break
+            if keyword == "COPY":
+                before.append(args)
+    extra = stage.removesuffix("-build")
+    assert before == [
+        "requirements/ requirements/",
+        "images/pip-install.sh images/",
+        f"--from=requirements /extras/{extra}.txt extras/",
+    ]
+
+
 def test_make_images_names_the_charts_defaults() -> None:
     out = subprocess.run(
         ["bash", "images/build.sh", "--names"],
