@@ -109,15 +109,12 @@ USER 10001:10001
 # The chart mounts the root filesystem read-only and an emptyDir at /tmp.
 EXPOSE 8080 8081
 ENTRYPOINT ["kubetrain", "operator", "--config", "/etc/kubetrain/config.yaml"]
-ARG VERSION=dev REVISION=unknown CREATED=1970-01-01T00:00:00Z BASE
+# Version, revision, creation time and base come from `make images` (--label): a label
+# built from an ARG would be taken from the build cache with a stale value.
 LABEL org.opencontainers.image.title="kubetrain-operator" \
       org.opencontainers.image.description="kubetrain's Kubernetes operator: runs TrainingRun curricula as GPU Jobs" \
       org.opencontainers.image.source="https://github.com/kubetrain/kubetrain" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.base.name="${BASE}"
+      org.opencontainers.image.licenses="Apache-2.0"
 
 # ---------------------------------------------------------------- trainer image
 FROM runtime AS trainer
@@ -136,12 +133,7 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # Prometheus metrics (kubetrain.core.contract.METRICS_PORT).
 EXPOSE 9400
 ENTRYPOINT ["python", "-m", "kubetrain_trainer"]
-ARG VERSION=dev REVISION=unknown CREATED=1970-01-01T00:00:00Z BASE
 LABEL org.opencontainers.image.title="kubetrain-trainer" \
       org.opencontainers.image.description="kubetrain's trainer: one stage of a TrainingRun (pretrain, SFT, DPO) with PyTorch, CUDA bundled" \
       org.opencontainers.image.source="https://github.com/kubetrain/kubetrain" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.base.name="${BASE}"
+      org.opencontainers.image.licenses="Apache-2.0"

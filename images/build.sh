@@ -115,9 +115,10 @@ BASE=$(choose_base)
 build_args=(
     --file Dockerfile
     --build-arg "BASE=$BASE"
-    --build-arg "VERSION=$VERSION"
-    --build-arg "REVISION=$REVISION"
-    --build-arg "CREATED=$CREATED"
+    --label "org.opencontainers.image.version=$VERSION"
+    --label "org.opencontainers.image.revision=$REVISION"
+    --label "org.opencontainers.image.created=$CREATED"
+    --label "org.opencontainers.image.base.name=$BASE"
 )
 if [ "$engine_name" = podman ]; then
     build_args+=(--format oci --timestamp "$SOURCE_DATE_EPOCH")

@@ -90,6 +90,17 @@ def test_the_package_installs_depend_only_on_their_requirements(stage: str) -> N
     ]
 
 
+def test_labels_that_change_per_build_are_not_cached() -> None:
+    """A LABEL of an ARG is reused from the build cache with its old value (podman), so
+    the version, revision and time come from `make images` as --label."""
+    for target in ("operator", "trainer"):
+        (label,) = instruction(target, "LABEL")
+        assert "${" not in label and f'title="kubetrain-{target}"' in label
+    script = (REPO / "images" / "build.sh").read_text()
+    for key in ("version", "revision", "created", "base.name"):
+        assert f'--label "org.opencontainers.image.{key}=' in script, key
+
+
 def test_make_images_names_the_charts_defaults() -> None:
     out = subprocess.run(
         ["bash", "images/build.sh", "--names"],
