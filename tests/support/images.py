@@ -62,12 +62,29 @@ def is_built(image: str) -> bool:
     )
 
 
+@functools.cache
+def checkout_revision() -> str | None:
+    """The commit this checkout is at; None outside a git checkout."""
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def require(image: str) -> str:
-    """``image`` if it is built; else the test is skipped with the reason and the fix."""
+    """``image`` if it is built from this checkout's commit; else the test is skipped with
+    the reason and the fix. The engine's image store is the host's, shared by every
+    checkout on it: an image another checkout built tests that checkout's code."""
     if shutil.which("podman") is None and shutil.which("docker") is None:
         pytest.skip("image tests: neither podman nor docker is installed (make test-images)")
     if not is_built(image):
         pytest.skip(f"image tests: {image} is not built (make images, or make test-images)")
+    labels = inspect(image)["Config"].get("Labels") or {}
+    built_from = labels.get("org.opencontainers.image.revision", "unknown")
+    head = checkout_revision()
+    if head is not None and built_from.removesuffix("-dirty") != head:
+        pytest.skip(
+            f"image tests: {image} was built from {built_from[:12]}, this checkout is at "
+            f"{head[:12]} (make images, or make test-images)"
+        )
     return image
 
 
