@@ -111,22 +111,36 @@ choose_base() {
     echo "$LOCAL_BASE"
 }
 
+# The per-build labels on IMAGE, in a build of its own that adds no layer. Not as --label
+# of the main build: podman (4.x) reuses a fully cached target that is not the
+# Dockerfile's last stage (the operator) with the labels of the build that made it, so
+# the operator image would name an old revision.
+relabel() {
+    local context
+    context=$(mktemp -d)
+    printf 'FROM %s\n' "$1" > "$context/Dockerfile"
+    "${ENGINE[@]}" build --quiet --no-cache "${label_args[@]}" "${time_args[@]}" \
+        --tag "$1" "$context" >/dev/null
+    rm -rf "$context"
+}
+
 BASE=$(choose_base)
-build_args=(
-    --file Dockerfile
-    --build-arg "BASE=$BASE"
+build_args=(--file Dockerfile --build-arg "BASE=$BASE")
+# What changes with every commit; set by `relabel` below, never through the build cache.
+label_args=(
     --label "org.opencontainers.image.version=$VERSION"
     --label "org.opencontainers.image.revision=$REVISION"
     --label "org.opencontainers.image.created=$CREATED"
     --label "org.opencontainers.image.base.name=$BASE"
 )
 if [ "$engine_name" = podman ]; then
-    build_args+=(--format oci --timestamp "$SOURCE_DATE_EPOCH")
+    time_args=(--format oci --timestamp "$SOURCE_DATE_EPOCH")
 else
     # BuildKit: secrets, cache mounts, and SOURCE_DATE_EPOCH for the image's timestamps.
     export DOCKER_BUILDKIT=1
-    build_args+=(--build-arg "SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH")
+    time_args=(--build-arg "SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH")
 fi
+build_args+=("${time_args[@]}")
 ca=${PIP_CA_BUNDLE:-${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
 if [ -s "$ca" ]; then
     build_args+=(--secret "id=pip-ca,src=$ca")
@@ -137,6 +151,7 @@ for target in operator trainer; do
     echo "== $image (target $target, base $BASE, $engine_name)"
     start=$(date +%s)
     "${ENGINE[@]}" build "${build_args[@]}" --target "$target" --tag "$image" .
+    relabel "$image"
     echo "   built in $(($(date +%s) - start)) s"
 done
 
