@@ -214,3 +214,18 @@ def test_engine_gives_podman_runc_and_limits_the_host_allows(tmp_path: Path) -> 
     # Commands that start no container get no limits; a cgroup v2 host keeps its runtime.
     assert _engine_argv(tmp_path, "image", "ls") == [*argv[:2], "image", "ls"]
     assert _engine_argv(tmp_path, "ps", cgroup_v1=False) == ["ps"]
+
+
+def test_every_package_of_the_source_tree_is_in_the_distribution() -> None:
+    """The operator image installs kubetrain's wheel, not the source tree: a subpackage
+    that pyproject.toml does not list is missing there (and from `pip install .`) while
+    every test that imports the checkout passes."""
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    roots = PYPROJECT["tool"]["setuptools"]["package-dir"]
+    found = {
+        ".".join((top, *init.parent.relative_to(REPO / folder).parts))
+        for top, folder in roots.items()
+        for init in (REPO / folder).rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found - listed == set(), "add them to [tool.setuptools] packages in pyproject.toml"
