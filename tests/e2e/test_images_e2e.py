@@ -28,6 +28,7 @@ from tests.e2e.scenario_harness import (
 )
 from tests.support import images
 from tests.support.services import S3Service
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.images]
 
@@ -99,7 +100,20 @@ def test_curriculum_runs_in_the_operator_and_trainer_images(
     checkpoint in the S3 store. The operator exits 0 on SIGTERM, as on a Deployment rollout."""
     operator = scenario.start_operator_container(built)
     scenario.create_run(tiny_curriculum("tiny", steps=20, checkpoint_every=10, runner=RUNNER))
-    status = scenario.wait_phase("tiny", "Succeeded", timeout=900)
+
+    def succeeded_or_operator_gone() -> dict[str, Any] | None:
+        if not operator.alive():
+            return {"operatorExited": True}
+        return scenario.phase_is("tiny", "Succeeded")
+
+    status = wait_for(
+        succeeded_or_operator_gone,
+        timeout=900,
+        what="run tiny reaching phase Succeeded",
+        interval=0.5,
+        detail=scenario.detail,
+    )
+    assert operator.alive(), f"the operator container exited:\n{operator.tail()}"
 
     for stage in CURRICULUM:
         st = stage_status(status, stage)
