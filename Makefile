@@ -1,6 +1,7 @@
 # kubetrain: every command bootstraps what it needs on a fresh machine.
 #   make demo   train the whole curriculum locally on the CPU (examples/tiny-run.yaml)
 #   make test   install everything the tests need and run every tier
+#   make images build the operator and trainer images (podman or docker)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -24,6 +25,9 @@ help:
 	@echo "make cluster-bin  build kube-apiserver, controller-manager, scheduler, etcd, kwok, helm, weed, kueue"
 	@echo "make bench        run the benchmarks (numbers in bench/results/)"
 	@echo "make bench-scale  the operator at RUNS runs on NODES KWOK nodes (default 100, 18)"
+	@echo "make images       build the operator and trainer images (REGISTRY=..., TAG=...)"
+	@echo "make push-images  push them to REGISTRY"
+	@echo "make test-images  build the images, then run the tests that run them"
 	@echo "make lint         ruff check, ruff format --check, mypy"
 
 # ---------------------------------------------------------------- python environment
@@ -51,6 +55,32 @@ prometheus:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  systemctl disable --now prometheus >/dev/null 2>&1 || true; \
 	  pkill -x prometheus >/dev/null 2>&1 || true; }
+
+# Podman from Debian's packages, when neither podman nor docker is installed: with runc
+# (see images/engine.sh), mmdebstrap for a base image where no registry is reachable.
+CONTAINER_PACKAGES := podman runc uidmap slirp4netns fuse-overlayfs netavark aardvark-dns \
+	containernetworking-plugins mmdebstrap
+.PHONY: container-tools
+container-tools:
+	@{ command -v podman >/dev/null && command -v mmdebstrap >/dev/null; } \
+	  || { command -v docker >/dev/null && docker info >/dev/null 2>&1; } || { \
+	  echo "installing Debian's podman and mmdebstrap packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $(CONTAINER_PACKAGES) >/dev/null; }
+
+# ---------------------------------------------------------------- images
+.PHONY: images
+images: container-tools
+	bash images/build.sh
+
+.PHONY: push-images
+push-images:
+	bash images/build.sh --push
+
+# The image tests skip (saying why) when the images are missing; here they are built.
+.PHONY: test-images
+test-images: $(STAMP) prometheus cluster-bin images
+	$(PY) -m pytest tests -m images $(PYTEST_ARGS); rc=$$?; [ $$rc -ne 5 ] || exit 1; exit $$rc
 
 # ---------------------------------------------------------------- control plane (Go)
 # The control plane, Helm and SeaweedFS (the e2e tier's S3 server); ONLY="weed" builds

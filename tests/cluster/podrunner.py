@@ -1,5 +1,6 @@
 """A test-only kubelet for KWOK nodes: it really runs the trainer container of pods
-bound to designated fake nodes, as local processes.
+bound to designated fake nodes, as local processes or, with ``image_engine``, as
+containers of the pod's image.
 
 KWOK makes fake nodes Ready and pods Running, but runs nothing. For end-to-end tests
 that must really train, :class:`PodRunner` watches for Running pods on its nodes,
@@ -14,8 +15,14 @@ the pod is still there (the Job controller's finalizer holds it), its terminal p
 exit code are written to its status, as a kubelet writes them.
 
 What differs from a real node, on purpose:
-- There is no image: ``python``/``python3`` in the command means this interpreter, the
-  one with kubetrain installed.
+- Process mode (the default) has no image: ``python``/``python3`` in the command means
+  this interpreter, the one with kubetrain installed.
+- Image mode (``image_engine``: the command that runs containers, ``images/engine.sh``)
+  runs the pod's image as the kubelet would: the container's ``command`` replaces the
+  image's entrypoint and ``args`` its command, only the pod's environment, the pod's
+  user, capabilities dropped, no privilege escalation, /dev/shm as large as the pod's
+  memory emptyDir there. Containers use the host's network, to reach the test S3
+  server and the rendezvous on 127.0.0.1.
 - There is no cluster DNS on this host: ``PET_MASTER_ADDR`` becomes 127.0.0.1.
 - Pods share one host: ``KUBETRAIN_METRICS_PORT`` gets a free port per pod
   (``metrics_port(pod)`` tells which).
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import signal
@@ -33,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +60,9 @@ class RunningPod:
     log: Path
     grace_seconds: int
     metrics_port: int
+    #: Image mode: the container's name, which signals go to (the engine's client
+    #: process does not forward SIGKILL).
+    container: str | None = None
     started: float = field(default_factory=time.monotonic)
     terminating_since: float | None = None
 
@@ -59,7 +71,8 @@ _FIELD_RE = re.compile(r"^metadata\.(annotations|labels)\['(.+)'\]$")
 
 
 class PodRunner:
-    """Runs pods bound to ``nodes`` as local processes until :meth:`stop`."""
+    """Runs pods bound to ``nodes`` as local processes (or, with ``image_engine``, as
+    containers of their image) until :meth:`stop`."""
 
     def __init__(
         self,
@@ -68,11 +81,13 @@ class PodRunner:
         *,
         extra_env: dict[str, str] | None = None,
         poll: float = 0.3,
+        image_engine: list[str] | None = None,
     ):
         self.core = client.CoreV1Api(api)
         self.nodes = set(nodes)
         self.extra_env = dict(extra_env or {})
         self.poll = poll
+        self.image_engine = list(image_engine) if image_engine else None
         self.logdir = Path(tempfile.mkdtemp(prefix="podrunner-"))
         self.running: dict[str, RunningPod] = {}
         self.finished: dict[str, int] = {}  # pod uid -> exit code
@@ -107,7 +122,7 @@ class PodRunner:
         with self._lock:
             for pod in self.running.values():
                 if pod.namespace == namespace and pod.name == name:
-                    pod.proc.send_signal(sig)
+                    self._signal(pod, sig)
                     return True
         return False
 
@@ -166,30 +181,33 @@ class PodRunner:
                 # Deleted (suspend, Job or run deleted): SIGTERM now, SIGKILL after grace.
                 if running.terminating_since is None:
                     running.terminating_since = time.monotonic()
-                    running.proc.send_signal(signal.SIGTERM)
+                    self._signal(running, signal.SIGTERM)
                 elif time.monotonic() - running.terminating_since > running.grace_seconds:
-                    running.proc.kill()
+                    self._signal(running, signal.SIGKILL)
 
     def _launch(self, pod: client.V1Pod) -> None:
         container = pod.spec.containers[0]
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")
-        }
-        env.update(self._resolve_env(pod, container))
+        env = self._resolve_env(pod, container)
         env["PET_MASTER_ADDR"] = "127.0.0.1"
         port = free_port()
         if "KUBETRAIN_METRICS_PORT" in env:
             env["KUBETRAIN_METRICS_PORT"] = str(port)
         env.update(self.extra_env)
-        argv = list(container.command or []) + list(container.args or [])
-        if not argv:
-            self.errors.append(f"{pod.metadata.name}: container has no command")
-            return
-        if argv[0] in ("python", "python3"):
-            argv[0] = sys.executable
         meta = pod.metadata
+        name = None
+        if self.image_engine is None:
+            argv = list(container.command or []) + list(container.args or [])
+            if not argv:
+                self.errors.append(f"{meta.name}: container has no command")
+                return
+            if argv[0] in ("python", "python3"):
+                argv[0] = sys.executable
+            host = ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")
+            env = {**{k: v for k, v in os.environ.items() if k in host}, **env}
+        else:
+            name = f"podrunner-{meta.name[:40]}-{uuid.uuid4().hex[:6]}"
+            argv = self._container_argv(pod, container, name, env)
+            env = dict(os.environ)  # the engine's own environment; the pod's is in argv
         log = self.logdir / f"{meta.namespace}_{meta.name}_{meta.uid[:8]}.log"
         fh = open(log, "wb")  # noqa: SIM115 - closed when the process is reaped
         proc = subprocess.Popen(
@@ -203,9 +221,54 @@ class PodRunner:
         fh.close()
         grace = pod.spec.termination_grace_period_seconds or 30
         with self._lock:
-            self.running[pod.metadata.uid] = RunningPod(
-                pod.metadata.namespace, pod.metadata.name, pod.metadata.uid, proc, log, grace, port
+            self.running[meta.uid] = RunningPod(
+                meta.namespace, meta.name, meta.uid, proc, log, grace, port, container=name
             )
+
+    def _container_argv(
+        self, pod: client.V1Pod, container: client.V1Container, name: str, env: dict[str, str]
+    ) -> list[str]:
+        """``ENGINE run`` of the pod's container as the kubelet would start it."""
+        assert self.image_engine is not None
+        argv = [*self.image_engine, "run", "--rm", f"--name={name}", "--network=host"]
+        argv.append("--pull=never" if container.image_pull_policy == "Never" else "--pull=missing")
+        pod_sc = pod.spec.security_context
+        sc = container.security_context
+        user = (sc and sc.run_as_user) or (pod_sc and pod_sc.run_as_user)
+        group = (sc and sc.run_as_group) or (pod_sc and pod_sc.run_as_group)
+        if user is not None:
+            argv.append(f"--user={user}" + (f":{group}" if group is not None else ""))
+        if sc is not None:
+            for cap in (sc.capabilities and sc.capabilities.drop) or []:
+                argv.append(f"--cap-drop={cap}")
+            if sc.allow_privilege_escalation is False:
+                argv.append("--security-opt=no-new-privileges")
+            if sc.read_only_root_filesystem:
+                argv.append("--read-only")
+        shm = _shm_bytes(pod, container)
+        if shm is not None:
+            argv.append(f"--shm-size={shm}")
+        for key, value in env.items():
+            argv += ["--env", f"{key}={value}"]
+        # Kubernetes: `command` replaces the image's ENTRYPOINT, `args` its CMD.
+        args = list(container.args or [])
+        if container.command:
+            argv.append(f"--entrypoint={json.dumps(list(container.command))}")
+        argv.append(container.image)
+        return argv + args
+
+    def _signal(self, pod: RunningPod, sig: int) -> None:
+        """Deliver ``sig`` to the pod's main process, as the kubelet does: the local
+        process, or the container's process 1."""
+        if pod.container is None:
+            pod.proc.send_signal(sig)
+            return
+        name = signal.Signals(sig).name.removeprefix("SIG")
+        subprocess.run(
+            [*(self.image_engine or []), "kill", f"--signal={name}", pod.container],
+            capture_output=True,
+            timeout=60,
+        )
 
     def _finish(self, uid: str, running: RunningPod, code: int, pod: client.V1Pod | None) -> None:
         exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128 + N
@@ -263,12 +326,18 @@ class PodRunner:
 
     def _terminate(self, pod: RunningPod, hard: bool = False) -> None:
         if pod.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pod.proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
+            if pod.container is not None:
+                self._signal(pod, signal.SIGKILL if hard else signal.SIGTERM)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pod.proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
             try:
                 pod.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(pod.proc.pid, signal.SIGKILL)
+                if pod.container is not None:
+                    self._signal(pod, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pod.proc.pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ env
     def _resolve_env(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, str]:
@@ -312,3 +381,23 @@ class PodRunner:
             source = meta.annotations if m.group(1) == "annotations" else meta.labels
             return (source or {}).get(m.group(2), "")
         raise RuntimeError(f"fieldRef {path!r} is not supported by the test pod runner")
+
+
+_QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_UNITS.update({"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40})
+
+
+def _shm_bytes(pod: client.V1Pod, container: client.V1Container) -> int | None:
+    """Size limit of the memory emptyDir mounted at /dev/shm, in bytes (None: none)."""
+    mount = next((m for m in container.volume_mounts or [] if m.mount_path == "/dev/shm"), None)
+    if mount is None:
+        return None
+    volume = next((v for v in pod.spec.volumes or [] if v.name == mount.name), None)
+    empty = volume.empty_dir if volume is not None else None
+    if empty is None or empty.medium != "Memory" or not empty.size_limit:
+        return None
+    m = _QUANTITY.match(str(empty.size_limit))
+    if m is None:
+        raise RuntimeError(f"emptyDir sizeLimit {empty.size_limit!r} is not supported here")
+    return int(m.group(1)) * _UNITS[m.group(2)]

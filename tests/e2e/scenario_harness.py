@@ -30,6 +30,7 @@ from kubetrain.core.layout import StageLayout
 from kubetrain.core.records import MetricsLine, ProgressRecord, parse_metrics
 from kubetrain.operator import resources
 from tests.cluster.podrunner import PodRunner
+from tests.support.images import Images, OperatorContainer
 from tests.support.operator import OperatorProcess
 from tests.support.services import S3Service
 from tests.support.wait import wait_for
@@ -57,13 +58,15 @@ def tiny_curriculum(
     steps: int | dict[str, int] = 20,
     checkpoint_every: int = 10,
     stages: tuple[str, ...] | None = None,
+    runner: str = "true",
 ) -> dict[str, Any]:
     """``examples/tiny-run.yaml`` with its curriculum shape (stage names, types, data,
     pricing, budget) but a model and step counts that train in seconds on a busy CPU.
 
     ``steps`` is one count for every stage or a count per stage name; ``stages`` keeps
-    only those stages (in the example's order). Storage is filled in by
-    :meth:`Scenario.create_run`.
+    only those stages (in the example's order); ``runner`` is the value of the
+    ``RUNNER_KEY`` label of the nodes its stages run on (see :func:`add_runner_nodes`).
+    Storage is filled in by :meth:`Scenario.create_run`.
     """
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["metadata"] = {"name": name}
@@ -82,32 +85,12 @@ def tiny_curriculum(
         stage["checkpointEvery"] = checkpoint_every
         stage["resources"] = {
             "gpusPerNode": 1,
-            "nodeSelector": {RUNNER_KEY: "true"},
+            "nodeSelector": {RUNNER_KEY: runner},
             "tolerations": [{"key": RUNNER_KEY, "operator": "Exists", "effect": "NoSchedule"}],
         }
         kept.append(stage)
     doc["spec"]["stages"] = kept
     return doc
-
-
-# --------------------------------------------------------------------------- operator
-
-
-def write_operator_config(path: Path) -> Path:
-    """Operator settings for tests: progress read every second, and a grace period long
-    enough for a tiny model's checkpoint but short enough that a stuck pod fails fast."""
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "pollIntervalSeconds": 1,
-                "terminationGraceSeconds": 20,
-                "restartBackoffSeconds": 2,
-                "image": "kubetrain/trainer:e2e",
-                "imagePullPolicy": "Never",
-            }
-        )
-    )
-    return path
 
 
 # --------------------------------------------------------------------------- cluster
@@ -136,6 +119,30 @@ def install_crd(admin: client.ApiClient) -> None:
         timeout=60,
         what="the TrainingRun CRD becoming Established",
     )
+
+
+def add_runner_nodes(
+    control_plane: Any,
+    admin: client.ApiClient,
+    nodes: tuple[str, ...] = RUNNER_NODES,
+    value: str = "true",
+) -> None:
+    """Fake GPU nodes labelled and tainted ``RUNNER_KEY=value``: only stages of
+    :func:`tiny_curriculum` with the same ``runner`` value land there."""
+    core = client.CoreV1Api(admin)
+    for node in nodes:
+        try:
+            core.read_node(node)
+            continue  # a previous module of this session added it
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        control_plane.add_gpu_node(
+            node,
+            gpus=4,
+            labels={RUNNER_KEY: value},
+            taints=[client.V1Taint(key=RUNNER_KEY, value=value, effect="NoSchedule")],
+        )
 
 
 def service_account_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
@@ -168,6 +175,28 @@ def service_account_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -
     return path
 
 
+# --------------------------------------------------------------------------- operator
+
+
+def write_operator_config(path: Path, trainer_image: str = "kubetrain/trainer:e2e") -> Path:
+    """Operator settings for tests: progress read every second, and a grace period long
+    enough for a tiny model's checkpoint but short enough that a stuck pod fails fast.
+    The trainer image is never pulled: PodRunner runs its command as a local process, or
+    runs the image built here."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "pollIntervalSeconds": 1,
+                "terminationGraceSeconds": 20,
+                "restartBackoffSeconds": 2,
+                "image": trainer_image,
+                "imagePullPolicy": "Never",
+            }
+        )
+    )
+    return path
+
+
 # --------------------------------------------------------------------------- scenario
 
 
@@ -182,7 +211,7 @@ class Scenario:
     namespace: str
     bucket: str
     workdir: Path
-    operators: list[OperatorProcess] = field(default_factory=list)
+    operators: list[OperatorProcess | OperatorContainer] = field(default_factory=list)
 
     # ---- clients
     @property
@@ -210,6 +239,19 @@ class Scenario:
             self.workdir / f"operator-{len(self.operators)}.log",
             config=config,
             env=env,
+        )
+        self.operators.append(op)
+        return op.start()
+
+    def start_operator_container(self, images: Images) -> OperatorContainer:
+        """The operator image's `kubetrain operator`, whose runs use ``images.trainer``."""
+        config = write_operator_config(self.workdir / "operator-config.yaml", images.trainer)
+        op = OperatorContainer(
+            images.operator,
+            self.admin_kubeconfig,
+            self.namespace,
+            self.workdir / f"operator-{len(self.operators)}.log",
+            config=config,
         )
         self.operators.append(op)
         return op.start()

@@ -35,11 +35,11 @@ from kubernetes.client.exceptions import ApiException
 from kubetrain.core import api
 from tests.cluster.podrunner import PodRunner
 from tests.e2e.scenario_harness import (
-    RUNNER_KEY,
     RUNNER_NODES,
     JobWatcher,
     Scenario,
     StatusSampler,
+    add_runner_nodes,
     condition,
     install_crd,
     new_scenario,
@@ -66,23 +66,6 @@ class E2E:
     s3: S3Service
 
 
-def _add_runner_nodes(control_plane: Any, admin: client.ApiClient) -> None:
-    core = client.CoreV1Api(admin)
-    for node in RUNNER_NODES:
-        try:
-            core.read_node(node)
-            continue  # a previous module of this session added it
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-        control_plane.add_gpu_node(
-            node,
-            gpus=4,
-            labels={RUNNER_KEY: "true"},
-            taints=[client.V1Taint(key=RUNNER_KEY, value="true", effect="NoSchedule")],
-        )
-
-
 @pytest.fixture(scope="module")
 def e2e(control_plane: Any, seaweed_s3: S3Service) -> Iterator[E2E]:
     """The shared control plane with the CRD, two fake GPU nodes and a PodRunner on them,
@@ -90,7 +73,7 @@ def e2e(control_plane: Any, seaweed_s3: S3Service) -> Iterator[E2E]:
     shared with everything else."""
     admin = control_plane.api_client()
     install_crd(admin)
-    _add_runner_nodes(control_plane, admin)
+    add_runner_nodes(control_plane, admin)
     runner = PodRunner(admin, set(RUNNER_NODES), extra_env={"OMP_NUM_THREADS": "1"}).start()
     try:
         yield E2E(control_plane, admin, runner, seaweed_s3)

@@ -24,6 +24,7 @@ from kubetrain.core.layout import StageLayout
 from kubetrain.core.records import MetricsLine, ProgressRecord, read_metrics, read_progress
 from kubetrain.core.store import ObjectStore, open_store
 from tests.support.services import S3Server
+from tests.support.stage_env import resolved_stage_environment
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -62,25 +63,10 @@ def spec_for(
 def stage_env(spec: TrainingRunSpec, index: int, s3: S3Server, **extra: str) -> dict[str, str]:
     """The container environment, resolved the way the kubelet would: secret refs to
     the test server's credentials, the completion index to "0"."""
-    secrets = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
-    assert spec.storage.s3 is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETRAIN_"))}
-    for var in contract.stage_environment(
-        spec,
-        index,
-        run=RUN,
-        namespace=NAMESPACE,
-        store_root=spec.storage.s3.uri(),
-        master_addr="127.0.0.1",
-        metrics_port=0,
-    ):
-        if var.secret is not None:
-            assert var.secret[0] == SECRET
-            env[var.name] = secrets[var.secret[1]]
-        elif var.field_path is not None:
-            env[var.name] = "0"
-        else:
-            env[var.name] = var.value or ""
+    env.update(
+        resolved_stage_environment(spec, index, s3, run=RUN, namespace=NAMESPACE, secret=SECRET)
+    )
     # One thread per process: the tests share a small machine with other work. The
     # trainer and kubetrain are this checkout's, not whichever copy is installed.
     code = os.pathsep.join(str(REPO / d) for d in ("operator", "trainer_image", "."))

@@ -29,6 +29,7 @@ from tests.support.chart import (
     render,
     run_helm,
 )
+from tests.support.dockerfile import instruction
 
 MONITORS_ON = {
     "metrics": {
@@ -308,16 +309,17 @@ def test_two_replicas_elect_a_leader_and_survive_a_drain(
 
 
 def test_dockerfile_matches_the_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    dockerfile = (REPO / "operator" / "Dockerfile").read_text()
+    """The Dockerfile's operator target runs what the Deployment's container says, as the
+    user its securityContext names."""
     pod = one(rendered["default"], "Deployment")["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    entrypoint = re.search(r"^ENTRYPOINT (.*)$", dockerfile, re.M)
-    assert entrypoint and json.loads(entrypoint.group(1)) == c["command"]
-    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
-    assert user, "the image must name a numeric user so runAsNonRoot can be verified"
-    assert int(user.group(1)) == pod["securityContext"]["runAsUser"] != 0
-    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.M)
-    assert 'pip install -c requirements/constraints.txt ".[operator]"' in dockerfile
+    (entrypoint,) = instruction("operator", "ENTRYPOINT")
+    assert json.loads(entrypoint) == c["command"]
+    (user,) = instruction("operator", "USER")
+    assert re.fullmatch(r"\d+:\d+", user), "a numeric user, so runAsNonRoot can be verified"
+    assert int(user.split(":")[0]) == pod["securityContext"]["runAsUser"] != 0
+    (install,) = [r for r in instruction("operator-build", "RUN") if "pip-install.sh" in r]
+    assert install.endswith("images/pip-install.sh operator")
 
 
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(

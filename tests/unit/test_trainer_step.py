@@ -18,7 +18,7 @@ import torch.distributed as dist
 from kubetrain.core import contract
 from kubetrain.core.api import ModelSpec, TrainingRunSpec
 from kubetrain.core.contract import StageConfig
-from kubetrain_trainer import evaluation, train
+from kubetrain_trainer import evaluation, toolchain, train
 from kubetrain_trainer.data import IGNORE, ArithmeticSFT, Dataset, EvalSet, LMBatch
 from kubetrain_trainer.model import build_model
 from kubetrain_trainer.train import Dist, StageError, Trainer
@@ -161,6 +161,7 @@ def test_compiled_ddp_all_reduces_once_per_step(
     all-reduce of every micro-batch but the last (no_sync of the DDP inside)."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m: compile_(m, backend="eager"))
+    monkeypatch.setattr(toolchain, "missing", lambda _device: None)  # eager: none needed
     # World 2 as far as the trainer knows, so it wraps DDP; the group has one process.
     d = Dist(0, 2, 0, 2, torch.device("cpu"))
     trainer = make_trainer(tmp_path, d=d, batchSize=2, gradientAccumulation=4, compile=True)
@@ -181,6 +182,27 @@ def test_compiled_ddp_all_reduces_once_per_step(
     trainer._train_step(step_model)
     per_backward = len(set(buckets))
     assert len(buckets) == per_backward, f"{len(buckets)} all-reduces for 4 micro-batches"
+
+
+def test_compile_without_a_toolchain_trains_eagerly_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """compile: true where torch.compile cannot build its kernels (the trainer image has
+    no compiler): the step runs the model uncompiled, instead of failing the stage at its
+    first step, and the log and every progress record say why."""
+    reason = "torch.compile on cpu needs a C++ compiler ($CXX, or g++) at run time"
+    monkeypatch.setattr(toolchain, "missing", lambda device: reason if device == "cpu" else None)
+    monkeypatch.setattr(torch, "compile", lambda m: pytest.fail("torch.compile was called"))
+    trainer = make_trainer(tmp_path, compile=True)
+    trainer.telemetry = trainer._open_telemetry()
+    with caplog.at_level(logging.WARNING, logger=train.log.name):
+        step_model = trainer._training_model()
+    assert step_model.module is trainer.model
+    expected = f"compile: true ignored, training eagerly: {reason}"
+    assert expected in caplog.text
+    trainer.publish("running")
+    record = trainer.telemetry.last
+    assert record is not None and record.warnings == [expected], record
 
 
 def test_tensors_for_collectives_are_made_on_the_trainers_device() -> None:

@@ -64,7 +64,7 @@ def test_records_on_the_wire_are_camel_case_and_versioned(tmp_path: Path) -> Non
     store = open_store((tmp_path / "stage").as_uri())
     Telemetry(store, base=BASE, enabled=True).write(**_record(10))
     progress = json.loads(store.get_text(FOLDER.progress))
-    assert progress["format"] == ProgressRecord.FORMAT == "1.1"
+    assert progress["format"] == ProgressRecord.FORMAT == "1.2"
     assert {"totalSteps", "tokensPerSecond", "energyJoules", "wallSeconds", "startedAt"} <= set(
         progress
     )

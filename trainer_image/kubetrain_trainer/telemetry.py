@@ -167,6 +167,10 @@ class Telemetry:
             raise ValueError(f"phase {fields.get('phase')!r} (accepted: {', '.join(PHASES)})")
         return self._publish(self.base.updated(**fields, updated_at=utc_now()))
 
+    def warn(self, message: str) -> None:
+        """Carry ``message`` in every record from now on (``warnings``)."""
+        self.base = self.base.updated(warnings=[*(self.base.warnings or []), message])
+
     def fail(self, reason: str) -> ProgressRecord:
         """Publish the last record (or the base) again, as failed for ``reason``."""
         record = self.last or self.base

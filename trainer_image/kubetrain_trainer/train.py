@@ -59,7 +59,7 @@ from kubetrain.core.hf_config import ModelConfig
 from kubetrain.core.records import ProgressRecord, read_progress, write_progress
 from kubetrain.core.store import StoreError, open_store
 from kubetrain_trainer import checkpoint as ckpt
-from kubetrain_trainer import evaluation, parallel
+from kubetrain_trainer import evaluation, parallel, toolchain
 from kubetrain_trainer import signals as early_signals
 from kubetrain_trainer.data import (
     Dataset,
@@ -622,13 +622,24 @@ class Trainer:
             )
             module = ddp
         if self.hp.compile:
-            module = torch.compile(module)  # type: ignore[assignment]
+            missing = toolchain.missing(d.device.type)
+            if missing is None:
+                module = torch.compile(module)  # type: ignore[assignment]
+            else:
+                self._warn(f"compile: true ignored, training eagerly: {missing}")
         autocast = (
             torch.autocast(d.device.type, dtype=torch.bfloat16)
             if self.precision == "bf16"
             else contextlib.nullcontext()
         )
         return StepModel(module, ddp, autocast)
+
+    def _warn(self, message: str) -> None:
+        """A warning for the log (rank 0) and every progress record after it."""
+        assert self.telemetry is not None, "_warn() before run() opened the telemetry"
+        if self.d.is_main:
+            log.warning("%s", message)
+        self.telemetry.warn(message)
 
     def wall(self) -> float:
         """Wall seconds of the stage over all attempts."""

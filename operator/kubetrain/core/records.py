@@ -163,9 +163,9 @@ class _StageSnapshot(_Record):
     """What the trainer reports about its stage at one moment (rank 0 writes it every
     ``logEvery`` steps and at evaluations, checkpoints and the end).
 
-    1.1 added ``hfModel`` and ``accelerator``."""
+    1.1 added ``hfModel`` and ``accelerator``; 1.2 ``warnings``."""
 
-    FORMAT: ClassVar[str] = "1.1"
+    FORMAT: ClassVar[str] = "1.2"
 
     run: str | None = None
     namespace: str | None = None
@@ -174,6 +174,11 @@ class _StageSnapshot(_Record):
     attempt: int = Field(0, ge=0, description="1 for the first start, +1 per resume.")
     phase: str | None = Field(None, description=f"One of {', '.join(PHASES)}.")
     message: str | None = Field(None, description="Why the stage failed.")
+    warnings: list[str] | None = Field(
+        None,
+        description="What the stage does differently from what its spec asked, and why "
+        "(e.g. compile: true where torch.compile cannot work).",
+    )
     step: int = Field(0, ge=0)
     total_steps: int | None = Field(None, ge=0)
     tokens: int = Field(0, ge=0)
