@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,19 +98,42 @@ def _upload_one(store: ObjectStore, key: str, path: Path) -> None:
             time.sleep(RETRY_SECONDS * attempt)
 
 
-def upload_folder(store: ObjectStore, key: str, folder: Path) -> dict[str, FileEntry]:
-    """Upload every file under ``folder`` to ``<key>/<relative path>``; their entries."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    entries = {
-        p.relative_to(folder).as_posix(): FileEntry(size=p.stat().st_size, sha256=sha256_of(p))
-        for p in files
-    }
-    with ThreadPoolExecutor(max_workers=max(1, min(UPLOAD_THREADS, len(files)))) as pool:
-        for done in [
-            pool.submit(_upload_one, store, f"{key}/{name}", folder / name) for name in entries
-        ]:
-            done.result()
-    return entries
+def _upload_entry(store: ObjectStore, key: str, path: Path) -> FileEntry:
+    """Hash ``path`` and upload it to ``key``: in an upload thread, so hashing one file
+    overlaps the transfer of the others."""
+    entry = FileEntry(size=path.stat().st_size, sha256=sha256_of(path))
+    _upload_one(store, key, path)
+    return entry
+
+
+class Uploads:
+    """The files of one rank's checkpoint, uploaded by a pool of threads as soon as each
+    part is written (the model's shards travel while the optimizer's are serialised);
+    :meth:`entries` waits for all of them and raises the first failure. Leaving the
+    ``with`` block waits for the uploads in flight, so the staging folder can go."""
+
+    def __init__(self, store: ObjectStore, key: str, root: Path):
+        self.store, self.key, self.root = store, key, root
+        self.pool = ThreadPoolExecutor(max_workers=UPLOAD_THREADS)
+        self.futures: dict[str, Future[FileEntry]] = {}
+
+    def add(self, folder: Path) -> None:
+        """Start uploading every file under ``folder`` (inside the root) not yet started."""
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(self.root).as_posix()
+            if name not in self.futures:
+                self.futures[name] = self.pool.submit(
+                    _upload_entry, self.store, f"{self.key}/{name}", path
+                )
+
+    def entries(self) -> dict[str, FileEntry]:
+        return {name: future.result() for name, future in self.futures.items()}
+
+    def __enter__(self) -> Uploads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -225,22 +248,25 @@ class ShardedCheckpointer:
             self.store.delete_prefix(key + "/")
         tmp = Path(tempfile.mkdtemp(prefix=f"kubetrain-dcp-{self.rank}-", dir=self.staging))
         try:
-            for part in PARTS:
-                dcp.save(
-                    {part: state[part]},
-                    storage_writer=dcp.FileSystemWriter(tmp / part),
-                    process_group=self.group,
-                    no_dist=not self.distributed,
-                )
-            for name, obj in extras.items():
-                torch.save(obj, tmp / f"{name}.pt")
-            error: str | None = None
-            entries: dict[str, FileEntry] = {}
-            try:
-                entries = upload_folder(self.store, key, tmp)
-            except Exception as exc:
-                error = f"rank {self.rank}: {exc}"
-                log.error("checkpoint step %d: %s", step, error)
+            with Uploads(self.store, key, tmp) as uploads:
+                for part in PARTS:
+                    dcp.save(
+                        {part: state[part]},
+                        storage_writer=dcp.FileSystemWriter(tmp / part),
+                        process_group=self.group,
+                        no_dist=not self.distributed,
+                    )
+                    uploads.add(tmp / part)
+                for name, obj in extras.items():
+                    torch.save(obj, tmp / f"{name}.pt")
+                uploads.add(tmp)
+                error: str | None = None
+                entries: dict[str, FileEntry] = {}
+                try:
+                    entries = uploads.entries()
+                except Exception as exc:
+                    error = f"rank {self.rank}: {exc}"
+                    log.error("checkpoint step %d: %s", step, error)
             reports = self._gather((entries, error))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
