@@ -528,7 +528,7 @@ def bench_namespace(cp: ControlPlane, admin: client.ApiClient, s3: SeaweedS3) ->
 
 def manifest(name: str, s3: SeaweedS3, bucket: str) -> dict[str, Any]:
     """The example's three-stage curriculum, one GPU per stage, no budget."""
-    doc = tiny_curriculum(name)
+    doc = tiny_curriculum(name, stages=STAGES)
     doc["metadata"]["namespace"] = NAMESPACE
     doc["spec"].pop("budget", None)
     for stage in doc["spec"]["stages"]:
