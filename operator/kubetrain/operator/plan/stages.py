@@ -94,12 +94,22 @@ def stage_running(at: StageAt, ctx: WalkContext) -> StageDecision:
     """Its Job runs: Running once every pod of the gang runs (and none is on its way
     out), else Pending; stalled when its progress record has not changed for
     stallTimeoutSeconds while it runs. Pods disrupted meanwhile count a preemption
-    (``disrupted_in_place``)."""
+    (``disrupted_in_place``). Pods that exited 0 keep the stage Running until the Job
+    controller marks the Job Complete (seconds on a busy cluster): the stage is
+    finishing, not waiting for pods."""
     job = at.job
     assert job is not None
     now, timeout = ctx.observed.now, ctx.config.stall_timeout_seconds
     st, preempted = disrupted_in_place(at, ctx, job, at.status)
-    running = sum(1 for p in ctx.observed.pods_of(job) if pod_running(p)) >= job.nodes
+    pods = ctx.observed.pods_of(job)
+    running = sum(1 for p in pods if pod_running(p)) >= job.nodes
+    finishing = (
+        not running
+        and sum(
+            1 for p in pods if pod_running(p) or (p.get("status") or {}).get("phase") == "Succeeded"
+        )
+        >= job.nodes
+    )
     updated = record_updated_at(at.record.progress if at.record else None)
     stalled = None
     if running and updated is not None and timeout > 0:
@@ -109,14 +119,16 @@ def stage_running(at: StageAt, ctx: WalkContext) -> StageDecision:
     waiting = "waiting for pods to be scheduled"
     if preempted is not None:
         waiting = "waiting for the Job controller to replace disrupted pods"
+    if finishing:
+        waiting = "the trainer exited 0; waiting for the Job to complete"
     return StageDecision(
         st.model_copy(
             update={
-                "phase": StagePhase.Running if running else StagePhase.Pending,
+                "phase": StagePhase.Running if running or finishing else StagePhase.Pending,
                 "message": None if running else waiting,
             }
         ),
-        phase=RunPhase.Running if running else RunPhase.Pending,
+        phase=RunPhase.Running if running or finishing else RunPhase.Pending,
         stalled=stalled,
         trains=running,
         events=preempted.events if preempted else [],
