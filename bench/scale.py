@@ -77,6 +77,7 @@ STAGES = ("pretrain", "sft", "dpo")
 OPERATOR_NAMESPACE = "kubetrain-system"
 OPERATOR_SA = "kubetrain-operator"
 FLOW_SCHEMA = "kubetrain-bench-operator"
+OPERATOR_METRICS = "kubetrain_operator"
 GPUS_PER_NODE = 8
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -144,6 +145,42 @@ class Snapshot:
     s3_requests: int
     standin_s3: int
     operator_cpu: float
+    reconciles: float = 0.0  # the operator's own count, and the seconds they took
+    reconcile_seconds: float = 0.0
+
+
+def operator_metrics(port: int) -> dict[str, float]:
+    """The operator's own figures (its /metrics): reconciles so far, the seconds they
+    took, the runs waiting for a worker now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    wanted = {
+        f"{OPERATOR_METRICS}_reconcile_duration_seconds_count": "reconciles",
+        f"{OPERATOR_METRICS}_reconcile_duration_seconds_sum": "reconcile_seconds",
+        f"{OPERATOR_METRICS}_queue_depth": "queue_depth",
+    }
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                out[wanted[sample.name]] = sample.value
+    return out
+
+
+class QueueSampler(threading.Thread):
+    """The operator's work-queue depth, once a second, while the bench runs."""
+
+    def __init__(self, port: int, stop: threading.Event) -> None:
+        super().__init__(name="queue-sampler", daemon=True)
+        self.port, self.stop = port, stop
+        self.depths: list[float] = []
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                self.depths.append(operator_metrics(self.port).get("queue_depth", 0.0))
+            except OSError:
+                continue  # the operator busy or restarting: a sample missed
 
 
 def _parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -157,7 +194,10 @@ def _parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
-def snapshot(admin: client.ApiClient, s3: SeaweedS3, stand_in: StandIn, pid: int) -> Snapshot:
+def snapshot(
+    admin: client.ApiClient, s3: SeaweedS3, stand_in: StandIn, operator: OperatorProcess
+) -> Snapshot:
+    assert operator.proc is not None
     request = admin.param_serialize("GET", "/metrics", auth_settings=["BearerToken"])
     resp = admin.call_api(*request, _request_timeout=60)
     resp.read()
@@ -179,7 +219,12 @@ def snapshot(admin: client.ApiClient, s3: SeaweedS3, stand_in: StandIn, pid: int
         operator_api,
         s3.request_count(),
         stand_in.s3_requests,
-        process_cpu_seconds(pid),
+        process_cpu_seconds(operator.proc.pid),
+        **{
+            k: v
+            for k, v in operator_metrics(operator.metrics_port).items()
+            if k in ("reconciles", "reconcile_seconds")
+        },
     )
 
 
@@ -200,6 +245,8 @@ def rates(a: Snapshot, b: Snapshot, runs: int, poll_seconds: float) -> dict[str,
     """Per-second rates between two snapshots."""
     dt = b.t - a.t
     operator_s3 = (b.s3_requests - a.s3_requests) - (b.standin_s3 - a.standin_s3)
+    reconciles = b.reconciles - a.reconciles
+    reconcile_seconds = b.reconcile_seconds - a.reconcile_seconds
     by_verb = {
         k: round((b.api_by_verb_resource[k] - a.api_by_verb_resource.get(k, 0)) / dt, 3)
         for k in b.api_by_verb_resource
@@ -215,6 +262,10 @@ def rates(a: Snapshot, b: Snapshot, runs: int, poll_seconds: float) -> dict[str,
         "operator_s3_per_s": round(operator_s3 / dt, 3),
         "operator_s3_per_run_per_poll_interval": round(operator_s3 / dt * poll_seconds / runs, 3),
         "operator_cpu_cores": round((b.operator_cpu - a.operator_cpu) / dt, 3),
+        "operator_reconciles_per_s": round(reconciles / dt, 3),
+        "operator_reconcile_mean_ms": round(1000 * reconcile_seconds / reconciles, 1)
+        if reconciles
+        else None,
     }
 
 
@@ -401,6 +452,14 @@ def goals(results: dict[str, Any], runs: int) -> list[tuple[str, Any, str]]:
         ("  per run per poll interval", steady["operator_s3_per_run_per_poll_interval"], "< 1"),
         ("operator CPU, cores (steady)", steady["operator_cpu_cores"], f"< {runs / 1000:g}"),
         ("operator CPU, cores (whole run)", overall["operator_cpu_cores"], ""),
+        ("operator CPU, cores (pods finishing)", results["release"]["operator_cpu_cores"], ""),
+        (
+            "operator reconciles/s (pods finishing)",
+            results["release"]["operator_reconciles_per_s"],
+            "",
+        ),
+        ("  mean reconcile (ms)", results["release"]["operator_reconcile_mean_ms"], ""),
+        ("operator queue depth p50 / p99", _pair(results["operator_queue_depth"]), ""),
         ("operator peak RSS (MB)", results["operator_peak_rss_mb"], "< 300 at 1,000 runs"),
         ("wall time, first create -> all Succeeded (s)", results["wall_seconds"], ""),
     ]
@@ -436,10 +495,10 @@ class Bench:
     stand_in: StandIn
     watchers: list[Watcher]
     poll_seconds: float
+    queue: QueueSampler
 
     def snapshot(self) -> Snapshot:
-        assert self.operator.proc is not None
-        return snapshot(self.admin, self.s3, self.stand_in, self.operator.proc.pid)
+        return snapshot(self.admin, self.s3, self.stand_in, self.operator)
 
     def detail(self) -> str:
         errors = [e for w in self.watchers for e in w.errors[-3:]]
@@ -500,6 +559,7 @@ def measure(b: Bench) -> dict[str, Any]:
     time.sleep(args.window)
     steady_end = b.snapshot()
     b.wait("the operator to stay up through the steady window", lambda: True, deadline)
+    released = b.snapshot()
     b.stand_in.release()
     b.wait(
         f"all {args.runs} runs Succeeded",
@@ -514,7 +574,11 @@ def measure(b: Bench) -> dict[str, Any]:
         "latency": latencies(tl, names),
         "steady": rates(steady_start, steady_end, args.runs, b.poll_seconds),
         "overall": rates(start, end, args.runs, b.poll_seconds),
+        # From the release of the pods to the last run Succeeded: the transitions.
+        "release": rates(released, end, args.runs, b.poll_seconds),
         "operator_peak_rss_mb": round(process_peak_rss_mb(b.operator.proc.pid), 1),
+        # Runs waiting for a worker, sampled once a second over the whole bench.
+        "operator_queue_depth": percentiles(b.queue.depths),
         "wall_seconds": round(last_success - first_create, 1),
         "create_seconds": round(created - first_create, 1),
         "stand_in": {"pods_finished": b.stand_in.finished, "errors": b.stand_in.errors[:20]},
@@ -586,7 +650,11 @@ def setup_and_measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             stand_in.start()
             for w in watchers:
                 w.start()
-            bench = Bench(args, cp, admin, s3, bucket, operator, timeline, stand_in, watchers, poll)
+            queue = QueueSampler(operator.metrics_port, stop)
+            queue.start()
+            bench = Bench(
+                args, cp, admin, s3, bucket, operator, timeline, stand_in, watchers, poll, queue
+            )
             return measure(bench)
         finally:
             stop.set()

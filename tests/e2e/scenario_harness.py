@@ -93,20 +93,18 @@ def tiny_curriculum(
 # --------------------------------------------------------------------------- operator
 
 
-def write_operator_config(path: Path) -> Path:
+def write_operator_config(path: Path, overrides: dict[str, Any] | None = None) -> Path:
     """Operator settings for tests: progress read every second, and a grace period long
-    enough for a tiny model's checkpoint but short enough that a stuck pod fails fast."""
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "pollIntervalSeconds": 1,
-                "terminationGraceSeconds": 20,
-                "restartBackoffSeconds": 2,
-                "image": "kubetrain/trainer:e2e",
-                "imagePullPolicy": "Never",
-            }
-        )
-    )
+    enough for a tiny model's checkpoint but short enough that a stuck pod fails fast;
+    ``overrides`` (camelCase fields) win."""
+    settings = {
+        "pollIntervalSeconds": 1,
+        "terminationGraceSeconds": 20,
+        "restartBackoffSeconds": 2,
+        "image": "kubetrain/trainer:e2e",
+        "imagePullPolicy": "Never",
+    }
+    path.write_text(yaml.safe_dump({**settings, **(overrides or {})}))
     return path
 
 
@@ -199,11 +197,15 @@ class Scenario:
 
     # ---- operator
     def start_operator(
-        self, kubeconfig: Path | None = None, env: dict[str, str] | None = None
+        self,
+        kubeconfig: Path | None = None,
+        env: dict[str, str] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> OperatorProcess:
         """``kubetrain operator -n NAMESPACE`` (its Lease in that namespace, unless
-        ``env`` names another by POD_NAMESPACE)."""
-        config = write_operator_config(self.workdir / "operator-config.yaml")
+        ``env`` names another by POD_NAMESPACE); ``settings`` override the tests'
+        operator configuration."""
+        config = write_operator_config(self.workdir / "operator-config.yaml", settings)
         op = OperatorProcess(
             kubeconfig or self.admin_kubeconfig,
             self.namespace,
