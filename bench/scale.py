@@ -33,12 +33,10 @@ table to stdout; numbers, not pass/fail. Needs ``make cluster-bin``.
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import math
 import os
 import platform
-import random
 import subprocess
 import sys
 import threading
@@ -47,23 +45,19 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetrain.core import accounting, api, contract
-from kubetrain.core.layout import StageLayout
-from kubetrain.core.records import ProgressRecord
+from kubetrain.core import api
 from kubetrain.operator import resources
 from kubetrain.operator.config import load_config
-from tests.cluster.controlplane import EXIT_CODE_ANNOTATION, ControlPlane, pinned_version
+from tests.cluster.controlplane import ControlPlane, pinned_version
 from tests.e2e.scenario_harness import (
     CREDENTIALS_SECRET,
     STORE_PREFIX,
@@ -73,6 +67,7 @@ from tests.e2e.scenario_harness import (
 )
 from tests.support.operator import OperatorProcess
 from tests.support.services import SeaweedS3
+from tests.support.standin import StandIn, Watcher, run_stage
 from tests.support.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +77,7 @@ STAGES = ("pretrain", "sft", "dpo")
 OPERATOR_NAMESPACE = "kubetrain-system"
 OPERATOR_SA = "kubetrain-operator"
 FLOW_SCHEMA = "kubetrain-bench-operator"
+OPERATOR_METRICS = "kubetrain_operator"
 GPUS_PER_NODE = 8
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -110,7 +106,7 @@ class Timeline:
 
     # ---- watch callbacks
     def on_job(self, _type: str, job: dict[str, Any], t: float) -> None:
-        run, stage = _run_stage(job)
+        run, stage = run_stage(job)
         if not run:
             return
         self.mark("job", run, stage, t)
@@ -119,7 +115,7 @@ class Timeline:
                 self.mark("complete", run, stage, t)
 
     def on_pod(self, _type: str, pod: dict[str, Any], t: float) -> None:
-        run, stage = _run_stage(pod)
+        run, stage = run_stage(pod)
         if run and (pod.get("status") or {}).get("phase") == "Succeeded":
             self.mark("finished", run, stage, t)
 
@@ -136,218 +132,6 @@ class Timeline:
             return Counter(self.run_phase.values())
 
 
-def _run_stage(obj: dict[str, Any]) -> tuple[str, str]:
-    labels = obj["metadata"].get("labels") or {}
-    return labels.get(resources.LABEL_RUN, ""), labels.get(resources.LABEL_STAGE, "")
-
-
-class Watcher(threading.Thread):
-    """List, then watch, a collection as raw JSON (no model deserialisation: this process
-    shares the CPU with what it measures); relists when the watch expires (410)."""
-
-    def __init__(
-        self,
-        name: str,
-        list_fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        on_event: Callable[[str, dict[str, Any], float], None],
-        stop: threading.Event,
-        label_selector: str | None = None,
-    ) -> None:
-        super().__init__(name=f"watch-{name}", daemon=True)
-        self.list_fn, self.args, self.on_event, self.stop = list_fn, args, on_event, stop
-        self.kwargs: dict[str, Any] = {"label_selector": label_selector} if label_selector else {}
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        version: str | None = None
-        while not self.stop.is_set():
-            try:
-                if version is None:
-                    version = self._list()
-                version = self._watch(version)
-            except Exception as exc:  # reconnect; the deadlines of the phases bound this
-                self.errors.append(repr(exc))
-                version = None
-                self.stop.wait(1.0)
-
-    def _list(self) -> str:
-        resp = self.list_fn(*self.args, **self.kwargs, _preload_content=False)
-        body = json.loads(resp.data)
-        now = time.monotonic()
-        for item in body.get("items") or []:
-            self.on_event("ADDED", item, now)
-        return body["metadata"]["resourceVersion"]
-
-    def _watch(self, version: str) -> str | None:
-        resp = self.list_fn(
-            *self.args,
-            **self.kwargs,
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=30,
-            _preload_content=False,
-            _request_timeout=60,
-        )
-        try:
-            for line in iter_resp_lines(resp):
-                if self.stop.is_set():
-                    break
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                obj = event["object"]
-                if event["type"] == "ERROR":
-                    return None  # expired (410) or refused: relist
-                version = obj["metadata"]["resourceVersion"]
-                if event["type"] != "BOOKMARK":
-                    self.on_event(event["type"], obj, time.monotonic())
-        finally:
-            resp.close()
-            resp.release_conn()
-        return version
-
-
-# --------------------------------------------------------------------------- stand-in
-
-
-@dataclass(order=True)
-class _Due:
-    at: float
-    uid: str = field(compare=False)
-
-
-class StandIn:
-    """Completes trainer pods in place of the trainer: ``progress.json`` (the stage at its
-    last step, phase completed) and ``FINAL`` in the stage folder, then the exit-code
-    annotation. A pod runs at least ``hold`` seconds and none finishes before
-    :meth:`release`; after that, finishes are spread uniformly over ``spread`` seconds."""
-
-    def __init__(
-        self,
-        core: client.CoreV1Api,
-        s3: Any,
-        bucket: str,
-        *,
-        hold: float,
-        spread: float,
-        workers: int,
-        seed: int,
-    ) -> None:
-        self.core, self.s3, self.bucket = core, s3, bucket
-        self.hold, self.spread = hold, spread
-        self.rng = random.Random(seed)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="standin")
-        self._lock = threading.Lock()
-        self._seen: dict[str, tuple[dict[str, Any], float, float]] = {}  # uid -> pod, t, jitter
-        self._queue: list[_Due] = []
-        self._released_at: float | None = None
-        self.running_first_stage: set[str] = set()
-        self.s3_requests = 0
-        self.finished = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="standin", daemon=True)
-
-    def start(self) -> StandIn:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def release(self) -> None:
-        with self._lock:
-            self._released_at = time.monotonic()
-            for uid, (_, seen, jitter) in self._seen.items():
-                heapq.heappush(self._queue, _Due(self._due(seen, jitter), uid))
-
-    def on_pod(self, _type: str, pod: dict[str, Any], t: float) -> None:
-        meta, status = pod["metadata"], pod.get("status") or {}
-        if (
-            status.get("phase") != "Running"
-            or meta.get("deletionTimestamp")
-            or EXIT_CODE_ANNOTATION in (meta.get("annotations") or {})
-        ):
-            return
-        run, stage = _run_stage(pod)
-        with self._lock:
-            if meta["uid"] in self._seen:
-                return
-            jitter = self.rng.uniform(0, self.spread)
-            self._seen[meta["uid"]] = (pod, t, jitter)
-            if stage == STAGES[0]:
-                self.running_first_stage.add(run)
-            if self._released_at is not None:
-                heapq.heappush(self._queue, _Due(self._due(t, jitter), meta["uid"]))
-
-    def _due(self, seen: float, jitter: float) -> float:
-        assert self._released_at is not None
-        return max(seen + self.hold, self._released_at) + jitter
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.05):
-            now = time.monotonic()
-            with self._lock:
-                due = []
-                while self._queue and self._queue[0].at <= now:
-                    due.append(self._seen[heapq.heappop(self._queue).uid][0])
-            for pod in due:
-                self.pool.submit(self._finish, pod, 3)
-
-    def _finish(self, pod: dict[str, Any], tries: int) -> None:
-        meta = pod["metadata"]
-        try:
-            container = pod["spec"]["containers"][0]
-            env = {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}
-            config = contract.read_stage_config(env)
-            folder = env[contract.ENV_CHECKPOINT_URI].removeprefix(f"s3://{self.bucket}/")
-            total = accounting.total_steps(config.stage, config.model)
-            folder_layout = StageLayout()
-            checkpoint = folder_layout.checkpoint(total)
-            record = ProgressRecord(
-                run=config.run,
-                namespace=config.namespace,
-                stage=config.stage.name,
-                stage_type=str(config.stage.type.value),
-                step=total,
-                total_steps=total,
-                tokens=total * accounting.tokens_per_step(config.stage, config.model),
-                checkpoint=checkpoint,
-                phase="completed",
-                updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            )
-            self.s3.put_object(
-                Bucket=self.bucket,
-                Key=f"{folder}/{folder_layout.progress}",
-                Body=record.to_json().encode(),
-            )
-            self.s3.put_object(
-                Bucket=self.bucket,
-                Key=f"{folder}/{folder_layout.final}",
-                Body=checkpoint.encode(),
-            )
-            with self._lock:
-                self.s3_requests += 2
-            body = {"metadata": {"annotations": {EXIT_CODE_ANNOTATION: "0"}}}
-            self.core.patch_namespaced_pod(meta["name"], meta["namespace"], body)
-            with self._lock:
-                self.finished += 1
-        except ApiException as exc:
-            if exc.status != 404:  # a pod deleted meanwhile needs no finishing
-                self._failed(pod, tries, exc)
-        except Exception as exc:
-            self._failed(pod, tries, exc)
-
-    def _failed(self, pod: dict[str, Any], tries: int, exc: Exception) -> None:
-        self.errors.append(f"{pod['metadata']['name']}: {exc!r}")
-        if tries > 1 and not self._stop.is_set():
-            self.pool.submit(self._finish, pod, tries - 1)
-
-
 # --------------------------------------------------------------------------- counters
 
 
@@ -361,6 +145,42 @@ class Snapshot:
     s3_requests: int
     standin_s3: int
     operator_cpu: float
+    reconciles: float = 0.0  # the operator's own count, and the seconds they took
+    reconcile_seconds: float = 0.0
+
+
+def operator_metrics(port: int) -> dict[str, float]:
+    """The operator's own figures (its /metrics): reconciles so far, the seconds they
+    took, the runs waiting for a worker now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    wanted = {
+        f"{OPERATOR_METRICS}_reconcile_duration_seconds_count": "reconciles",
+        f"{OPERATOR_METRICS}_reconcile_duration_seconds_sum": "reconcile_seconds",
+        f"{OPERATOR_METRICS}_queue_depth": "queue_depth",
+    }
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                out[wanted[sample.name]] = sample.value
+    return out
+
+
+class QueueSampler(threading.Thread):
+    """The operator's work-queue depth, once a second, while the bench runs."""
+
+    def __init__(self, port: int, stop: threading.Event) -> None:
+        super().__init__(name="queue-sampler", daemon=True)
+        self.port, self.stop = port, stop
+        self.depths: list[float] = []
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                self.depths.append(operator_metrics(self.port).get("queue_depth", 0.0))
+            except OSError:
+                continue  # the operator busy or restarting: a sample missed
 
 
 def _parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -374,7 +194,10 @@ def _parse(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
-def snapshot(admin: client.ApiClient, s3: SeaweedS3, stand_in: StandIn, pid: int) -> Snapshot:
+def snapshot(
+    admin: client.ApiClient, s3: SeaweedS3, stand_in: StandIn, operator: OperatorProcess
+) -> Snapshot:
+    assert operator.proc is not None
     request = admin.param_serialize("GET", "/metrics", auth_settings=["BearerToken"])
     resp = admin.call_api(*request, _request_timeout=60)
     resp.read()
@@ -396,7 +219,12 @@ def snapshot(admin: client.ApiClient, s3: SeaweedS3, stand_in: StandIn, pid: int
         operator_api,
         s3.request_count(),
         stand_in.s3_requests,
-        process_cpu_seconds(pid),
+        process_cpu_seconds(operator.proc.pid),
+        **{
+            k: v
+            for k, v in operator_metrics(operator.metrics_port).items()
+            if k in ("reconciles", "reconcile_seconds")
+        },
     )
 
 
@@ -417,6 +245,8 @@ def rates(a: Snapshot, b: Snapshot, runs: int, poll_seconds: float) -> dict[str,
     """Per-second rates between two snapshots."""
     dt = b.t - a.t
     operator_s3 = (b.s3_requests - a.s3_requests) - (b.standin_s3 - a.standin_s3)
+    reconciles = b.reconciles - a.reconciles
+    reconcile_seconds = b.reconcile_seconds - a.reconcile_seconds
     by_verb = {
         k: round((b.api_by_verb_resource[k] - a.api_by_verb_resource.get(k, 0)) / dt, 3)
         for k in b.api_by_verb_resource
@@ -432,6 +262,10 @@ def rates(a: Snapshot, b: Snapshot, runs: int, poll_seconds: float) -> dict[str,
         "operator_s3_per_s": round(operator_s3 / dt, 3),
         "operator_s3_per_run_per_poll_interval": round(operator_s3 / dt * poll_seconds / runs, 3),
         "operator_cpu_cores": round((b.operator_cpu - a.operator_cpu) / dt, 3),
+        "operator_reconciles_per_s": round(reconciles / dt, 3),
+        "operator_reconcile_mean_ms": round(1000 * reconcile_seconds / reconciles, 1)
+        if reconciles
+        else None,
     }
 
 
@@ -528,7 +362,7 @@ def bench_namespace(cp: ControlPlane, admin: client.ApiClient, s3: SeaweedS3) ->
 
 def manifest(name: str, s3: SeaweedS3, bucket: str) -> dict[str, Any]:
     """The example's three-stage curriculum, one GPU per stage, no budget."""
-    doc = tiny_curriculum(name)
+    doc = tiny_curriculum(name, stages=STAGES)
     doc["metadata"]["namespace"] = NAMESPACE
     doc["spec"].pop("budget", None)
     for stage in doc["spec"]["stages"]:
@@ -618,6 +452,14 @@ def goals(results: dict[str, Any], runs: int) -> list[tuple[str, Any, str]]:
         ("  per run per poll interval", steady["operator_s3_per_run_per_poll_interval"], "< 1"),
         ("operator CPU, cores (steady)", steady["operator_cpu_cores"], f"< {runs / 1000:g}"),
         ("operator CPU, cores (whole run)", overall["operator_cpu_cores"], ""),
+        ("operator CPU, cores (pods finishing)", results["release"]["operator_cpu_cores"], ""),
+        (
+            "operator reconciles/s (pods finishing)",
+            results["release"]["operator_reconciles_per_s"],
+            "",
+        ),
+        ("  mean reconcile (ms)", results["release"]["operator_reconcile_mean_ms"], ""),
+        ("operator queue depth p50 / p99", _pair(results["operator_queue_depth"]), ""),
         ("operator peak RSS (MB)", results["operator_peak_rss_mb"], "< 300 at 1,000 runs"),
         ("wall time, first create -> all Succeeded (s)", results["wall_seconds"], ""),
     ]
@@ -653,10 +495,10 @@ class Bench:
     stand_in: StandIn
     watchers: list[Watcher]
     poll_seconds: float
+    queue: QueueSampler
 
     def snapshot(self) -> Snapshot:
-        assert self.operator.proc is not None
-        return snapshot(self.admin, self.s3, self.stand_in, self.operator.proc.pid)
+        return snapshot(self.admin, self.s3, self.stand_in, self.operator)
 
     def detail(self) -> str:
         errors = [e for w in self.watchers for e in w.errors[-3:]]
@@ -717,6 +559,7 @@ def measure(b: Bench) -> dict[str, Any]:
     time.sleep(args.window)
     steady_end = b.snapshot()
     b.wait("the operator to stay up through the steady window", lambda: True, deadline)
+    released = b.snapshot()
     b.stand_in.release()
     b.wait(
         f"all {args.runs} runs Succeeded",
@@ -731,7 +574,11 @@ def measure(b: Bench) -> dict[str, Any]:
         "latency": latencies(tl, names),
         "steady": rates(steady_start, steady_end, args.runs, b.poll_seconds),
         "overall": rates(start, end, args.runs, b.poll_seconds),
+        # From the release of the pods to the last run Succeeded: the transitions.
+        "release": rates(released, end, args.runs, b.poll_seconds),
         "operator_peak_rss_mb": round(process_peak_rss_mb(b.operator.proc.pid), 1),
+        # Runs waiting for a worker, sampled once a second over the whole bench.
+        "operator_queue_depth": percentiles(b.queue.depths),
         "wall_seconds": round(last_success - first_create, 1),
         "create_seconds": round(created - first_create, 1),
         "stand_in": {"pods_finished": b.stand_in.finished, "errors": b.stand_in.errors[:20]},
@@ -760,7 +607,7 @@ def setup_and_measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
         stand_in = StandIn(
             client.CoreV1Api(cp.api_client()),
             s3.client(),
-            bucket,
+            first_stage=STAGES[0],
             hold=args.hold,
             spread=args.spread,
             workers=args.workers,
@@ -803,7 +650,11 @@ def setup_and_measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             stand_in.start()
             for w in watchers:
                 w.start()
-            bench = Bench(args, cp, admin, s3, bucket, operator, timeline, stand_in, watchers, poll)
+            queue = QueueSampler(operator.metrics_port, stop)
+            queue.start()
+            bench = Bench(
+                args, cp, admin, s3, bucket, operator, timeline, stand_in, watchers, poll, queue
+            )
             return measure(bench)
         finally:
             stop.set()

@@ -426,7 +426,12 @@ class ControlPlane:
         log_path = self.workdir / f"{name}.log"
         comp = _Component(name, argv, log_path)
         comp.log_file = log_path.open("wb")
-        comp.process = subprocess.Popen(
+        comp.process = self._popen(comp)
+        self._components.append(comp)
+        return comp
+
+    def _popen(self, comp: _Component) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             comp.argv,
             stdin=subprocess.DEVNULL,
             stdout=comp.log_file,  # type: ignore[arg-type]
@@ -436,8 +441,6 @@ class ControlPlane:
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
-        self._components.append(comp)
-        return comp
 
     def stop_component(self, name: str) -> None:
         """Stop component ``name`` (its whole process group) before the cluster stops."""
@@ -448,6 +451,22 @@ class ControlPlane:
             comp.log_file.close()  # type: ignore[attr-defined]
         if alive:
             raise ControlPlaneError(f"{name} is still alive after SIGKILL")
+
+    def restart_apiserver(self) -> None:
+        """Stop kube-apiserver (SIGTERM, as an upgrade of the control plane does) and
+        start it again on the same port with the same flags; etcd keeps the state.
+        Returns once it is ready again. Clients' connections and watches break
+        meanwhile; the other components reconnect on their own."""
+        comp = self._component("kube-apiserver")
+        assert comp.process is not None
+        if not self._terminate(comp.process):
+            raise ControlPlaneError("kube-apiserver is still alive after SIGKILL")
+        comp.log_file.close()  # type: ignore[attr-defined]
+        comp.log_file = comp.log_path.open("ab")
+        comp.log_file.write(b"\n===== restarted =====\n")  # type: ignore[attr-defined]
+        comp.log_file.flush()  # type: ignore[attr-defined]
+        comp.process = self._popen(comp)
+        self._wait_https("kube-apiserver", f"{self.server}/readyz", self.workdir / "pki")
 
     def _component(self, name: str) -> _Component:
         for comp in self._components:

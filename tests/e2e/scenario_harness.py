@@ -178,22 +178,23 @@ def service_account_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -
 # --------------------------------------------------------------------------- operator
 
 
-def write_operator_config(path: Path, trainer_image: str = "kubetrain/trainer:e2e") -> Path:
+def write_operator_config(
+    path: Path,
+    overrides: dict[str, Any] | None = None,
+    trainer_image: str = "kubetrain/trainer:e2e",
+) -> Path:
     """Operator settings for tests: progress read every second, and a grace period long
-    enough for a tiny model's checkpoint but short enough that a stuck pod fails fast.
-    The trainer image is never pulled: PodRunner runs its command as a local process, or
-    runs the image built here."""
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "pollIntervalSeconds": 1,
-                "terminationGraceSeconds": 20,
-                "restartBackoffSeconds": 2,
-                "image": trainer_image,
-                "imagePullPolicy": "Never",
-            }
-        )
-    )
+    enough for a tiny model's checkpoint but short enough that a stuck pod fails fast;
+    ``overrides`` (camelCase fields) win. The trainer image is never pulled: PodRunner
+    runs its command as a local process, or runs the image built here."""
+    settings = {
+        "pollIntervalSeconds": 1,
+        "terminationGraceSeconds": 20,
+        "restartBackoffSeconds": 2,
+        "image": trainer_image,
+        "imagePullPolicy": "Never",
+    }
+    path.write_text(yaml.safe_dump({**settings, **(overrides or {})}))
     return path
 
 
@@ -228,11 +229,15 @@ class Scenario:
 
     # ---- operator
     def start_operator(
-        self, kubeconfig: Path | None = None, env: dict[str, str] | None = None
+        self,
+        kubeconfig: Path | None = None,
+        env: dict[str, str] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> OperatorProcess:
         """``kubetrain operator -n NAMESPACE`` (its Lease in that namespace, unless
-        ``env`` names another by POD_NAMESPACE)."""
-        config = write_operator_config(self.workdir / "operator-config.yaml")
+        ``env`` names another by POD_NAMESPACE); ``settings`` override the tests'
+        operator configuration."""
+        config = write_operator_config(self.workdir / "operator-config.yaml", settings)
         op = OperatorProcess(
             kubeconfig or self.admin_kubeconfig,
             self.namespace,
@@ -245,7 +250,9 @@ class Scenario:
 
     def start_operator_container(self, images: Images) -> OperatorContainer:
         """The operator image's `kubetrain operator`, whose runs use ``images.trainer``."""
-        config = write_operator_config(self.workdir / "operator-config.yaml", images.trainer)
+        config = write_operator_config(
+            self.workdir / "operator-config.yaml", trainer_image=images.trainer
+        )
         op = OperatorContainer(
             images.operator,
             self.admin_kubeconfig,

@@ -46,6 +46,9 @@ class FakeCluster:
         self.requests: list[tuple[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
         self.stale: dict[str, Any] | None = None  # what the informer shows, if behind
+        # While True, children created are not shown by the informers until catch_up().
+        self.informers_lag = False
+        self.unseen: set[str] = set()
         if run is not None:
             self.put_run(run)
 
@@ -60,13 +63,19 @@ class FakeCluster:
         return [o for o in objects if (o["metadata"].get("labels") or {}).get(LABEL_RUN) == run]
 
     def jobs(self, namespace: str, run: str) -> list[dict[str, Any]]:
-        return [trim_job(j) for j in self._of(run, list(self.jobs_by_name.values()))]
+        jobs = [j for n, j in self.jobs_by_name.items() if n not in self.unseen]
+        return [trim_job(j) for j in self._of(run, jobs)]
 
     def pods(self, namespace: str, run: str) -> list[dict[str, Any]]:
         return [trim_pod(p) for p in self._of(run, self.pod_list)]
 
     def services(self, namespace: str, run: str) -> list[dict[str, Any]]:
-        return [trim_service(s) for s in self._of(run, list(self.services_by_name.values()))]
+        services = [s for n, s in self.services_by_name.items() if n not in self.unseen]
+        return [trim_service(s) for s in self._of(run, services)]
+
+    def catch_up(self) -> None:
+        """The informers' watches deliver the children created meanwhile."""
+        self.unseen.clear()
 
     def workloads(self, namespace: str, run: str) -> list[dict[str, Any]]:
         uids = {j["metadata"].get("uid") for j in self.jobs(namespace, run)}
@@ -116,6 +125,8 @@ class FakeCluster:
         made = copy.deepcopy(obj)
         made["metadata"]["uid"] = f"{obj['kind'].lower()}-{next(_uids)}"
         made["metadata"]["resourceVersion"] = str(next(self._versions))
+        if self.informers_lag:
+            self.unseen.add(name)
         if obj["kind"] == "Service":
             if name in self.services_by_name:
                 return False

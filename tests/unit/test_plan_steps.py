@@ -388,6 +388,22 @@ def test_job_pending_until_a_pod_runs() -> None:
     assert (d.phase, d.status.phase) == (RunPhase.Running, StagePhase.Running)
 
 
+def test_stage_whose_pods_exited_0_stays_running_until_the_job_completes() -> None:
+    """Between the trainer's exit and the Job controller's Complete (seconds on a busy
+    cluster) the stage is finishing: it does not go back to Pending."""
+    done = running_pod()
+    done["status"]["phase"] = "Succeeded"
+    ctx = context(jobs={"pretrain": job()}, pods=[done])
+    d = planner.decide_stage(at(ctx), ctx)
+    assert (d.phase, d.status.phase) == (RunPhase.Running, StagePhase.Running)
+    assert d.status.message == "the trainer exited 0; waiting for the Job to complete"
+    failed = running_pod()
+    failed["status"]["phase"] = "Failed"
+    ctx = context(jobs={"pretrain": job()}, pods=[failed])
+    d = planner.decide_stage(at(ctx), ctx)
+    assert (d.phase, d.status.phase) == (RunPhase.Pending, StagePhase.Pending)
+
+
 def test_running_stage_without_progress_is_stalled() -> None:
     timeout = OperatorConfig().stall_timeout_seconds
     record = StageRecords(progress=ProgressRecord(step=3, updated_at=format_time(T0)), final=None)

@@ -111,6 +111,37 @@ def test_first_reconcile_creates_the_stage_then_waits_for_its_job() -> None:
     assert len(h.cluster.writes("status")) == statuses  # nothing new to say
 
 
+def test_a_child_created_is_not_created_again_before_the_informer_shows_it() -> None:
+    """The status write's watch event can overtake the new Job's: the reconcile it
+    triggers waits for the Job rather than create it again and report a resume."""
+    h = Harness()
+    h.cluster.informers_lag = True
+    h.reconcile()
+    assert h.stage()["message"] == "Job created"
+    creates = len(h.cluster.writes("create"))
+    result = h.reconcile()  # the status write's event; the Job's is still on its way
+    assert len(h.cluster.writes("create")) == creates
+    assert result.wake_after is not None and result.wake_after <= 2.0
+    assert h.stage()["message"] == "Job created"
+    h.cluster.catch_up()
+    h.reconcile()
+    assert h.stage()["message"] == "waiting for pods to be scheduled"
+    assert [reason for _, reason, _ in h.cluster.events].count("StageResumed") == 0
+    assert len(h.cluster.writes("create")) == creates
+
+
+def test_a_created_child_never_seen_is_planned_for_again_after_a_while() -> None:
+    """A Job deleted before its informer ever showed it does not block the run."""
+    h = Harness()
+    h.cluster.informers_lag = True
+    h.reconcile()
+    h.cluster.jobs_by_name.clear()
+    h.cluster.services_by_name.clear()
+    h.tick(31)
+    h.reconcile()
+    assert len(h.cluster.writes("create")) == 4  # Service and Job, again
+
+
 def test_time_alone_is_written_on_a_slow_cadence_but_exported_at_once() -> None:
     h = Harness(status_accrual_seconds=60)
     h.running()

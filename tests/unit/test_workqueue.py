@@ -1,12 +1,13 @@
 """The work queue the operator's workers take runs from: a run waits in line once
 however many events it gets, is never handed to two workers, is not starved by a busy
-neighbour, backs off when it fails, and wakes up when a delay asked for has passed."""
+neighbour, backs off when it fails, and wakes up when a delay asked for has passed; what
+an event asks for goes before what only woke up, without starving the wake-ups."""
 
 from __future__ import annotations
 
 import threading
 
-from kubetrain.operator.workqueue import WorkQueue
+from kubetrain.operator.workqueue import WAKE_UP_SHARE, WorkQueue
 from tests.support.wait import wait_for
 
 
@@ -118,3 +119,36 @@ def test_a_waiting_worker_wakes_for_a_new_key_and_for_shutdown() -> None:
     assert got == ["soon", None] and not thread.is_alive()
     q.add("late")
     assert q.get(timeout=0) is None  # nothing is handed out after shutdown
+
+
+def test_an_event_goes_before_a_thousand_polls() -> None:
+    clock = Clock()
+    q: WorkQueue[str] = WorkQueue(clock=clock)
+    for i in range(1000):
+        q.add_after(f"poll-{i}", 15)
+    clock.now += 15
+    q.add("job-completed")
+    assert q.get(timeout=0) == "job-completed"
+    assert q.depth() == 1000  # the polls, still waiting
+
+
+def test_an_event_for_a_run_waiting_to_be_polled_moves_it_ahead_once() -> None:
+    clock = Clock()
+    q: WorkQueue[str] = WorkQueue(clock=clock)
+    for name in ("a", "b", "c"):
+        q.add_after(name, 1)
+    clock.now += 1
+    q.add("c")
+    assert drain(q) == ["c", "a", "b"]  # c once, not again from the polls' lane
+
+
+def test_a_flood_of_events_leaves_the_polls_a_share() -> None:
+    clock = Clock()
+    q: WorkQueue[str] = WorkQueue(clock=clock)
+    q.add_after("poll", 1)
+    clock.now += 1
+    for i in range(3 * WAKE_UP_SHARE):
+        q.add(f"event-{i}")
+    served = drain(q)
+    assert served.index("poll") == WAKE_UP_SHARE - 1, served
+    assert len(served) == 3 * WAKE_UP_SHARE + 1

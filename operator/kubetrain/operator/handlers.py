@@ -51,6 +51,11 @@ CREDENTIAL_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "kubernetes.
 ACCRUAL = ("gpu_seconds", "energy_joules", "cost_usd", "co2_grams", "eta_seconds")
 POLL_JITTER = 0.1  # polls are spread by ±10% so that runs created together drift apart
 STALE_COPY_RETRY_SECONDS = 2.0
+# A child this process created is expected in the informers' cache within this long; a
+# reconcile meanwhile waits for it (its watch event queues the run) rather than plan
+# from a cache that does not show it yet and create it again. Past it, the child is
+# taken as gone (deleted before the informer saw it) and the run planned as usual.
+CREATED_CHILD_WAIT_SECONDS = 30.0
 
 # What the Kopf-based operator of kubetrain 0.1 left on runs: its finalizer (which would
 # block deletion for ever now that nothing removes it) and its bookkeeping annotations.
@@ -221,6 +226,9 @@ class Reconciler:
         # The run's resourceVersions this process has written over: while the informer
         # still shows one of them, the copy predates our own write.
         self._superseded: dict[tuple[str, str], set[str]] = {}
+        # Children created by this process and not yet in the cache: (kind, name) ->
+        # monotonic deadline (CREATED_CHILD_WAIT_SECONDS).
+        self._created: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
 
     def forget(self, namespace: str, name: str) -> None:
         """The run is gone: drop its metric series and what is remembered of it."""
@@ -231,6 +239,7 @@ class Reconciler:
             self._accrued.pop(key, None)
             self._written.pop(key, None)
             self._superseded.pop(key, None)
+            self._created.pop(key, None)
 
     def reconcile(self, namespace: str, name: str) -> Result:
         """Close the gap between the run's spec and what exists."""
@@ -307,6 +316,10 @@ class Reconciler:
         pods = self.cache.pods(namespace, name)
         services = self.cache.services(namespace, name)
         workloads = self.cache.workloads(namespace, name)
+        if self._awaiting_created(key, jobs, services):
+            # The status just written says the stage started; a plan from a cache
+            # without its Job would create it again and report a resume.
+            return Result(None, STALE_COPY_RETRY_SECONDS)
         records = self.progress.read(run, jobs)
         with self._lock:
             accrued = self._accrued.get(key)
@@ -375,7 +388,11 @@ class Reconciler:
         for d in p.delete:
             self.kube.delete(d.kind, namespace, d.name, d.propagation, uids.get((d.kind, d.name)))
         for obj in p.create:
-            self.kube.create(obj)
+            if self.kube.create(obj):
+                with self._lock:
+                    self._created.setdefault((namespace, name), {})[
+                        (obj["kind"], obj["metadata"]["name"])
+                    ] = self.monotonic() + CREATED_CHILD_WAIT_SECONDS
         for ev in p.events:
             try:
                 self.kube.emit_event(run, ev.type, ev.reason, ev.message)
@@ -419,6 +436,29 @@ class Reconciler:
         with self._lock:
             self._superseded.setdefault(key, set()).add(base)
         return str(written["metadata"]["resourceVersion"])
+
+    def _awaiting_created(
+        self,
+        key: tuple[str, str],
+        jobs: list[dict[str, Any]],
+        services: list[dict[str, Any]],
+    ) -> bool:
+        """Whether a child this process created is not in the cache yet (and its wait
+        is not over); forgets those that arrived or waited long enough."""
+        with self._lock:
+            created = self._created.get(key)
+            if not created:
+                return False
+            seen = {("Job", j["metadata"]["name"]) for j in jobs}
+            seen |= {("Service", s["metadata"]["name"]) for s in services}
+            now = self.monotonic()
+            for child, deadline in list(created.items()):
+                if child in seen or now >= deadline:
+                    del created[child]
+            if not created:
+                del self._created[key]
+                return False
+            return True
 
     def _behind_own_write(self, key: tuple[str, str], run: dict[str, Any]) -> bool:
         version = run["metadata"].get("resourceVersion")

@@ -9,6 +9,11 @@ take their next run from.
 - ``add_after`` wakes a key later (the next poll, a TTL); of several wake-ups asked for
   one key the earliest counts. ``add_rate_limited`` retries a failing key with
   exponential backoff, which ``forget`` resets after a success.
+- Two lanes: keys added by events (``add``: a Job completed, a run edited) are served
+  before keys whose wake-up came due (polls, retries), so that a stage's end is acted
+  on at once even while a thousand polls wait; a wake-up waiting in line that an event
+  asks for moves to the events' lane. Every ``WAKE_UP_SHARE``-th key handed out is a
+  wake-up when one waits, so a flood of events cannot stop the polls.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ K = TypeVar("K", bound=Hashable)
 
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 300.0
+WAKE_UP_SHARE = 8
 
 
 class WorkQueue(Generic[K]):
@@ -40,8 +46,13 @@ class WorkQueue(Generic[K]):
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._cond = threading.Condition()
-        self._queue: deque[K] = deque()  # ready keys, in order
+        # Ready keys, in order: added by events, and woken up. A key moved to the events'
+        # lane stays behind in the wake-ups' lane and is skipped there (``_urgent``).
+        self._queue: deque[K] = deque()
+        self._woken: deque[K] = deque()
         self._dirty: set[K] = set()  # keys that need processing (queued or to re-queue)
+        self._urgent: dict[K, bool] = {}  # dirty key -> whether an event asked for it
+        self._served_urgent = 0  # events' keys handed out since the last wake-up
         self._processing: set[K] = set()
         self._due: dict[K, float] = {}  # key -> earliest wake-up asked for
         self._heap: list[tuple[float, int, K]] = []  # (due, tie-break, key); may be stale
@@ -51,22 +62,36 @@ class WorkQueue(Generic[K]):
 
     # ---- adding
     def add(self, key: K) -> None:
-        """Process ``key`` as soon as a worker is free (once, however often it is added)."""
+        """Process ``key`` as soon as a worker is free (once, however often it is added),
+        before the keys that only woke up."""
         with self._cond:
-            self._add(key)
+            self._add(key, urgent=True)
 
-    def _add(self, key: K) -> None:
-        if self._shutdown or key in self._dirty:
+    def _add(self, key: K, urgent: bool) -> None:
+        if self._shutdown:
+            return
+        if key in self._dirty:
+            if urgent and not self._urgent[key]:
+                self._urgent[key] = True  # a waiting wake-up: into the events' lane
+                if key not in self._processing:
+                    self._queue.append(key)
+                    self._cond.notify()
             return
         self._dirty.add(key)
+        self._urgent[key] = urgent
         if key not in self._processing:
-            self._queue.append(key)
+            self._lane(key).append(key)
             self._cond.notify()
 
+    def _lane(self, key: K) -> deque[K]:
+        return self._queue if self._urgent[key] else self._woken
+
     def add_after(self, key: K, delay: float) -> None:
-        """Process ``key`` in ``delay`` seconds (or earlier, if something else asks)."""
+        """Process ``key`` in ``delay`` seconds (or earlier, if something else asks), in
+        the wake-ups' lane."""
         if delay <= 0:
-            self.add(key)
+            with self._cond:
+                self._add(key, urgent=False)
             return
         with self._cond:
             if self._shutdown:
@@ -110,10 +135,11 @@ class WorkQueue(Generic[K]):
                 if self._shutdown:
                     return None
                 wait = self._promote_due()
-                if self._queue:
-                    key = self._queue.popleft()
+                key = self._next()
+                if key is not None:
                     self._processing.add(key)
                     self._dirty.discard(key)
+                    del self._urgent[key]
                     return key
                 if deadline is not None:
                     left = deadline - self._clock()
@@ -121,6 +147,23 @@ class WorkQueue(Generic[K]):
                         return None
                     wait = left if wait is None else min(wait, left)
                 self._cond.wait(wait)
+
+    def _next(self) -> K | None:
+        """The next ready key: the events' lane first, but a wake-up every
+        ``WAKE_UP_SHARE``-th time; entries left behind by a move between lanes are
+        dropped on the way."""
+        lanes = (self._queue, self._woken)
+        if self._served_urgent >= WAKE_UP_SHARE - 1:
+            lanes = (self._woken, self._queue)
+        for lane in lanes:
+            urgent = lane is self._queue
+            while lane:
+                key = lane.popleft()
+                live = key in self._dirty and key not in self._processing
+                if live and self._urgent[key] == urgent:
+                    self._served_urgent = self._served_urgent + 1 if urgent else 0
+                    return key
+        return None
 
     def _promote_due(self) -> float | None:
         """Move the keys whose time has come into the line; seconds until the next one."""
@@ -134,7 +177,7 @@ class WorkQueue(Generic[K]):
                 return due - now
             heapq.heappop(self._heap)
             del self._due[key]
-            self._add(key)
+            self._add(key, urgent=False)
         return None
 
     def done(self, key: K) -> None:
@@ -142,14 +185,14 @@ class WorkQueue(Generic[K]):
         with self._cond:
             self._processing.discard(key)
             if key in self._dirty and not self._shutdown:
-                self._queue.append(key)
+                self._lane(key).append(key)
                 self._cond.notify()
 
     # ---- state
     def depth(self) -> int:
         """Keys waiting for a worker now (not the ones scheduled for later)."""
         with self._cond:
-            return len(self._queue)
+            return len(self._dirty - self._processing)
 
     def scheduled(self) -> int:
         """Keys with a wake-up in the future."""

@@ -100,7 +100,9 @@ def stage_running(at: StageAt, ctx: WalkContext) -> StageDecision:
     is on its way out), Pending before, released when its gang is not scheduled in time
     (``gang_timed_out``); stalled when its progress record has not changed for
     stallTimeoutSeconds while it runs. Pods disrupted meanwhile, and Kueue's evictions,
-    count a preemption (``disrupted_in_place``, ``kueue_evictions``)."""
+    count a preemption (``disrupted_in_place``, ``kueue_evictions``). Pods that exited 0
+    keep the stage Running until the Job controller marks the Job Complete (seconds on a
+    busy cluster): the stage is finishing, not waiting for pods."""
     job = at.job
     assert job is not None
     now, timeout = ctx.observed.now, ctx.config.stall_timeout_seconds
@@ -114,8 +116,15 @@ def stage_running(at: StageAt, ctx: WalkContext) -> StageDecision:
                 evicted = "its pods were stopped while the Job was suspended"
         return stage_queued(at, ctx, job, st, evicted)
     st, preempted = disrupted_in_place(at, ctx, job, st)
-    running = sum(1 for p in ctx.observed.pods_of(job) if pod_running(p)) >= job.nodes
-    if not running:
+    pods = ctx.observed.pods_of(job)
+    running = sum(1 for p in pods if pod_running(p)) >= job.nodes
+    finishing = not running and (
+        sum(
+            1 for p in pods if pod_running(p) or (p.get("status") or {}).get("phase") == "Succeeded"
+        )
+        >= job.nodes
+    )
+    if not running and not finishing:
         released = gang_timed_out(at, ctx, job, st)
         if released is not None:
             return released
@@ -130,14 +139,16 @@ def stage_running(at: StageAt, ctx: WalkContext) -> StageDecision:
     waiting = "waiting for pods to be scheduled"
     if preempted is not None:
         waiting = "waiting for the Job controller to replace disrupted pods"
+    if finishing:
+        waiting = "the trainer exited 0; waiting for the Job to complete"
     return StageDecision(
         st.model_copy(
             update={
-                "phase": StagePhase.Running if running else StagePhase.Pending,
+                "phase": StagePhase.Running if running or finishing else StagePhase.Pending,
                 "message": None if running else waiting,
             }
         ),
-        phase=RunPhase.Running if running else RunPhase.Pending,
+        phase=RunPhase.Running if running or finishing else RunPhase.Pending,
         stalled=stalled,
         trains=running,
         events=preempted.events if preempted else [],
