@@ -158,8 +158,11 @@ class OperatorConfig(BaseModel):
         "renewed from where they stopped; a watch silent for 30 s longer counts as a lost "
         "connection.",
     )
+    # Reconciles wait on the API server and the store far more than they compute: at 100
+    # runs, 16 workers cut create -> first Job p99 from 1.97 s to 0.78 s against 4, at the
+    # same CPU and memory (bench/scale.py, side by side).
     workers: int = Field(
-        4,
+        16,
         ge=1,
         le=64,
         description="Runs reconciled at once (each run by one worker at a time).",
